@@ -1,0 +1,132 @@
+"""Compressor: structured pruning (and, as they land, decomposition) of any PyTorch model.
+
+``compress(model, example_inputs, config)`` looks the implementation up by the config's type, runs it on a copy of
+the model, and returns the smaller model with its figures and the recipe step that reproduces it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from presso.compress.prune import PruneConfig, load_layer_file, prune_model
+from presso.errors import ConfigError
+from presso.models.card import copy_card, ensure_card
+from presso.models.figures import model_figures
+from presso.models.spec import InputSpec
+
+__all__ = ["CompressResult", "PruneConfig", "compress", "layer_channels", "load_layer_file"]
+
+
+@dataclass
+class CompressResult:
+    """A compressed model and the figures that describe what was done."""
+
+    model: nn.Module
+    method: str
+    config: dict[str, Any]
+    before: dict[str, int]
+    after: dict[str, int]
+    per_layer: dict[str, dict[str, int]]
+    skipped: list[dict[str, str]]
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, output_dir: str | None = None) -> dict[str, Any]:
+        """The flat JSON object the CLI prints with --json."""
+        return {
+            "method": self.method,
+            "params_before": self.before["params"],
+            "params_after": self.after["params"],
+            "macs_before": self.before["macs"],
+            "macs_after": self.after["macs"],
+            "size_bytes_before": self.before["size_bytes"],
+            "size_bytes_after": self.after["size_bytes"],
+            "macs_ratio": self.after["macs"] / max(self.before["macs"], 1),
+            "params_ratio": self.after["params"] / max(self.before["params"], 1),
+            "per_layer": self.per_layer,
+            "skipped_layers": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "output_dir": output_dir,
+            **self.extra,
+        }
+
+
+def layer_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels / features of every convolution and linear layer, by name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+    return out
+
+
+def _prune(model, inputs, config: PruneConfig, data, progress):
+    outcome = prune_model(model, inputs, config, data=data, progress=progress)
+    step = {"type": "prune", "config": config.to_json(), "ops": outcome.ops}
+    extra = {"groups_pruned": outcome.groups_pruned, "groups_total": outcome.groups_total}
+    return step, outcome.skipped, extra
+
+
+# config type -> implementation (a new method is one new file plus one line here)
+_METHODS: dict[type, Callable] = {PruneConfig: _prune}
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple | InputSpec | str,
+    config: PruneConfig,
+    *,
+    data=None,
+    inplace: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CompressResult:
+    """Compress `model` as `config` says.
+
+    example_inputs: a tensor, a tuple of tensors, or an input spec such as ``"1,3,224,224"``.
+    data: batches for data-driven criteria (``taylor``): an iterable of inputs or ``(inputs, labels)``.
+    inplace: modify `model` itself instead of a copy.
+    """
+    impl = _METHODS.get(type(config))
+    if impl is None:
+        raise ConfigError(f"No compression method for {type(config).__name__}; use one of {list(_METHODS)}.")
+    if isinstance(example_inputs, (str, InputSpec)):
+        spec = InputSpec.parse(example_inputs)
+        inputs = spec.example_inputs()
+    else:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        spec = InputSpec.from_tensors(inputs)
+    t0 = time.perf_counter()
+    card = ensure_card(model)
+    work = model if inplace else copy.deepcopy(model)
+    if not inplace:
+        copy_card(model, work)
+    work.eval()
+    before = model_figures(work, inputs)
+    channels_before = layer_channels(work)
+    step, skipped, extra = impl(work, inputs, config, data, progress)
+    after = model_figures(work, inputs)
+    channels_after = layer_channels(work)
+    per_layer = {
+        n: {"before": c, "after": channels_after.get(n, c)} for n, c in channels_before.items() if n in channels_after
+    }
+    card = ensure_card(work)
+    card.recipe.append(step)
+    card.input_spec = card.input_spec or str(spec)
+    card.figures.update({"params": after["params"], "macs": after["macs"], "size_bytes": after["size_bytes"]})
+    card.history.append({"verb": "compress", "config": config.to_json(), "before": before, "after": after})
+    seconds = time.perf_counter() - t0
+    return CompressResult(work, step["type"], config.to_json(), before, after, per_layer, skipped, seconds, extra)
+
+
+from presso._verbs import callable_package  # noqa: E402
+
+callable_package(__name__, compress)

@@ -1,0 +1,675 @@
+"""Structured pruning of any PyTorch model, from its graph.
+
+Coupled layers are found by Torch-Pruning's dependency graph (DepGraph). On top of it Presso adds what a plain
+DepGraph recipe lacks for models it has never seen:
+
+* **group-by-group pruning with a forward check and rollback** -- groups are applied in chunks; when the model no
+  longer runs (or its output shapes change) the chunk is rolled back and retried group by group, and a group that
+  breaks the model is left unpruned and reported with the reason. Rollback restores the touched modules' attribute
+  dictionaries, so it costs no tensor copies;
+* **errors contained per group** -- an index error in one concat/split/reshape mapping skips that group only;
+* **attention heads kept consistent** -- groups inside a module with ``num_heads`` are re-rooted on the attention's
+  output projection and pruned per head (same head-dims in every head, or whole heads), and the module's
+  ``head_dim``/``attn_dim``/``num_heads``/``scale`` are updated;
+* **a replayable record** -- every pruning call is recorded (layer, function, indices), so loading a model directory
+  replays it without a graph build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from presso.compress.recipe import register_replay, resolve
+from presso.errors import ConfigError, InputSpecError, UnsupportedLayerError, closest
+from presso.models.figures import run_model
+
+CRITERIA = ("l1", "l2", "gm", "taylor", "random", "index")
+ATTENTION_MODES = ("head_dim", "heads")
+_CHECK_CHUNK = 16  # groups applied between two forward checks
+
+
+@dataclass
+class PruneConfig:
+    """Structured (channel) pruning.
+
+    ratio: fraction of channels removed from every prunable group (0 < ratio < 1); None prunes only the layers
+        named in ``per_layer`` / ``indices``.
+    criterion: l1 | l2 | gm (geometric median) | taylor (first-order, needs data) | random | index.
+    per_layer: layer name (as in ``named_modules()``) -> ratio, overriding ``ratio`` for that layer's group.
+    indices: for ``criterion="index"``: layer name -> output-channel indices to remove.
+    ignore: layer names or glob patterns never pruned. Layers that produce the model's outputs (classifier heads,
+        detection/segmentation heads) are never pruned, since that would change the output shapes.
+    round_to: keep a multiple of this many channels in layers with at least twice as many (hardware-friendly).
+    attention: "head_dim" removes the same dimensions from every head; "heads" removes whole heads.
+    """
+
+    ratio: float | None = 0.5
+    criterion: str = "l2"
+    per_layer: dict[str, float] = field(default_factory=dict)
+    indices: dict[str, list[int]] = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=list)
+    round_to: int | None = 8
+    attention: str = "head_dim"
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"Unknown criterion '{self.criterion}': use one of {', '.join(CRITERIA)}.")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
+            raise ConfigError(f"Pruning ratio {self.ratio} is outside (0, 1): e.g. 0.5 removes half the channels.")
+        for name, r in self.per_layer.items():
+            if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0):
+                raise ConfigError(f"Per-layer ratio {r} for '{name}' is outside [0, 1).")
+        if self.criterion == "index" and not self.indices:
+            raise ConfigError("criterion 'index' needs channel indices per layer (--indices FILE.json).")
+        if self.indices and self.criterion != "index":
+            raise ConfigError("Channel indices were given but the criterion is not 'index'; use --criterion index.")
+        for name, idx in self.indices.items():
+            if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in idx):
+                raise ConfigError(f"Indices for '{name}' must be a list of non-negative integers.")
+        if self.ratio is None and not self.per_layer and not self.indices:
+            raise ConfigError("Nothing to prune: give a ratio, per-layer ratios or channel indices.")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ConfigError(f"round_to must be a positive integer or None, got {self.round_to}.")
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"Unknown attention mode '{self.attention}': use one of {', '.join(ATTENTION_MODES)}.")
+        self.ignore = list(self.ignore)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": "prune", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PruneConfig:
+        data = {k: v for k, v in data.items() if k != "method"}
+        return cls(**data)
+
+
+def load_layer_file(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a per-layer JSON or YAML mapping (layer name -> value)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"Cannot read {what} file '{p}': {e.strerror}.") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise ConfigError(f"{what.capitalize()} file '{p}' is not valid {p.suffix[1:] or 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what.capitalize()} file '{p}' must map layer names to values.")
+    return data
+
+
+# --------------------------------------------------------------------------- importance criteria (registry)
+_IMPORTANCE: dict[str, Any] = {}
+
+
+def register_importance(name: str):
+    def deco(fn):
+        _IMPORTANCE[name] = fn
+        return fn
+
+    return deco
+
+
+@register_importance("l1")
+def _l1(cfg):
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+@register_importance("l2")
+def _l2(cfg):
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@register_importance("gm")
+def _gm(cfg):
+    return tp.importance.FPGMImportance(p=2)
+
+
+@register_importance("taylor")
+def _taylor(cfg):
+    return tp.importance.GroupTaylorImportance()
+
+
+@register_importance("random")
+def _random(cfg):
+    return tp.importance.RandomImportance()
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class PruneOutcome:
+    ops: list[dict[str, Any]]
+    skipped: list[dict[str, str]]
+    groups_pruned: int
+    groups_total: int
+    graph_seconds: float
+
+
+@dataclass
+class _Plan:
+    name: str  # the layer that names this group in reports
+    root: Any
+    fn: Any
+    idxs: list[int]
+    fixups: list[tuple[nn.Module, str, Any]]  # (module, attribute, new value) applied with the group
+
+
+# --------------------------------------------------------------------------- output signature / forward check
+def _signature(out: Any) -> Any:
+    """Structure and per-item shapes of a model output. The leading dimension is excluded: it is the batch, or a
+    data-dependent count (detections), neither of which pruning may change in a way that matters."""
+    if isinstance(out, torch.Tensor):
+        return ("T", out.dim(), tuple(out.shape[1:]))
+    if isinstance(out, dict):
+        return ("D", tuple((k, _signature(v)) for k, v in out.items()))
+    if isinstance(out, (list, tuple)):
+        return ("L", tuple(_signature(v) for v in out))
+    return (type(out).__name__,)
+
+
+def _loss_for_gradients(out: Any, labels: torch.Tensor | None) -> torch.Tensor:
+    """A loss for first-order (Taylor) importance: cross-entropy with labels, else with the model's own predictions
+    for logits, else the squared output magnitude for any other output structure."""
+    tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        raise UnsupportedLayerError("The model returns no floating-point tensor to compute Taylor importance from.")
+    first = tensors[0]
+    if first.dim() == 2 and first.shape[1] > 1:
+        target = labels if labels is not None else first.argmax(1).detach()
+        return nn.functional.cross_entropy(first, target)
+    return sum((t.float() ** 2).mean() for t in tensors)
+
+
+# --------------------------------------------------------------------------- the pruner
+class GraphPruner:
+    """Prunes one model according to a PruneConfig. Use through :func:`prune_model`."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, cfg: PruneConfig, data=None, progress=None):
+        self.model = model
+        self.inputs = inputs
+        self.cfg = cfg
+        self.data = data
+        self.progress = progress
+        self.names = {m: n for n, m in model.named_modules()}
+        self.by_name = {n: m for m, n in self.names.items()}
+        self.skipped: list[dict[str, str]] = []
+        self.ops: list[dict[str, Any]] = []
+        self.ignored = self._resolve_ignored()
+        self._validate_names()
+        self.attn_parent = self._attention_children()
+
+    # ---- configuration checks against the model
+    def _resolve_ignored(self) -> set[nn.Module]:
+        ignored = set()
+        for pat in self.cfg.ignore:
+            hits = [m for n, m in self.by_name.items() if n and (n == pat or fnmatch.fnmatchcase(n, pat))]
+            if not hits:
+                raise ConfigError(f"Ignored layer '{pat}' matches no layer of the model.{closest(pat, self.by_name)}")
+            for m in hits:
+                ignored.update(m.modules())
+        return ignored
+
+    def _validate_names(self) -> None:
+        for what, mapping in (("per-layer ratio", self.cfg.per_layer), ("indices", self.cfg.indices)):
+            for name in mapping:
+                if name not in self.by_name or name == "":
+                    raise ConfigError(
+                        f"Layer '{name}' in the {what} file does not exist in the model.{closest(name, self.by_name)}"
+                    )
+
+    def _attention_children(self) -> dict[nn.Module, nn.Module]:
+        """Linear layers that are direct children of an attention module (one with an integer ``num_heads``)."""
+        parent = {}
+        for m in self.model.modules():
+            heads = getattr(m, "num_heads", None)
+            if isinstance(m, nn.MultiheadAttention) or not isinstance(heads, int) or heads < 2:
+                continue
+            for child in m.children():
+                if isinstance(child, nn.Linear):
+                    parent[child] = m
+        return parent
+
+    def _reference_forward(self) -> Any:
+        """Run the model once; note which attention child linear runs last in each attention module: that is its
+        output projection, the others produce the heads (q/k/v/qkv, gates)."""
+        order: list[nn.Module] = []
+        hooks = [lin.register_forward_hook(lambda mod, i, o: order.append(mod)) for lin in self.attn_parent]
+        try:
+            with torch.no_grad():
+                out = run_model(self.model, self.inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.attn_proj = {}
+        for lin in order:  # the last call wins
+            self.attn_proj[self.attn_parent[lin]] = lin
+        return out
+
+    # ---- main entry
+    def run(self) -> PruneOutcome:
+        model = self.model
+        model.eval()
+        try:
+            self.reference = _signature(self._reference_forward())
+        except Exception as e:
+            shapes = ", ".join(str(tuple(x.shape)) for x in self.inputs)
+            raise InputSpecError(
+                f"The model does not run on inputs of shape {shapes}: {type(e).__name__}: {str(e)[:300]}. "
+                "Fix --input-shape."
+            ) from None
+        importance = _IMPORTANCE[self.cfg.criterion](self.cfg) if self.cfg.criterion != "index" else None
+        if self.cfg.criterion == "taylor":
+            self._accumulate_gradients()
+        t0 = time.perf_counter()
+        try:
+            self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=self.inputs, verbose=False)
+        except Exception as e:
+            raise UnsupportedLayerError(
+                f"Torch-Pruning could not trace this model's graph ({type(e).__name__}: {str(e)[:300]}); "
+                "nothing was pruned. Try other example inputs, or report the model."
+            ) from None
+        graph_seconds = time.perf_counter() - t0
+        widest = max(
+            [max(getattr(m, a, 0) for a in ("in_channels", "out_channels", "in_features", "out_features")) for m in
+             model.modules()] + [1]
+        )
+        with _bounded_reshape_mapping(4 * widest):
+            plans, total = self._plan(importance)
+            pruned = self._apply(plans)
+        model.zero_grad(set_to_none=True)
+        return PruneOutcome(self.ops, self.skipped, pruned, total, graph_seconds)
+
+    def _accumulate_gradients(self) -> None:
+        if self.data is None:
+            raise ConfigError("criterion 'taylor' needs a few batches of data: pass data=... (CLI: --calib DIR).")
+        self.model.zero_grad(set_to_none=True)
+        n = 0
+        for batch in self.data:
+            inputs, labels = (batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None))
+            inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+            _loss_for_gradients(run_model(self.model, inputs), labels).backward()
+            n += 1
+        if n == 0:
+            raise ConfigError("criterion 'taylor' got an empty data iterable; give at least one batch.")
+
+    # ---- planning: which groups, which indices
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped.append({"name": name, "reason": reason})
+
+    def _plan(self, importance) -> tuple[list[_Plan], int]:
+        DG = self.DG
+        roots = [m for m in DG.module2node if isinstance(m, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR))]
+        visited: set[Any] = set()
+        plans: list[_Plan] = []
+        total = 0
+        for m in roots:
+            if m in visited or m in self.ignored:
+                continue
+            name = self.names.get(m, str(type(m).__name__))
+            try:
+                pruner = DG.get_pruner_of_module(m)
+                channels = DG.get_out_channels(m)
+                if pruner is None or channels is None or channels < 2:
+                    continue
+                full = DG.get_pruning_group(m, pruner.prune_out_channels, list(range(channels)))
+            except Exception as e:
+                visited.add(m)
+                self._skip(name, f"dependency graph failed: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            members = [d.target.module for d, _ in full if DG.is_out_channel_pruning_fn(d.handler)]
+            visited.update(members)
+            total += 1
+            try:
+                plan = self._plan_group(m, name, full, members, importance)
+            except Exception as e:  # a broken mapping inside TP for this group only
+                self._skip(name, f"could not rank channels: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            if plan is not None:
+                plans.append(plan)
+        return plans, total
+
+    def _ratio_for(self, members: list) -> float | None:
+        for mod in members:
+            n = self.names.get(mod)
+            if n in self.cfg.per_layer:
+                return float(self.cfg.per_layer[n])
+        return self.cfg.ratio
+
+    def _plan_group(self, root, name, full, members, importance) -> _Plan | None:
+        DG = self.DG
+        if any(
+            d.target.type == tp.ops.OPTYPE.OUTPUT or (DG.is_out_channel_pruning_fn(d.handler) and not d.target.outputs)
+            for d, _ in full
+        ):
+            self._skip(name, "produces the model's output; pruning it would change the output shape")
+            return None
+        hit = [self.names[mod] for mod in members if mod in self.ignored and mod in self.names]
+        if hit:
+            self._skip(name, f"coupled with ignored layer {hit[0]}")
+            return None
+
+        # criterion "index": the user names a layer and its output channels
+        if self.cfg.criterion == "index":
+            named = [mod for mod in members if self.names.get(mod) in self.cfg.indices]
+            if not named:
+                return None
+            layer = named[0]
+            idxs = sorted(set(self.cfg.indices[self.names[layer]]))
+            channels = DG.get_out_channels(layer)
+            if idxs and idxs[-1] >= channels:
+                raise ConfigError(
+                    f"Index {idxs[-1]} for layer '{self.names[layer]}' is out of range: it has {channels} channels."
+                )
+            if len(idxs) >= channels:
+                raise ConfigError(f"Indices for '{self.names[layer]}' would remove all {channels} channels.")
+            layer_pruner = DG.get_pruner_of_module(layer)
+            return _Plan(self.names[layer], layer, layer_pruner.prune_out_channels, idxs, [])
+
+        ratio = self._ratio_for(members)
+        if not ratio:
+            return None
+
+        fn = DG.get_pruner_of_module(root).prune_out_channels
+        group = full
+        channels = DG.get_out_channels(root)
+        fixups_for = None  # attention module whose attributes follow the pruning
+        heads = 1
+        # inside an attention module: a head-producing linear (q/k/v/qkv) is pruned on its outputs
+        attn = {
+            self.attn_parent[mod]
+            for mod in members
+            if mod in self.attn_parent and self.attn_proj.get(self.attn_parent[mod]) is not mod
+        }
+        if attn:
+            if len(attn) > 1:
+                self._skip(name, "couples the insides of several attention modules; left unpruned")
+                return None
+            (parent,) = attn
+            heads = parent.num_heads
+            proj = self.attn_proj.get(parent)
+            coupled = any(d.target.module is proj and DG.is_in_channel_pruning_fn(d.handler) for d, _ in full)
+            if proj is None or not coupled or proj.in_features % heads:
+                self._skip(name, "attention heads could not be matched to an output projection; left unpruned")
+                return None
+            # Root the group on the projection's inputs, laid out as [heads, head_dim]: indices chosen per head there
+            # map through Torch-Pruning's reshape/unbind index mapping to the same head dims in q, k and v.
+            root, channels = proj, proj.in_features
+            fn = DG.get_pruner_of_module(root).prune_in_channels
+            group = DG.get_pruning_group(root, fn, list(range(channels)))
+            name = self.names.get(root, name)
+            fixups_for = parent
+
+        ch_groups = heads
+        for d, _ in group:
+            mod = d.target.module
+            if isinstance(mod, nn.MultiheadAttention):
+                ch_groups = math.lcm(ch_groups, mod.num_heads)
+            elif isinstance(mod, tp.ops.TORCH_CONV) and mod.groups > 1 and mod.groups != mod.out_channels:
+                ch_groups = math.lcm(ch_groups, mod.groups)
+            elif isinstance(mod, nn.GroupNorm):
+                ch_groups = math.lcm(ch_groups, mod.num_groups)
+        if channels % ch_groups:
+            self._skip(name, f"{channels} channels do not split into {ch_groups} equal groups")
+            return None
+        per = channels // ch_groups
+
+        if importance is None:
+            return None
+        imp = importance(group)
+        if imp is None or len(imp) != channels:
+            self._skip(name, "no importance scores for this group (no weights to rank)")
+            return None
+        imp = imp.detach().float().cpu()
+
+        if fixups_for is not None and self.cfg.attention == "heads":
+            head_imp = imp.view(heads, per).mean(1)
+            keep = max(1, heads - round(ratio * heads))
+            drop_heads = torch.argsort(head_imp)[: heads - keep].tolist()
+            if not drop_heads:
+                return None
+            idxs = sorted(h * per + d for h in drop_heads for d in range(per))
+            fixups = self._attention_fixups(fixups_for, heads=keep, head_dim=per)
+            return _Plan(name, root, fn, idxs, fixups)
+
+        keep = per - round(ratio * per)
+        if self.cfg.round_to and channels >= 2 * self.cfg.round_to:
+            step = self.cfg.round_to // math.gcd(self.cfg.round_to, ch_groups)
+            keep = max(step, int(round(keep / step)) * step)
+        keep = min(max(keep, 1), per)
+        if keep == per:
+            return None
+        offsets = torch.argsort(imp.view(ch_groups, per).mean(0))[: per - keep].tolist()
+        idxs = sorted(g * per + o for g in range(ch_groups) for o in offsets)
+        fixups = self._attention_fixups(fixups_for, heads=heads, head_dim=keep) if fixups_for is not None else []
+        return _Plan(name, root, fn, idxs, fixups)
+
+    @staticmethod
+    def _attention_fixups(parent: nn.Module, heads: int, head_dim: int) -> list[tuple[nn.Module, str, Any]]:
+        """Attribute updates that keep an attention module's reshapes consistent with its pruned projections."""
+        fix: list[tuple[nn.Module, str, Any]] = []
+        old_hd = getattr(parent, "head_dim", None)
+        if heads != parent.num_heads:
+            fix.append((parent, "num_heads", heads))
+        if isinstance(old_hd, int) and old_hd != head_dim:
+            fix.append((parent, "head_dim", head_dim))
+            scale = getattr(parent, "scale", None)
+            # keep the explicit-softmax path equal to the fused one (SDPA scales by the actual head dim)
+            if isinstance(scale, float) and math.isclose(scale, old_hd**-0.5, rel_tol=1e-6):
+                fix.append((parent, "scale", head_dim**-0.5))
+        for attr in ("attn_dim", "all_head_dim", "inner_dim"):
+            if isinstance(getattr(parent, attr, None), int):
+                fix.append((parent, attr, heads * head_dim))
+        return fix
+
+    # ---- applying with forward checks and rollback
+    def _forward_ok(self) -> str | None:
+        try:
+            with torch.no_grad():
+                sig = _signature(run_model(self.model, self.inputs))
+        except Exception as e:
+            return f"model no longer runs: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if sig != self.reference:
+            return "output shapes changed"
+        return None
+
+    def _snapshot(self, group, extra: list[nn.Module]) -> tuple:
+        DG = self.DG
+        modules: dict[int, nn.Module] = {id(m): m for m in extra}
+        nodes = []
+        for d, _ in group:
+            target = d.target.module
+            if isinstance(target, nn.Parameter):
+                pname = DG._param_to_name.get(target, "")
+                parent = self.model.get_submodule(pname.rpartition(".")[0]) if "." in pname else self.model
+                modules[id(parent)] = parent
+                nodes.append((d.target, target))
+            elif isinstance(target, nn.Module):
+                for sub in target.modules():
+                    modules[id(sub)] = sub
+        saved = [
+            (
+                m,
+                dict(vars(m)),
+                dict(m._parameters),
+                dict(m._buffers),
+                dict(m._modules),
+            )
+            for m in modules.values()
+        ]
+        return saved, nodes, dict(DG._param_to_name), dict(DG.module2node)
+
+    def _restore(self, snap) -> None:
+        saved, nodes, p2n, m2n = snap
+        for m, d, params, bufs, mods in saved:
+            d = dict(d)
+            d["_parameters"], d["_buffers"], d["_modules"] = params, bufs, mods
+            vars(m).clear()
+            vars(m).update(d)
+        for node, module in nodes:
+            node.module = module
+        self.DG._param_to_name.clear()
+        self.DG._param_to_name.update(p2n)
+        self.DG.module2node.clear()
+        self.DG.module2node.update(m2n)
+
+    def _record(self, group) -> list[dict[str, Any]]:
+        ops = []
+        for d, idxs in group:
+            target = d.target.module
+            if isinstance(target, nn.Parameter):
+                name, kind = self.DG._param_to_name.get(target), "param"
+            else:
+                name, kind = self.names.get(target), "module"
+            if name is None or not idxs:  # Torch-Pruning's own placeholder ops (concat, split, ...) hold no state
+                continue
+            ops.append(
+                {
+                    "op": "prune",
+                    "target": name,
+                    "kind": kind,
+                    "pruner": type(d.handler.__self__).__name__,
+                    "fn": d.handler.__name__,
+                    "dim": d.target.pruning_dim,
+                    "idxs": [int(i) for i in idxs],
+                }
+            )
+        return ops
+
+    def _apply_one(self, plan: _Plan):
+        """Apply a plan; return (snapshot, ops) or raise with the reason it could not be applied."""
+        group = self.DG.get_pruning_group(plan.root, plan.fn, plan.idxs)
+        if not self.DG.check_pruning_group(group):
+            raise _Skip("would remove every channel of a coupled layer")
+        snap = self._snapshot(group, [mod for mod, _, _ in plan.fixups])
+        ops = self._record(group)
+        try:
+            group.prune(record_history=False)
+            for mod, attr, value in plan.fixups:
+                setattr(mod, attr, value)
+                ops.append({"op": "setattr", "target": self.names[mod], "attr": attr, "value": value})
+        except Exception as e:
+            self._restore(snap)
+            raise _Skip(f"pruning failed: {type(e).__name__}: {str(e)[:160]}") from None
+        return snap, ops
+
+    def _apply(self, plans: list[_Plan]) -> int:
+        pruned = 0
+        for start in range(0, len(plans), _CHECK_CHUNK):
+            chunk = plans[start : start + _CHECK_CHUNK]
+            applied = []
+            for plan in chunk:
+                try:
+                    applied.append((plan, *self._apply_one(plan)))
+                except _Skip as s:
+                    self._skip(plan.name, str(s))
+                except Exception as e:
+                    self._skip(plan.name, f"dependency graph failed: {type(e).__name__}: {str(e)[:160]}")
+            if self._forward_ok() is None:
+                for _, _, ops in applied:
+                    self.ops.extend(ops)
+                pruned += len(applied)
+            else:  # roll the chunk back, then retry it one group at a time
+                for _, snap, _ in reversed(applied):
+                    self._restore(snap)
+                for plan, _, _ in applied:
+                    try:
+                        snap, ops = self._apply_one(plan)
+                    except Exception as e:
+                        self._skip(plan.name, str(e) if isinstance(e, _Skip) else f"{type(e).__name__}: {e}"[:200])
+                        continue
+                    reason = self._forward_ok()
+                    if reason is None:
+                        self.ops.extend(ops)
+                        pruned += 1
+                    else:
+                        self._restore(snap)
+                        self._skip(plan.name, reason)
+            if self.progress is not None:
+                self.progress(min(start + _CHECK_CHUNK, len(plans)), len(plans))
+        return pruned
+
+
+class _Skip(Exception):
+    pass
+
+
+class _IndexExplosion(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_reshape_mapping(limit: int):
+    """Bound the channel indices Torch-Pruning derives through a reshape.
+
+    Written by hand because no library option exists: DepGraph guesses reshape semantics from inferred channel
+    counts. On channels-last window reshapes (Swin, MaxViT, ...) it guesses a flatten on one side of a residual loop
+    only, and the indices are multiplied by the stride on every trip around the loop until memory runs out. No real
+    mapping can yield more indices than the widest layer of the model has channels, so past that bound the group is
+    abandoned (and reported) instead of exhausting memory. Installed only while Presso prunes.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping._FlattenIndexMapping
+
+    class Bounded(original):
+        def __call__(self, idxs):
+            out = super().__call__(idxs)
+            if len(out) > limit:
+                raise _IndexExplosion(
+                    "channel indices explode through a reshape (Torch-Pruning cannot map channels through it)"
+                )
+            return out
+
+    index_mapping._FlattenIndexMapping = Bounded
+    try:
+        yield
+    finally:
+        index_mapping._FlattenIndexMapping = original
+
+
+def prune_model(model: nn.Module, inputs: tuple, cfg: PruneConfig, data=None, progress=None) -> PruneOutcome:
+    """Prune `model` in place; returns the replayable ops and the layers left unpruned (with reasons)."""
+    torch.manual_seed(cfg.seed)
+    return GraphPruner(model, inputs, cfg, data=data, progress=progress).run()
+
+
+# --------------------------------------------------------------------------- replay
+def _pruner_registry() -> dict[str, Any]:
+    reg = {type(p).__name__: p for p in tp.pruner.function.PrunerBox.values() if p is not None}
+    return reg
+
+
+@register_replay("prune")
+def replay_prune(model: nn.Module, step: dict[str, Any]) -> None:
+    pruners = _pruner_registry()
+    for op in step.get("ops", []):
+        parent, attr, obj = resolve(model, op["target"])
+        if op["op"] == "setattr":
+            setattr(obj, op["attr"], op["value"])
+            continue
+        pruner = pruners.get(op["pruner"])
+        if pruner is None:
+            raise UnsupportedLayerError(f"Recipe uses pruner '{op['pruner']}', unknown to this Presso version.")
+        pruner.pruning_dim = op["dim"]
+        result = getattr(pruner, op["fn"])(obj, op["idxs"])
+        if op["kind"] == "param":
+            setattr(parent, attr, result)

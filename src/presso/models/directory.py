@@ -1,0 +1,119 @@
+"""The Presso model directory: ``presso.json`` (the card) + ``weights.safetensors``.
+
+Loading rebuilds the source architecture, replays the recipe of structural changes, then loads the weights. Nothing
+is unpickled, and a user's own module classes survive because they are rebuilt from their own code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from presso.errors import ModelSourceError
+from presso.models.card import ModelCard, ensure_card, get_card, set_card
+
+CARD_FILE = "presso.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / CARD_FILE).is_file()
+
+
+def save_model_dir(model: nn.Module, out_dir: str | Path, *, input_spec=None, figures: dict | None = None) -> Path:
+    """Write `model` as a Presso model directory, atomically: a crash never leaves a half-written model that loads."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    card = copy.deepcopy(ensure_card(model))
+    if input_spec is not None:
+        card.input_spec = str(input_spec)
+    if figures:
+        card.figures.update(figures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not is_model_dir(out) and any(out.iterdir()):
+        raise ModelSourceError(f"Output directory '{out}' exists and is not a Presso model directory; choose another.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        src = card.source.get("source", "")
+        prefix, sep, _ = src.partition(":")
+        if sep and prefix.endswith(".py"):
+            code_file = Path(prefix)
+            if card.source.get("code") and is_model_dir(src_dir := Path(card.source.get("code_from", ""))):
+                code_file = src_dir / card.source["code"]
+            if code_file.is_file():
+                (tmp / "code").mkdir()
+                shutil.copy2(code_file, tmp / "code" / code_file.name)
+                card.source["code"] = f"code/{code_file.name}"
+        card.source.pop("code_from", None)
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CARD_FILE).write_text(json.dumps(card.to_json(), indent=2, default=_json_default) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_card(path: str | Path) -> ModelCard:
+    p = Path(path) / CARD_FILE
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"Cannot read {p}: {e}") from None
+    return ModelCard.from_json(data, str(p))
+
+
+def load_model_dir(path: str | Path, *, build: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Rebuild a saved model: source architecture -> replay recipe -> load weights (strict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from presso.compress.recipe import replay
+    from presso.models.sources import build_from_card
+
+    path = Path(path)
+    card = read_card(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelSourceError(f"'{path}' has no {WEIGHTS_FILE}; the directory is incomplete.")
+    model = build() if build is not None else build_from_card(card, base=path)
+    for step in card.recipe:
+        replay(model, step)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ModelSourceError(f"Weights in '{weights}' do not fit the rebuilt model: {str(e)[:400]}") from None
+    if missing or unexpected:
+        raise ModelSourceError(
+            f"Weights in '{weights}' do not match the rebuilt model (missing: {list(missing)[:5]}, unexpected: "
+            f"{list(unexpected)[:5]}); was the source code changed since the model was saved?"
+        )
+    model.eval()
+    card.source["code_from"] = str(path)
+    set_card(model, card)
+    return model
+
+
+__all__ = ["save_model_dir", "load_model_dir", "read_card", "is_model_dir", "get_card"]

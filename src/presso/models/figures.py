@@ -1,0 +1,61 @@
+"""The figures every verb reports: parameters, MACs and on-disk size.
+
+MACs are counted with PyTorch's own ``torch.utils.flop_counter.FlopCounterMode`` (one counter for all verbs). It
+counts at the ATen dispatch level, so it sees convolutions, linear layers *and* functional matmuls such as attention
+(``bmm``, ``scaled_dot_product_attention``) in any model, which module-hook counters miss. MACs = FLOPs / 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def run_model(model: nn.Module, inputs: tuple) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, inputs: tuple) -> int:
+    """Multiply-accumulates of one forward pass on `inputs` (eval mode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run_model(model, inputs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as safetensors would write them (unique tensors, plus a small header)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.data_ptr() if t.numel() else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_figures(model: nn.Module, inputs: tuple) -> dict[str, int]:
+    return {"params": count_params(model), "macs": count_macs(model, inputs), "size_bytes": size_bytes(model)}
