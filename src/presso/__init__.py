@@ -34,11 +34,11 @@ _ERRORS = [
 
 __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
 
-if TYPE_CHECKING:
-    from presso.api import info
-    from presso.compress import CompressResult, PruneConfig, compress
+if TYPE_CHECKING:  # for type checkers and IDEs only
+    from presso.api import info  # noqa: F401
+    from presso.compress import CompressResult, PruneConfig, compress  # noqa: F401
     from presso.errors import *  # noqa: F403
-    from presso.models import InputSpec, ModelCard, load_model, load_model_dir, save_model_dir
+    from presso.models import InputSpec, ModelCard, load_model, load_model_dir, save_model_dir  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from presso.compress import layer_channels
-from presso.models.figures import model_figures
+from presso.models.figures import model_figures, set_mode
 from presso.models.spec import InputSpec
 
 
@@ -15,6 +15,6 @@ def info(model: nn.Module, example_inputs: str | InputSpec | tuple) -> dict[str,
     """Params, MACs, size and per-layer channel counts of an (uncompressed) model."""
     spec = InputSpec.parse(example_inputs) if isinstance(example_inputs, (str, InputSpec)) else None
     inputs = spec.example_inputs() if spec is not None else tuple(example_inputs)
-    model.eval()
+    set_mode(model, False)
     figs = model_figures(model, inputs)
     return {**figs, "per_layer": layer_channels(model), "input_shape": str(spec) if spec else None}

@@ -18,7 +18,7 @@ from torch import nn
 from presso.compress.prune import PruneConfig, load_layer_file, prune_model
 from presso.errors import ConfigError
 from presso.models.card import copy_card, ensure_card
-from presso.models.figures import model_figures
+from presso.models.figures import model_figures, set_mode
 from presso.models.spec import InputSpec
 
 __all__ = ["CompressResult", "PruneConfig", "compress", "layer_channels", "load_layer_file"]
@@ -109,7 +109,7 @@ def compress(
     work = model if inplace else copy.deepcopy(model)
     if not inplace:
         copy_card(model, work)
-    work.eval()
+    set_mode(work, False)
     before = model_figures(work, inputs)
     channels_before = layer_channels(work)
     step, skipped, extra = impl(work, inputs, config, data, progress)

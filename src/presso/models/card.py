@@ -29,7 +29,7 @@ class ModelCard:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "presso.json") -> ModelCard:
         if not isinstance(data, dict) or data.get("format") != CARD_FORMAT:
-            raise ModelSourceError(f"{where} is not a Presso model card (missing \"format\": \"{CARD_FORMAT}\").")
+            raise ModelSourceError(f'{where} is not a Presso model card (missing "format": "{CARD_FORMAT}").')
         if data.get("version", 0) > CARD_VERSION:
             raise ModelSourceError(
                 f"{where} was written by a newer Presso (card version {data['version']}); upgrade presso to load it."

@@ -18,6 +18,7 @@ from torch import nn
 
 from presso.errors import ModelSourceError
 from presso.models.card import ModelCard, ensure_card, get_card, set_card
+from presso.models.figures import set_mode
 
 CARD_FILE = "presso.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -88,7 +89,6 @@ def read_card(path: str | Path) -> ModelCard:
 def load_model_dir(path: str | Path, *, build: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Rebuild a saved model: source architecture -> replay recipe -> load weights (strict)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     from presso.compress.recipe import replay
     from presso.models.sources import build_from_card
@@ -102,18 +102,42 @@ def load_model_dir(path: str | Path, *, build: Callable[[], nn.Module] | None = 
     for step in card.recipe:
         replay(model, step)
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, RuntimeError, OSError) as e:
+        missing, unexpected = _load_weights(model, weights)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
         raise ModelSourceError(f"Weights in '{weights}' do not fit the rebuilt model: {str(e)[:400]}") from None
     if missing or unexpected:
         raise ModelSourceError(
             f"Weights in '{weights}' do not match the rebuilt model (missing: {list(missing)[:5]}, unexpected: "
             f"{list(unexpected)[:5]}); was the source code changed since the model was saved?"
         )
-    model.eval()
+    set_mode(model, False)
     card.source["code_from"] = str(path)
     set_card(model, card)
     return model
+
+
+def _load_weights(model: nn.Module, path: Path):
+    """Load safetensors weights into `model` (no pickle).
+
+    Done here rather than with ``safetensors.torch.load_model`` because that drops the per-module state-dict
+    versions some modules require when loading (torchvision's MNASNet raises without them); shared tensors that
+    ``save_model`` de-duplicated are restored from the aliases it recorded in the file's metadata.
+    """
+    from collections import OrderedDict
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = f.metadata() or {}
+    state = OrderedDict(load_file(str(path)))
+    expected = model.state_dict()
+    for removed, kept in aliases.items():
+        if removed in expected and removed not in state and kept in state:
+            state[removed] = state[kept]
+    state._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
+    result = model.load_state_dict(state, strict=False)
+    return result.missing_keys, result.unexpected_keys
 
 
 __all__ = ["save_model_dir", "load_model_dir", "read_card", "is_model_dir", "get_card"]

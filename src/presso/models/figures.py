@@ -24,6 +24,16 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def set_mode(model: nn.Module, training: bool = False) -> nn.Module:
+    """model.train(training), tolerating torch.export modules, which have no train/eval switch (NotImplementedError);
+    they are inference graphs already."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
+    return model
+
+
 def run_model(model: nn.Module, inputs: tuple) -> Any:
     if isinstance(inputs, dict):
         return model(**inputs)
@@ -36,12 +46,12 @@ def count_macs(model: nn.Module, inputs: tuple) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
-    model.eval()
+    set_mode(model, False)
     try:
         with FlopCounterMode(display=False) as counter:
             run_model(model, inputs)
     finally:
-        model.train(was_training)
+        set_mode(model, was_training)
     return int(counter.get_total_flops()) // 2
 
 
@@ -58,4 +68,15 @@ def size_bytes(model: nn.Module) -> int:
 
 
 def model_figures(model: nn.Module, inputs: tuple) -> dict[str, int]:
-    return {"params": count_params(model), "macs": count_macs(model, inputs), "size_bytes": size_bytes(model)}
+    """Params, MACs and size; a model that does not run on `inputs` is the user's input spec to fix."""
+    from presso.errors import InputSpecError
+
+    try:
+        macs = count_macs(model, inputs)
+    except Exception as e:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs) if isinstance(inputs, tuple) else str(inputs)
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise InputSpecError(
+            f"The model does not run on inputs of shape {shapes}: {type(e).__name__}: {msg}. Fix --input-shape."
+        ) from None
+    return {"params": count_params(model), "macs": macs, "size_bytes": size_bytes(model)}

@@ -14,6 +14,7 @@ from torch import nn
 
 from presso.errors import ModelSourceError, UntrustedFileError, closest
 from presso.models.card import CARD_ATTR, ModelCard, set_card
+from presso.models.figures import set_mode
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt")
 
@@ -28,7 +29,8 @@ def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.
     - ``model.pt2`` -- a ``torch.export`` program.
     - ``model.pt`` holding a whole pickled module -- only with ``trust=True`` (unpickling runs arbitrary code).
 
-    The returned module carries a model card (``presso_card``) naming its source, so verbs can record lineage.
+    The model is returned in eval mode and carries a model card (``presso_card``) naming its source, so verbs can
+    record lineage.
     """
     text = str(source).strip()
     if not text:
@@ -59,7 +61,7 @@ def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.
             "a Presso model directory, or a .pt2 file."
         )
     set_card(model, ModelCard(source={"source": text, "kwargs": _jsonable(kwargs)}))
-    return model
+    return set_mode(model, False)
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -140,9 +142,6 @@ def _from_pt2(path: Path) -> nn.Module:
 
 
 def _from_pickle(path: Path, trust: bool) -> nn.Module:
-    import pickle
-    import zipfile
-
     import torch
 
     if not path.is_file():
@@ -151,7 +150,7 @@ def _from_pickle(path: Path, trust: bool) -> nn.Module:
         # A weights-only load is safe: it tells a state dict (not a model) from a pickled module without running code.
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        except Exception as e:  # any failure of the safe loader: decide from the file's bytes what to tell the user
             if _looks_like_pickle(path):
                 raise UntrustedFileError(
                     f"'{path}' is a full pickle: loading it runs code from the file. If you trust its origin, pass "

@@ -54,7 +54,9 @@ class InputSpec:
             if ":" in part:
                 part, dtype = (p.strip() for p in part.rsplit(":", 1))
                 if dtype not in _DTYPES:
-                    raise InputSpecError(f"Unknown dtype '{dtype}' in input shape '{text}': use one of {', '.join(_DTYPES)}.")
+                    raise InputSpecError(
+                        f"Unknown dtype '{dtype}' in input shape '{text}': use one of {', '.join(_DTYPES)}."
+                    )
             dims = [d.strip() for d in re.split(r"[,x]", part)]
             if not dims or not all(_DIM.match(d) for d in dims):
                 raise InputSpecError(
