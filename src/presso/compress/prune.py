@@ -286,7 +286,7 @@ class GraphPruner:
             ]
             + [1]
         )
-        with _bounded_reshape_mapping(4 * widest), self._robust_index_mapping():
+        with self._robust_index_mapping():
             t0 = time.perf_counter()
             try:
                 self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=self.inputs, verbose=False)
@@ -296,8 +296,10 @@ class GraphPruner:
                     "nothing was pruned. Try other example inputs, or report the model."
                 ) from None
             graph_seconds = time.perf_counter() - t0
-            plans, total = self._plan(importance)
-            pruned = self._apply(plans)
+            deps = sum(len(n.dependencies) for n in self.DG.module2node.values())
+            with _bounded_traversal(max_indices=4 * widest, max_items=4 * deps + 100):
+                plans, total = self._plan(importance)
+                pruned = self._apply(plans)
         model.zero_grad(set_to_none=True)
         return PruneOutcome(self.ops, self.skipped, pruned, total, graph_seconds)
 
@@ -681,34 +683,49 @@ class _IndexExplosion(RuntimeError):
     pass
 
 
-@contextlib.contextmanager
-def _bounded_reshape_mapping(limit: int):
-    """Bound the channel indices Torch-Pruning derives through a reshape.
+_GROUP_SECONDS = 2.0  # a dependency walk longer than this is cycling, not working (the largest real ones take <0.5 s)
 
-    Written by hand because no library option exists: DepGraph guesses reshape semantics from inferred channel
-    counts. On channels-last window reshapes (Swin, MaxViT, ...) it guesses a flatten on one side of a residual loop
-    only, and the indices are multiplied by the stride on every trip around the loop until memory runs out. No real
-    mapping can yield more indices than the widest layer of the model has channels, so past that bound the group is
-    abandoned (and reported) instead of exhausting memory. Installed only while Presso prunes.
+
+@contextlib.contextmanager
+def _bounded_traversal(max_indices: int, max_items: int):
+    """Bound the dependency walks Torch-Pruning makes to build a group.
+
+    Written by hand because no library option exists. DepGraph guesses reshape semantics from inferred channel
+    counts; on channels-last window reshapes (Swin, MaxViT) it guesses a flatten on one side of a residual loop only,
+    and indices are multiplied by the stride on every trip around the loop until memory runs out; on detection heads
+    shared across feature levels the walk revisits the same layers with ever new index sets and never ends. A real
+    walk cannot yield more indices than the widest layer has channels, nor more items than the graph has
+    dependencies, nor take minutes: past those bounds the group is abandoned and reported, instead of exhausting
+    memory or time. Installed only while Presso prunes.
     """
     from torch_pruning.dependency import index_mapping
+    from torch_pruning.dependency.group import Group
 
-    original = index_mapping._FlattenIndexMapping
+    original_flatten = index_mapping._FlattenIndexMapping
+    original_add = Group.add_dep
 
-    class Bounded(original):
+    class Bounded(original_flatten):
         def __call__(self, idxs):
-            out = super().__call__(idxs)
-            if len(out) > limit:
+            if not self.reverse and len(idxs) * self._stride > max_indices:  # refuse before building the list
                 raise _IndexExplosion(
                     "channel indices explode through a reshape (Torch-Pruning cannot map channels through it)"
                 )
-            return out
+            return super().__call__(idxs)
+
+    def add_dep(self, dep, idxs):
+        if not self._group:
+            self._presso_t0 = time.perf_counter()
+        elif len(self._group) > max_items or time.perf_counter() - self._presso_t0 > _GROUP_SECONDS:
+            raise _IndexExplosion("the dependency walk does not converge (layers revisited with ever new indices)")
+        original_add(self, dep, idxs)
 
     index_mapping._FlattenIndexMapping = Bounded
+    Group.add_dep = add_dep
     try:
         yield
     finally:
-        index_mapping._FlattenIndexMapping = original
+        index_mapping._FlattenIndexMapping = original_flatten
+        Group.add_dep = original_add
 
 
 def prune_model(model: nn.Module, inputs: tuple, cfg: PruneConfig, data=None, progress=None) -> PruneOutcome:

@@ -49,8 +49,19 @@ def torchvision_dense() -> list[Entry]:
 
     out = []
     det = {"min_size": 64, "max_size": 64, "weights_backbone": None}
+    # R-CNN heads run once per proposal and per detection, and with random weights how many survive score
+    # thresholds and NMS changes when the weights do. Keeping every box (no threshold, no suppression) and fixed
+    # counts makes their MACs a property of the architecture, comparable before and after pruning.
+    rcnn = {
+        "rpn_pre_nms_top_n_test": 100,
+        "rpn_post_nms_top_n_test": 100,
+        "rpn_nms_thresh": 1.0,
+        "box_score_thresh": 0.0,
+        "box_nms_thresh": 1.0,
+        "box_detections_per_img": 10,
+    }
     for name in torchvision.models.list_models(module=torchvision.models.detection):
-        kwargs = dict(det)
+        kwargs = dict(det, **rcnn) if "rcnn" in name else dict(det)
         if name.startswith("ssd"):
             kwargs = {"weights_backbone": None}
             shape = "1,3,320,320" if "320" in name else "1,3,300,300"
