@@ -118,7 +118,9 @@ def _child(args) -> None:
     try:
         row = _one(args.one, args.shape, json.loads(args.kwargs), args.method)
     except BaseException as e:  # everything is a result row here, including MemoryError
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+        row.update(
+            ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        )
     print("@@ROW " + json.dumps(row), flush=True)
 
 
@@ -135,12 +137,28 @@ def _zoo(which: str):
 
 
 def _run_child(source, shape, kwargs, method, timeout, mem_gib) -> dict:
-    cmd = [sys.executable, __file__, "--one", source, "--shape", shape, "--kwargs", json.dumps(kwargs),
-           "--method", method]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        source,
+        "--shape",
+        shape,
+        "--kwargs",
+        json.dumps(kwargs),
+        "--method",
+        method,
+    ]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=_limit_memory(mem_gib),
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=_limit_memory(mem_gib),
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         rows = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("@@ROW ")]
         row = rows[-1] if rows else {"ok": False, "error": f"crashed (exit {proc.returncode}): {proc.stderr[-200:]}"}
     except subprocess.TimeoutExpired:
@@ -181,8 +199,10 @@ def main() -> None:
 
     rows = []
     with open(out, "w") as f, ThreadPoolExecutor(args.jobs) as pool:
-        futures = [(zoo, pool.submit(_run_child, src, shape, kw, m, args.timeout, args.mem_gib))
-                   for zoo, src, shape, kw, m in jobs]
+        futures = [
+            (zoo, pool.submit(_run_child, src, shape, kw, m, args.timeout, args.mem_gib))
+            for zoo, src, shape, kw, m in jobs
+        ]
         for zoo, fut in futures:
             row = {"zoo": zoo, **fut.result()}
             rows.append(row)

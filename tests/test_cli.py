@@ -55,47 +55,20 @@ def test_compress_table_output(tmp_path):
     assert "MACs" in res.stdout and "left unpruned" in res.stdout
 
 
+def _compress_r18(out, *extra):
+    return _json(runner.invoke(app, ["compress", "torchvision:resnet18", "-s", "1,3,32,32", "-o", str(out), "--json",
+                                     *extra]))  # fmt: skip
+
+
 def test_per_layer_and_index_files(tmp_path):
     ratios = tmp_path / "r.yaml"
     ratios.write_text("layer1.0.conv1: 0.75\n")
-    data = _json(
-        runner.invoke(
-            app,
-            [
-                "compress",
-                "torchvision:resnet18",
-                "-s",
-                "1,3,32,32",
-                "--per-layer",
-                str(ratios),
-                "-o",
-                str(tmp_path / "a"),
-                "--json",
-            ],
-        )
-    )
+    data = _compress_r18(tmp_path / "a", "--per-layer", str(ratios))
     assert data["per_layer"]["layer1.0.conv1"]["after"] == 16
     assert data["per_layer"]["layer2.0.conv1"]["after"] == 128
     idx = tmp_path / "i.json"
     idx.write_text(json.dumps({"layer1.0.conv1": [1, 2, 3]}))
-    data = _json(
-        runner.invoke(
-            app,
-            [
-                "compress",
-                "torchvision:resnet18",
-                "-s",
-                "1,3,32,32",
-                "--criterion",
-                "index",
-                "--indices",
-                str(idx),
-                "-o",
-                str(tmp_path / "b"),
-                "--json",
-            ],
-        )
-    )
+    data = _compress_r18(tmp_path / "b", "--criterion", "index", "--indices", str(idx))
     assert data["per_layer"]["layer1.0.conv1"]["after"] == 61
 
 
@@ -140,7 +113,11 @@ def test_pickle_without_trust_is_refused(tmp_path):
 
 
 def test_console_script_help_does_not_import_torch():
-    code = "import sys; from presso.cli import app; sys.argv=['presso','--help']\ntry:\n    app()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    code = (
+        "import sys; from presso.cli import app; sys.argv = ['presso', '--help']\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
 
