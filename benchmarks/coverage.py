@@ -6,8 +6,8 @@ Runs every torchvision classification model and the timm sample (presso.testing.
 * plain:   Torch-Pruning's standard recipe -- ``MetaPruner(model, inputs, GroupMagnitudeImportance(p=2),
            pruning_ratio=0.5, ignored_layers=[the final classifier])`` and ``pruner.step()``,
 
-each model in its own subprocess (a crash, hang or memory blow-up of one model cannot take the sweep down) with a
-time limit and a memory limit. A model *passes* when the pruned model runs, keeps its output shape, and lost at least
+each model in its own forked child process (a crash, hang or memory blow-up of one model cannot take the sweep
+down) with a time limit and a memory limit. A model *passes* when the pruned model runs, keeps its output shape, and lost at least
 25% of its MACs; for Presso the saved model directory must also reload with identical outputs.
 
     python benchmarks/coverage.py                 # everything, results to benchmarks/results/coverage.jsonl
@@ -22,22 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def _limit_memory(gib: int):
-    def fn():
-        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
-
-    return fn
 
 
 # ----------------------------------------------------------------------------- one model, in a child process
@@ -113,15 +104,16 @@ def _tensors(out):
     return []
 
 
-def _child(args) -> None:
-    row = {"source": args.one, "method": args.method, "shape": args.shape}
+def _child(conn, source, shape, kwargs, method, mem_gib) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (mem_gib << 30, mem_gib << 30))
+    row = {"source": source, "method": method, "shape": shape}
     try:
-        row = _one(args.one, args.shape, json.loads(args.kwargs), args.method)
+        row = _one(source, shape, kwargs, method)
     except BaseException as e:  # everything is a result row here, including MemoryError
-        row.update(
-            ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        )
-    print("@@ROW " + json.dumps(row), flush=True)
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        row.update(ok=False, error=f"{type(e).__name__}: {msg}")
+    conn.send(row)
+    conn.close()
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -137,32 +129,28 @@ def _zoo(which: str):
 
 
 def _run_child(source, shape, kwargs, method, timeout, mem_gib) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--one",
-        source,
-        "--shape",
-        shape,
-        "--kwargs",
-        json.dumps(kwargs),
-        "--method",
-        method,
-    ]
+    """One model in a forked child of this (already warm) process: a crash, hang or memory blow-up of one model
+    cannot take the sweep down, and no child pays for importing torch/timm again."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            preexec_fn=_limit_memory(mem_gib),
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        rows = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("@@ROW ")]
-        row = rows[-1] if rows else {"ok": False, "error": f"crashed (exit {proc.returncode}): {proc.stderr[-200:]}"}
-    except subprocess.TimeoutExpired:
-        row = {"ok": False, "error": f"timeout after {timeout}s"}
+    proc = ctx.Process(target=_child, args=(send, source, shape, kwargs, method, mem_gib))
+    proc.start()
+    send.close()
+    row = None
+    if recv.poll(timeout):
+        try:
+            row = recv.recv()
+        except EOFError:
+            row = None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        row = row or {"ok": False, "error": f"timeout after {timeout}s"}
+    row = row or {"ok": False, "error": f"crashed (exit code {proc.exitcode})"}
     row.update(source=source, method=method, seconds=round(time.perf_counter() - t0, 1))
     return row
 
@@ -177,13 +165,16 @@ def main() -> None:
     p.add_argument("--mem-gib", type=int, default=12, help="address-space limit per child")
     p.add_argument("--jobs", type=int, default=1, help="models measured in parallel")
     p.add_argument("--out", default=str(HERE / "results" / "coverage.jsonl"))
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--shape", help=argparse.SUPPRESS)
-    p.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
-    p.add_argument("--method", default="presso", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
-        return _child(args)
+    # warm the parent: children are forked from it (the heavy imports are paid once, not per model)
+    import timm  # noqa: F401
+    import torch
+    import torch_pruning  # noqa: F401
+    import torchvision  # noqa: F401
+
+    import presso.compress  # noqa: F401
+
+    torch.set_num_threads(1)
 
     entries = _zoo(args.zoo)
     if args.only:
@@ -218,13 +209,17 @@ def summarize(rows: list[dict]) -> None:
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[r["zoo"]][r["method"]].append(r)
-    print("\n| zoo | method | pass / total | median s/model | max s/model |")
-    print("|---|---|---|---|---|")
+    print("\n| zoo | method | pass / total | median s/model (all) | median s pruning | max s/model |")
+    print("|---|---|---|---|---|---|")
     for zoo, methods in by.items():
         for method, rs in methods.items():
             ok = sum(r["ok"] for r in rs)
             secs = sorted(r["seconds"] for r in rs)
-            print(f"| {zoo} | {method} | {ok} / {len(rs)} | {secs[len(secs) // 2]:.1f} | {secs[-1]:.1f} |")
+            prune = sorted(r["prune_s"] for r in rs if "prune_s" in r) or [float("nan")]
+            print(
+                f"| {zoo} | {method} | {ok} / {len(rs)} | {secs[len(secs) // 2]:.1f} | {prune[len(prune) // 2]:.1f} "
+                f"| {secs[-1]:.1f} |"
+            )
     print("\nfailures:")
     for r in rows:
         if not r["ok"]:

@@ -179,3 +179,20 @@ def test_config_json_round_trip():
     cfg = PruneConfig(ratio=0.3, criterion="gm", per_layer={"a": 0.1}, ignore=["x"], round_to=None)
     assert PruneConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
     assert cfg.to_json()["version"] == 1
+
+
+def test_removing_dead_channels_keeps_the_function():
+    """Channels whose every consumer ignores them carry no information: pruning exactly those (through a residual add,
+    a depthwise conv and two branches) must leave the model's output unchanged -- a check that the coupled layers
+    are cut at the same positions, not only to the same sizes."""
+    model = TinyCNN().eval()
+    dead = [1, 5, 17]
+    with torch.no_grad():
+        for layer in (model.block[0], model.branch_a, model.branch_b[1]):
+            layer.weight[:, dead] = 0.0
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    r = presso.compress(model, (x,), PruneConfig(ratio=None, criterion="index", indices={"stem.0": dead}))
+    assert r.model.stem[0].out_channels == 29 and r.model.block[3].out_channels == 29
+    assert r.model.branch_b[0].groups == 29
+    assert torch.allclose(r.model(x), ref, atol=1e-5)
