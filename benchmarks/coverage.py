@@ -6,9 +6,10 @@ Runs every torchvision classification model and the timm sample (presso.testing.
 * plain:   Torch-Pruning's standard recipe -- ``MetaPruner(model, inputs, GroupMagnitudeImportance(p=2),
            pruning_ratio=0.5, ignored_layers=[the final classifier])`` and ``pruner.step()``,
 
-each model in its own forked child process (a crash, hang or memory blow-up of one model cannot take the sweep
-down) with a time limit and a memory limit. A model *passes* when the pruned model runs, keeps its output shape, and lost at least
-25% of its MACs; for Presso the saved model directory must also reload with identical outputs.
+each model in its own forked child process (a crash, hang or memory blow-up of one model cannot take the
+sweep down) with a time limit and a memory limit. A model *passes* when the pruned model runs, keeps its output
+shape, and lost at least 25% of its MACs; for Presso the saved model directory must also reload with identical
+outputs.
 
     python benchmarks/coverage.py                 # everything, results to benchmarks/results/coverage.jsonl
     python benchmarks/coverage.py --zoo torchvision --limit 10

@@ -286,7 +286,9 @@ class GraphPruner:
             ]
             + [1]
         )
-        with self._robust_index_mapping():
+        limits: dict[str, int] = {}
+        # both patches go in before the graph is built: the mappings it creates are the ones every walk then uses
+        with self._robust_index_mapping(), _bounded_traversal(max_indices=4 * widest, limits=limits):
             t0 = time.perf_counter()
             try:
                 self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=self.inputs, verbose=False)
@@ -296,10 +298,9 @@ class GraphPruner:
                     "nothing was pruned. Try other example inputs, or report the model."
                 ) from None
             graph_seconds = time.perf_counter() - t0
-            deps = sum(len(n.dependencies) for n in self.DG.module2node.values())
-            with _bounded_traversal(max_indices=4 * widest, max_items=4 * deps + 100):
-                plans, total = self._plan(importance)
-                pruned = self._apply(plans)
+            limits["items"] = 4 * sum(len(n.dependencies) for n in self.DG.module2node.values()) + 100
+            plans, total = self._plan(importance)
+            pruned = self._apply(plans)
         model.zero_grad(set_to_none=True)
         return PruneOutcome(self.ops, self.skipped, pruned, total, graph_seconds)
 
@@ -687,7 +688,7 @@ _GROUP_SECONDS = 2.0  # a dependency walk longer than this is cycling, not worki
 
 
 @contextlib.contextmanager
-def _bounded_traversal(max_indices: int, max_items: int):
+def _bounded_traversal(max_indices: int, limits: dict[str, int]):
     """Bound the dependency walks Torch-Pruning makes to build a group.
 
     Written by hand because no library option exists. DepGraph guesses reshape semantics from inferred channel
@@ -704,19 +705,28 @@ def _bounded_traversal(max_indices: int, max_items: int):
     original_flatten = index_mapping._FlattenIndexMapping
     original_add = Group.add_dep
 
+    walk = {"t0": time.perf_counter()}  # start of the current walk: get_pruning_group adds its root first
+
+    def check_time():
+        if time.perf_counter() - walk["t0"] > _GROUP_SECONDS:
+            raise _IndexExplosion("the dependency walk does not converge (layers revisited with ever new indices)")
+
     class Bounded(original_flatten):
         def __call__(self, idxs):
             if not self.reverse and len(idxs) * self._stride > max_indices:  # refuse before building the list
                 raise _IndexExplosion(
                     "channel indices explode through a reshape (Torch-Pruning cannot map channels through it)"
                 )
+            check_time()
             return super().__call__(idxs)
 
     def add_dep(self, dep, idxs):
         if not self._group:
-            self._presso_t0 = time.perf_counter()
-        elif len(self._group) > max_items or time.perf_counter() - self._presso_t0 > _GROUP_SECONDS:
+            walk["t0"] = time.perf_counter()
+        elif len(self._group) > limits.get("items", 1 << 62):
             raise _IndexExplosion("the dependency walk does not converge (layers revisited with ever new indices)")
+        else:
+            check_time()
         original_add(self, dep, idxs)
 
     index_mapping._FlattenIndexMapping = Bounded
