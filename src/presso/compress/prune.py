@@ -279,13 +279,9 @@ class GraphPruner:
         importance = _IMPORTANCE[self.cfg.criterion](self.cfg) if self.cfg.criterion != "index" else None
         if self.cfg.criterion == "taylor":
             self._accumulate_gradients()
-        widest = max(
-            [
-                max(getattr(m, a, 0) for a in ("in_channels", "out_channels", "in_features", "out_features"))
-                for m in model.modules()
-            ]
-            + [1]
-        )
+        dims = [getattr(m, a, None) for m in model.modules() for a in ("in_channels", "out_channels", "in_features",
+                                                                           "out_features")]  # fmt: skip
+        widest = max([d for d in dims if isinstance(d, int)] + [1])
         limits: dict[str, int] = {}
         # both patches go in before the graph is built: the mappings it creates are the ones every walk then uses
         with self._robust_index_mapping(), _bounded_traversal(max_indices=4 * widest, limits=limits):

@@ -40,7 +40,6 @@ def run_model(model: nn.Module, inputs: tuple) -> Any:
     return model(*inputs)
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, inputs: tuple) -> int:
     """Multiply-accumulates of one forward pass on `inputs` (eval mode)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -48,8 +47,14 @@ def count_macs(model: nn.Module, inputs: tuple) -> int:
     was_training = model.training
     set_mode(model, False)
     try:
-        with FlopCounterMode(display=False) as counter:
-            run_model(model, inputs)
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                run_model(model, inputs)
+        except AssertionError:
+            # FlopCounterMode's module tracker asserts on some models (timm PiT, CaiT) when autograd is off:
+            # "Expected gradient function to be set". Counting with autograd on gives the same figure.
+            with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+                run_model(model, inputs)
     finally:
         set_mode(model, was_training)
     return int(counter.get_total_flops()) // 2

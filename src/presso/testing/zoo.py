@@ -105,14 +105,14 @@ twins_pcpvt_small maxxvit_rmlp_nano_rw_256 coatnet_nano_rw_224
 
 # The subset the test suite runs: at least one of every family above, small enough for CI.
 TIMM_TEST: list[str] = """
-resnet18 resnet50d resnext26ts seresnext26d_32x4d res2net50_26w_4s resnest14d skresnet18 resnetv2_50
+resnet18 resnet50d resnext26ts seresnext26d_32x4d res2net50_26w_4s resnest14d seresnet18 resnetv2_50
 mobilenetv2_050 mobilenetv3_small_050 mobilenetv3_large_100 mobilenetv4_conv_small efficientnet_b0 efficientnet_lite0
 tf_efficientnet_b0 efficientnetv2_rw_t tinynet_e regnetx_002 regnety_002 regnetz_b16 convnext_atto convnextv2_atto
 ghostnet_050 ghostnetv2_100 repvgg_a0 repvit_m0_9 repghostnet_050 densenet121 vit_tiny_patch16_224
 deit_tiny_patch16_224 deit_tiny_distilled_patch16_224 swin_tiny_patch4_window7_224 mixer_s16_224 resmlp_12_224
 gmlp_ti16_224 mobilevit_xxs mobilevitv2_050 efficientformer_l1 levit_128s poolformer_s12 cspresnet50 darknet17 dla34
 dpn68 hrnet_w18_small inception_v3 xception41 mnasnet_050 fbnetc_100 spnasnet_100 lcnet_050 hardcorenas_a rexnet_100
-nf_resnet26 selecsls42b ese_vovnet19b_dw pit_ti_224 edgenext_xx_small fastvit_t8 efficientvit_b0 mobileone_s0
+resnet26 selecsls42b ese_vovnet19b_dw pit_ti_224 edgenext_xx_small fastvit_t8 efficientvit_b0 mobileone_s0
 vgg11_bn xcit_nano_12_p16_224 convit_tiny pvt_v2_b0 mambaout_femto starnet_s1 mixnet_s resnet10t ecaresnet26t
 gernet_s cs3darknet_s
 """.split()
