@@ -113,7 +113,7 @@ deit_tiny_patch16_224 deit_tiny_distilled_patch16_224 swin_tiny_patch4_window7_2
 gmlp_ti16_224 mobilevit_xxs mobilevitv2_050 efficientformer_l1 levit_128s poolformer_s12 cspresnet50 darknet17 dla34
 dpn68 hrnet_w18_small inception_v3 xception41 mnasnet_050 fbnetc_100 spnasnet_100 lcnet_050 hardcorenas_a rexnet_100
 resnet26 selecsls42b ese_vovnet19b_dw pit_ti_224 edgenext_xx_small fastvit_t8 efficientvit_b0 mobileone_s0
-vgg11_bn xcit_nano_12_p16_224 convit_tiny pvt_v2_b0 mambaout_femto starnet_s1 mixnet_s resnet10t ecaresnet26t
+vgg11_bn xcit_nano_12_p16_224 convit_tiny pvt_v2_b0 mambaout_femto starnet_s1 hgnetv2_b0 resnet10t ecaresnet26t
 gernet_s cs3darknet_s
 """.split()
 
