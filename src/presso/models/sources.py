@@ -165,8 +165,9 @@ def _from_pickle(path: Path, trust: bool) -> nn.Module:
         if isinstance(obj, nn.Module):
             return obj
         raise ModelSourceError(f"'{path}' holds a {type(obj).__name__}, not a model.")
+    # Reached only with trust=True: the user explicitly trusts this file, so a full unpickle is allowed.
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user (--trust)
     except Exception as e:
         raise ModelSourceError(f"'{path}' could not be unpickled: {type(e).__name__}: {e}") from None
     if not isinstance(obj, nn.Module):
