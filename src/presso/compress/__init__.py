@@ -105,7 +105,7 @@ def compress(
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         spec = InputSpec.from_tensors(inputs)
     t0 = time.perf_counter()
-    card = ensure_card(model)
+    ensure_card(model)  # the original gets a card too, so the copy inherits its lineage
     work = model if inplace else copy.deepcopy(model)
     if not inplace:
         copy_card(model, work)
