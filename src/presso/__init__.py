@@ -21,6 +21,11 @@ _EXPORTS = {
     "CompressResult": "presso.compress",
     "PruneConfig": "presso.compress",
     "info": "presso.api",
+    "train": "presso.train",
+    "TrainConfig": "presso.train",
+    "TrainResult": "presso.train",
+    "evaluate": "presso.train",
+    "load_data": "presso.data",
 }
 _ERRORS = [
     "PressoError",
@@ -30,6 +35,7 @@ _ERRORS = [
     "UnsupportedLayerError",
     "UntrustedFileError",
     "BudgetError",
+    "DataError",
 ]
 
 __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
@@ -37,8 +43,10 @@ __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from presso.api import info  # noqa: F401
     from presso.compress import CompressResult, PruneConfig, compress  # noqa: F401
+    from presso.data import load_data  # noqa: F401
     from presso.errors import *  # noqa: F403
     from presso.models import InputSpec, ModelCard, load_model, load_model_dir, save_model_dir  # noqa: F401
+    from presso.train import TrainConfig, TrainResult, evaluate, train  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

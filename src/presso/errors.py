@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedLayerError",
     "UntrustedFileError",
     "BudgetError",
+    "DataError",
     "closest",
 ]
 
@@ -47,6 +48,10 @@ class UntrustedFileError(PressoError):
 
 class BudgetError(PressoError):
     """A budget (MACs, params, latency) cannot be met."""
+
+
+class DataError(PressoError):
+    """A dataset is missing, empty, unreadable or does not fit the model."""
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> str:

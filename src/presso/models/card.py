@@ -22,6 +22,7 @@ class ModelCard:
     recipe: list[dict[str, Any]] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # verbs run, with their settings and figures
+    preprocess: dict[str, Any] | None = None  # presso.data.Preprocess.to_json(): how images become inputs
 
     def to_json(self) -> dict[str, Any]:
         return {"format": CARD_FORMAT, "version": CARD_VERSION, **asdict(self)}
@@ -41,6 +42,7 @@ class ModelCard:
                 recipe=list(data.get("recipe", [])),
                 figures=dict(data.get("figures", {})),
                 history=list(data.get("history", [])),
+                preprocess=data.get("preprocess"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelSourceError(f"{where} is damaged ({e!r}); re-create the model directory.") from None

@@ -28,8 +28,18 @@ def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / CARD_FILE).is_file()
 
 
-def save_model_dir(model: nn.Module, out_dir: str | Path, *, input_spec=None, figures: dict | None = None) -> Path:
-    """Write `model` as a Presso model directory, atomically: a crash never leaves a half-written model that loads."""
+def save_model_dir(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    input_spec=None,
+    figures: dict | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """Write `model` as a Presso model directory, atomically: a crash never leaves a half-written model that loads.
+
+    extra_files: name -> content written beside the weights (e.g. the trainer's metrics.csv), in the same atomic step.
+    """
     from safetensors.torch import save_model
 
     out = Path(out_dir)
@@ -54,6 +64,12 @@ def save_model_dir(model: nn.Module, out_dir: str | Path, *, input_spec=None, fi
                 shutil.copy2(code_file, tmp / "code" / code_file.name)
                 card.source["code"] = f"code/{code_file.name}"
         card.source.pop("code_from", None)
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CARD_FILE).write_text(json.dumps(card.to_json(), indent=2, default=_json_default) + "\n")
         if out.exists():

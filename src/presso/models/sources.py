@@ -22,6 +22,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt")
 def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.Module:
     """Build a model from a source string.
 
+    - ``presso:resnet8`` -- Presso's small ResNets for small images (``presso.models.builtin``).
     - ``torchvision:resnet18`` -- torchvision's builder, random init; kwargs such as ``num_classes`` pass through.
     - ``timm:mobilenetv3_small_100`` -- ``timm.create_model(..., pretrained=False, **kwargs)``.
     - ``path/to/file.py:factory`` -- calls ``factory(**kwargs)`` from the user's own file.
@@ -41,7 +42,9 @@ def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.
 
         return load_model_dir(path, **kwargs)
     prefix, sep, rest = text.partition(":")
-    if sep and prefix == "torchvision":
+    if sep and prefix == "presso":
+        model = _builtin(rest, kwargs)
+    elif sep and prefix == "torchvision":
         model = _torchvision(rest, kwargs)
     elif sep and prefix == "timm":
         model = _timm(rest, kwargs)
@@ -57,7 +60,7 @@ def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.
         raise ModelSourceError(f"Model file '{text}' does not exist.")
     else:
         raise ModelSourceError(
-            f"Unknown model source '{text}': use torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, "
+            f"Unknown model source '{text}': use presso:NAME, torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, "
             "a Presso model directory, or a .pt2 file."
         )
     set_card(model, ModelCard(source={"source": text, "kwargs": _jsonable(kwargs)}))
@@ -79,6 +82,14 @@ def _call_builder(builder, name: str, kwargs: dict[str, Any]) -> nn.Module:
         return builder(**kwargs)
     except TypeError as e:
         raise ModelSourceError(f"Could not build '{name}' with {kwargs or 'no arguments'}: {e}.") from None
+
+
+def _builtin(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from presso.models.builtin import BUILDERS
+
+    if name not in BUILDERS:
+        raise ModelSourceError(f"Presso has no built-in model '{name}' (it has {', '.join(BUILDERS)}).")
+    return _call_builder(BUILDERS[name], f"presso:{name}", kwargs)
 
 
 def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:

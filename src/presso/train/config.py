@@ -1,0 +1,94 @@
+"""Training settings: one dataclass, the same words in the API, the CLI and the saved card."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from presso.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "sgd")
+AMP = ("auto", "on", "off")
+# Settings that may differ between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = frozenset({"workers", "device"})
+
+
+@dataclass
+class TrainConfig:
+    """Supervised training and distillation.
+
+    With a teacher, the loss is ``(1 - kd_alpha) * CE + kd_alpha * match`` when the data has labels and the outputs
+    are class scores, and the label-free ``match`` alone otherwise (see ``presso.train.distill``).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float | None = None  # adamw 2e-3, sgd 0.1 (for batch 128; scaled linearly with batch size)
+    weight_decay: float | None = None  # adamw 0.05, sgd 5e-4
+    momentum: float = 0.9
+    warmup: float = 0.05  # fraction of all steps spent warming the learning rate up linearly
+    label_smoothing: float = 0.1
+    augment: bool = True
+    amp: str = "auto"  # bf16 autocast on CUDA; off on CPU
+    device: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.1
+    image_size: tuple[int, int] | None = None
+    workers: int | None = None  # decoding processes for image files (default: min(4, CPUs))
+    grad_clip: float | None = 5.0
+    # distillation (used when a teacher is given)
+    kd_alpha: float = 0.7
+    temperature: float = 4.0
+    feature_match: bool = False
+    feature_weight: float = 1.0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            size = self.image_size
+            self.image_size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)  # type: ignore
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.lr is None or self.lr > 0, "lr must be > 0"),
+            (self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0.0 <= self.warmup < 1.0, "warmup is a fraction of the steps, in [0, 1)"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
+            (self.amp in AMP, f"amp must be one of {AMP}"),
+            (0.0 < self.val_fraction < 1.0, "val_fraction must be in (0, 1)"),
+            (0.0 <= self.kd_alpha <= 1.0, "kd_alpha must be in [0, 1]"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"TrainConfig: {message}.")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        base = 2e-3 if self.optimizer == "adamw" else 0.1
+        return base * self.batch_size / 128
+
+    @property
+    def decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.optimizer == "adamw" else 5e-4
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size) if self.image_size else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        a, b = self.to_json(), other.to_json()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES}
