@@ -141,58 +141,127 @@ def compress(
         str, typer.Option(help="head_dim: same dims from every head; heads: whole heads.")
     ] = "head_dim",
     calib: Annotated[
-        str | None, typer.Option("--calib", help="Data for taylor: any --data spec (e.g. a folder), or 'random'.")
+        str | None,
+        typer.Option("--calib", help="Calibration data (any --data spec, or 'random'): taylor, sensitivity."),
     ] = None,
+    recommend: Annotated[
+        bool, typer.Option("--recommend", help="Per-layer ratios by LAMP scores (the ratio is the global share).")
+    ] = False,
+    decompose: Annotated[str | None, typer.Option("--decompose", help="tucker | cp | svd.")] = None,
+    rank: Annotated[str, typer.Option("--rank", help="Rank rule: vbmf | energy | ratio.")] = "vbmf",
+    vbmf_offset: Annotated[float, typer.Option(help="VBMF calibration offset in [-1, 1] (+: more rank).")] = 0.0,
+    energy: Annotated[float, typer.Option(help="Energy kept, for --rank energy.")] = 0.9,
+    rank_ratio: Annotated[float, typer.Option(help="Share of full rank kept, for --rank ratio.")] = 0.5,
+    ranks: Annotated[
+        Path | None, typer.Option("--ranks", help="JSON/YAML: layer -> rank ([out, in] for tucker); 0 skips.")
+    ] = None,
+    target_macs: Annotated[float | None, typer.Option("--target-macs", help="Keep this share of MACs.")] = None,
+    target_params: Annotated[float | None, typer.Option("--target-params", help="Keep this share of params.")] = None,
+    target_latency_ms: Annotated[
+        float | None, typer.Option("--target-latency-ms", help="Latency budget on --device (needs the benchmarker).")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Device for --target-latency-ms.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Relative tolerance of a target.")] = 0.03,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prune a model structurally and save it as a Presso model directory."""
+    """Prune and/or decompose a model (or meet a MACs/params target) and save it as a Presso model directory.
+
+    With both --prune-ratio and --decompose, pruning runs first, then decomposition of what remains. The per-layer
+    values used are written next to the model (per_layer.yaml, ranks.yaml) to edit and feed back.
+    """
 
     def body():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         import presso
-        from presso.compress import PruneConfig, load_layer_file
+        from presso.compress import DecomposeConfig, PruneConfig, Target, load_layer_file
         from presso.errors import ConfigError
 
         per = load_layer_file(per_layer, "per-layer ratio") if per_layer else {}
         idx = load_layer_file(indices, "indices") if indices else {}
-        ratio = prune_ratio if prune_ratio is not None else (None if (per or idx) else 0.5)
-        cfg = PruneConfig(
-            ratio=None if criterion == "index" and prune_ratio is None else ratio,
-            criterion=criterion,
-            per_layer=per,
-            indices=idx,
-            ignore=list(ignore or []),
-            round_to=round_to or None,
-            attention=attention,
-        )
+        rank_map = load_layer_file(ranks, "ranks") if ranks else {}
+        wants_target = any(v is not None for v in (target_macs, target_params, target_latency_ms))
+        target = None
+        if wants_target:
+            target = Target(macs=target_macs, params=target_params, latency_ms=target_latency_ms, device=device,
+                            tolerance=tolerance)  # fmt: skip
+        wants_prune = prune_ratio is not None or per or idx or recommend or not decompose
+        configs: list = []
+        if wants_prune:
+            default_ratio = None if (per or idx) else 0.5
+            ratio = prune_ratio if prune_ratio is not None else default_ratio
+            configs.append(
+                PruneConfig(
+                    ratio=None if criterion == "index" and prune_ratio is None else ratio,
+                    criterion=criterion,
+                    per_layer=per,
+                    indices=idx,
+                    ignore=list(ignore or []),
+                    round_to=round_to or None,
+                    attention=attention,
+                )
+            )
+        if decompose:
+            configs.append(
+                DecomposeConfig(
+                    method=decompose,
+                    rank=rank,
+                    vbmf_offset=vbmf_offset,
+                    energy=energy,
+                    rank_ratio=rank_ratio,
+                    per_layer=rank_map,
+                    ignore=list(ignore or []),
+                )  # fmt: skip
+            )
+        elif rank_map:
+            raise ConfigError("--ranks is for decomposition: add --decompose tucker|cp|svd.")
         with err.status(f"Loading {source} ..."):
             model = presso.load_model(source, trust=trust, **_model_kwargs(model_arg))
         spec = _input_spec(source, model, input_shape)
         data = None
-        if criterion == "taylor":
-            if not calib:
-                raise ConfigError("criterion 'taylor' needs data: pass --calib DIR (or --calib random).")
+        if criterion == "taylor" and not calib:
+            raise ConfigError("criterion 'taylor' needs data: pass --calib DATA (or --calib random).")
+        if calib:
             from presso.data import Preprocess, calibration_batches
             from presso.models import get_card
 
             recorded = getattr(get_card(model), "preprocess", None)
             pp = Preprocess.from_json(recorded) if recorded else None
             data = calibration_batches(calib, spec, preprocess=pp)
+        label = "searching" if target else "compressing"
         with Progress(
-            TextColumn("[bold]pruning[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+            TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
         ) as bar:
-            task = bar.add_task("prune", total=None)
+            task = bar.add_task(label, total=None)
             result = presso.compress(
-                model, spec, cfg, data=data, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
+                model, spec, configs, data=data, target=target, recommend=recommend or target is not None,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+        files = _per_layer_files(result)
         with err.status(f"Saving {output} ..."):
-            presso.save_model_dir(result.model, output, input_spec=spec)
-        _emit(result.summary(str(output)), as_json, _render_compress)
+            presso.save_model_dir(result.model, output, input_spec=spec, extra_files=files)
+        summary = result.summary(str(output))
+        summary["files"] = sorted(files)
+        _emit(summary, as_json, _render_compress)
 
     _run(body)
+
+
+def _per_layer_files(result) -> dict[str, str]:
+    """The per-layer values a run used, as YAML the user can edit and pass back (--per-layer, --ranks)."""
+    import yaml
+
+    files = {}
+    ratios = {n: v["ratio"] for n, v in result.per_layer.items() if v.get("ratio")}
+    if ratios:
+        files["per_layer.yaml"] = "# pruning ratio per layer (feed back with --per-layer)\n" + yaml.safe_dump(ratios)
+    ranks = {n: v["ranks"] if len(v["ranks"]) > 1 else v["ranks"][0] for n, v in result.per_layer.items()
+             if "ranks" in v}  # fmt: skip
+    if ranks:
+        files["ranks.yaml"] = "# decomposition rank per layer (feed back with --ranks)\n" + yaml.safe_dump(ranks)
+    return files
 
 
 def _image_size(text: str | None):
@@ -483,6 +552,12 @@ def _render_compress(s: dict[str, Any]) -> None:
         for item in s["skipped_layers"]:
             st.add_row(item["name"], item["reason"])
         out.print(st)
+    if s.get("target"):
+        tg = s["target"]
+        key = "macs" if "macs" in tg else "params"
+        out.print(f"target: keep {tg[key]:.1%} of {key} -> kept {tg['achieved']:.1%}")
+        for search in tg["search"]:
+            out.print(f"  {search['method']}: {search['knob']} = {search['best_knob']} ({search['why']})")
     out.print(f"saved to [bold]{s['output_dir']}[/bold] in {s['seconds']:.1f}s")
 
 

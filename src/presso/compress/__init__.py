@@ -1,7 +1,9 @@
-"""Compressor: structured pruning (and, as they land, decomposition) of any PyTorch model.
+"""Compressor: structured pruning and low-rank decomposition of any PyTorch model.
 
 ``compress(model, example_inputs, config)`` looks the implementation up by the config's type, runs it on a copy of
-the model, and returns the smaller model with its figures and the recipe step that reproduces it.
+the model, and returns the smaller model with its figures and the recipe step that reproduces it. A list of configs
+runs in the order given, one recipe step each; ``[PruneConfig(...), DecomposeConfig(...)]`` (prune, then decompose
+what remains) is the order the CLI uses.
 """
 
 from __future__ import annotations
@@ -15,13 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from presso.compress.budget import Target
+from presso.compress.decompose import DecomposeConfig, decompose_model
 from presso.compress.prune import PruneConfig, load_layer_file, prune_model
 from presso.errors import ConfigError
 from presso.models.card import copy_card, ensure_card
 from presso.models.figures import model_figures, set_mode
 from presso.models.spec import InputSpec
 
-__all__ = ["CompressResult", "PruneConfig", "compress", "layer_channels", "load_layer_file"]
+__all__ = [
+    "CompressResult",
+    "DecomposeConfig",
+    "PruneConfig",
+    "Target",
+    "compress",
+    "layer_channels",
+    "load_layer_file",
+]
 
 
 @dataclass
@@ -30,7 +42,7 @@ class CompressResult:
 
     model: nn.Module
     method: str
-    config: dict[str, Any]
+    config: dict[str, Any] | list[dict[str, Any]]
     before: dict[str, int]
     after: dict[str, int]
     per_layer: dict[str, dict[str, int]]
@@ -76,34 +88,55 @@ def _prune(model, inputs, config: PruneConfig, data, progress):
     return step, outcome.skipped, extra
 
 
+def _decompose(model, inputs, config: DecomposeConfig, data, progress):
+    outcome = decompose_model(model, inputs, config, progress=progress)
+    step = {"type": "decompose", "config": config.to_json(), "layers": outcome.layers}
+    return step, outcome.skipped, {"decomposed": outcome.layers}
+
+
 # config type -> implementation (a new method is one new file plus one line here)
-_METHODS: dict[type, Callable] = {PruneConfig: _prune}
+_METHODS: dict[type, Callable] = {PruneConfig: _prune, DecomposeConfig: _decompose}
+Config = PruneConfig | DecomposeConfig
 
 
 def compress(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple | InputSpec | str,
-    config: PruneConfig,
+    config: Config | list[Config],
     *,
     data=None,
     inplace: bool = False,
+    target: Target | None = None,
+    recommend: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> CompressResult:
     """Compress `model` as `config` says.
 
     example_inputs: a tensor, a tuple of tensors, or an input spec such as ``"1,3,224,224"``.
-    data: batches for data-driven criteria (``taylor``): an iterable of inputs or ``(inputs, labels)``.
+    config: a PruneConfig, a DecomposeConfig, or a list of them (applied in order).
+    data: calibration batches: for ``taylor``, and for sensitivity-guided choices under a target.
+    target: keep this share of MACs or parameters; the methods in `config` are searched for it (the given ratio or
+        ranks are then starting points, per-layer values set by the user are kept). ``recommend`` chooses pruning
+        ratios per layer by LAMP scores (else one uniform ratio).
     inplace: modify `model` itself instead of a copy.
     """
-    impl = _METHODS.get(type(config))
-    if impl is None:
-        raise ConfigError(f"No compression method for {type(config).__name__}; use one of {list(_METHODS)}.")
-    if isinstance(example_inputs, (str, InputSpec)):
-        spec = InputSpec.parse(example_inputs)
-        inputs = spec.example_inputs()
-    else:
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        spec = InputSpec.from_tensors(inputs)
+    if target is not None:
+        from presso.compress.budget import compress_to_target
+
+        configs = list(config) if isinstance(config, (list, tuple)) else [config]
+        prune = next((c for c in configs if isinstance(c, PruneConfig)), None)
+        decomp = next((c for c in configs if isinstance(c, DecomposeConfig)), None)
+        ins = _as_inputs(example_inputs)
+        return compress_to_target(model, ins, target, prune=prune, decompose=decomp, recommend=recommend, data=data,
+                                  progress=progress)  # fmt: skip
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    if not configs:
+        raise ConfigError("No compression config given.")
+    for c in configs:
+        if type(c) not in _METHODS:
+            raise ConfigError(f"No compression method for {type(c).__name__}; use one of {list(_METHODS)}.")
+    inputs = _as_inputs(example_inputs)
+    spec = InputSpec.from_tensors(inputs)
     t0 = time.perf_counter()
     ensure_card(model)  # the original gets a card too, so the copy inherits its lineage
     work = model if inplace else copy.deepcopy(model)
@@ -112,19 +145,34 @@ def compress(
     set_mode(work, False)
     before = model_figures(work, inputs)
     channels_before = layer_channels(work)
-    step, skipped, extra = impl(work, inputs, config, data, progress)
+    card = ensure_card(work)
+    steps, skipped, extra = [], [], {}
+    for c in configs:
+        step, step_skipped, step_extra = _METHODS[type(c)](work, inputs, c, data, progress)
+        card.recipe.append(step)
+        steps.append(step["type"])
+        skipped += step_skipped
+        extra.update(step_extra)
     after = model_figures(work, inputs)
     channels_after = layer_channels(work)
-    per_layer = {
-        n: {"before": c, "after": channels_after.get(n, c)} for n, c in channels_before.items() if n in channels_after
-    }
-    card = ensure_card(work)
-    card.recipe.append(step)
+    per_layer: dict[str, dict[str, Any]] = {}
+    for n, c in channels_before.items():
+        if n in extra.get("decomposed", {}):
+            per_layer[n] = {"before": c, "after": c, "ranks": extra["decomposed"][n]["ranks"]}
+        elif n in channels_after:
+            per_layer[n] = {"before": c, "after": channels_after[n], "ratio": round(1 - channels_after[n] / c, 4)}
     card.input_spec = card.input_spec or str(spec)
     card.figures.update({"params": after["params"], "macs": after["macs"], "size_bytes": after["size_bytes"]})
-    card.history.append({"verb": "compress", "config": config.to_json(), "before": before, "after": after})
+    config_json = [c.to_json() for c in configs] if len(configs) > 1 else configs[0].to_json()
+    card.history.append({"verb": "compress", "config": config_json, "before": before, "after": after})
     seconds = time.perf_counter() - t0
-    return CompressResult(work, step["type"], config.to_json(), before, after, per_layer, skipped, seconds, extra)
+    return CompressResult(work, "+".join(steps), config_json, before, after, per_layer, skipped, seconds, extra)
+
+
+def _as_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, (str, InputSpec)):
+        return InputSpec.parse(example_inputs).example_inputs()
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
 from presso._verbs import callable_package  # noqa: E402

@@ -36,6 +36,7 @@ def replay(model: nn.Module, step: dict[str, Any]) -> None:
 
 
 def _load_builtin_replayers() -> None:
+    import presso.compress.decompose  # noqa: F401  (registers "decompose")
     import presso.compress.prune  # noqa: F401  (registers "prune")
 
 

@@ -1,0 +1,264 @@
+"""Low-rank decomposition, VBMF ranks, recommendation and compression to a budget."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import presso
+from presso.compress import DecomposeConfig, PruneConfig, Target
+from presso.compress.decompose import factorize
+from presso.compress.recommend import lamp_scores
+from presso.compress.vbmf import apply_offset, energy_rank, evbmf_rank
+from presso.errors import BudgetError, ConfigError
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- exactness at full rank
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(12, 20, 3, padding=1),
+        nn.Conv2d(12, 20, 3, stride=2, padding=2, dilation=2, bias=False),
+        nn.Conv2d(8, 6, (3, 5), stride=(1, 2), padding=(1, 2)),
+    ],
+    ids=["3x3", "strided-dilated", "3x5"],
+)
+def test_tucker_at_full_rank_reproduces_the_layer(conv):
+    x = torch.randn(2, conv.in_channels, 11, 13)
+    seq = factorize(conv, "tucker", (conv.out_channels, conv.in_channels))
+    assert [type(m) for m in seq] == [nn.Conv2d] * 3
+    with torch.no_grad():
+        assert _rel(seq(x), conv(x)) < 1e-4
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(24, 16), nn.Conv2d(16, 24, 1, stride=2)], ids=["linear", "conv1x1"])
+def test_svd_at_full_rank_reproduces_the_layer(layer):
+    x = torch.randn(3, 24) if isinstance(layer, nn.Linear) else torch.randn(2, 16, 9, 9)
+    seq = factorize(layer, "svd", (16,))
+    with torch.no_grad():
+        assert _rel(seq(x), layer(x)) < 1e-4
+
+
+def test_cp_recovers_a_weight_of_exact_cp_rank():
+    torch.manual_seed(0)
+    a, b, c, d = torch.randn(20, 5), torch.randn(12, 5), torch.randn(3, 5), torch.randn(3, 5)
+    conv = nn.Conv2d(12, 20, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("or,ir,hr,wr->oihw", a, b, c, d))
+    seq = factorize(conv, "cp", (5,))
+    assert [m.groups for m in seq] == [1, 5, 5, 1]  # 1x1, depthwise kx1, depthwise 1xk, 1x1
+    x = torch.randn(2, 12, 10, 10)
+    with torch.no_grad():
+        assert _rel(seq(x), conv(x)) < 1e-3
+
+
+# --------------------------------------------------------------------------- ranks
+@pytest.mark.parametrize("rows,cols,rank,noise", [(64, 128, 10, 0.1), (128, 64, 5, 0.5), (48, 432, 8, 0.05)])
+def test_vbmf_recovers_the_rank_of_low_rank_plus_noise(rows, cols, rank, noise):
+    rng = np.random.default_rng(rank)
+    signal = rng.normal(size=(rows, rank)) @ rng.normal(size=(rank, cols))
+    assert evbmf_rank(signal + noise * rng.normal(size=(rows, cols))) == rank
+
+
+def test_vbmf_keeps_nothing_of_pure_noise():
+    assert evbmf_rank(np.random.default_rng(0).normal(size=(64, 200))) == 0
+
+
+def test_energy_rank_and_offset():
+    s = np.array([10.0, 5.0, 1.0, 0.5])
+    # squared: 100, 25, 1, 0.25 -> cumulative shares 0.792, 0.990, 0.998, 1
+    assert [energy_rank(s, e) for e in (0.75, 0.8, 0.995, 1.0)] == [1, 2, 3, 4]
+    assert apply_offset(10, 100, 0.0) == 10 and apply_offset(10, 100, 1.0) == 100 and apply_offset(10, 100, -1.0) == 1
+    assert apply_offset(10, 100, 0.5) == 55 and apply_offset(10, 100, -0.5) == 5
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(method="qr"), dict(rank="magic"), dict(vbmf_offset=1.5), dict(energy=0.0), dict(per_layer={"a": -1})],
+)
+def test_bad_decomposition_settings_are_named(bad):
+    with pytest.raises(ConfigError):
+        DecomposeConfig(**bad)
+
+
+# --------------------------------------------------------------------------- on models
+def _skips(result):
+    return {s["name"]: s["reason"] for s in result.skipped}
+
+
+def test_tucker_skips_what_it_cannot_or_should_not_decompose():
+    model = presso.load_model("torchvision:mobilenet_v2")
+    r = presso.compress(model, "1,3,64,64", DecomposeConfig("tucker", rank="ratio", rank_ratio=0.5))
+    skips = _skips(r)
+    assert "depthwise" in skips["features.1.conv.0.0"]
+    assert "use svd" in skips["features.1.conv.1"]
+    assert r.extra["decomposed"]["features.0.0"]["ranks"] == [14, 2]  # half of min(32, 3*3*3) and of 3
+    full = presso.compress(model, "1,3,64,64", DecomposeConfig("tucker", per_layer={"features.0.0": [32, 3]}))
+    assert "would keep" in _skips(full)["features.0.0"]
+
+
+def test_per_layer_ranks_naming_an_unknown_or_ineligible_layer():
+    model = presso.load_model("torchvision:resnet18")
+    with pytest.raises(ConfigError, match="unknown layers"):
+        presso.compress(model, "1,3,32,32", DecomposeConfig("tucker", per_layer={"layer9.conv": [4, 4]}))
+    with pytest.raises(ConfigError, match="cannot decompose"):
+        presso.compress(model, "1,3,32,32", DecomposeConfig("tucker", per_layer={"fc": [4, 4]}))
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp", "svd"])
+def test_decomposed_model_reloads_exactly_and_exports_to_onnx(method, tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = presso.load_model("presso:resnet8", num_classes=10)
+    cfg = DecomposeConfig(method, rank="ratio", rank_ratio=0.25, cp_iterations=10)
+    r = presso.compress(model, "1,3,32,32", cfg)
+    assert r.extra["decomposed"] and r.after["macs"] < r.before["macs"]
+    presso.save_model_dir(r.model, tmp_path / "m", input_spec="1,3,32,32")
+    reloaded = presso.load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = r.model(x)
+        assert torch.equal(reloaded(x), expected)
+    torch.onnx.export(reloaded, (x,), str(tmp_path / "m.onnx"), dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert np.allclose(y, expected.numpy(), atol=1e-4)
+
+
+def test_prune_then_decompose_is_one_recipe_and_decomposed_layers_stay_prunable(tmp_path):
+    model = presso.load_model("torchvision:resnet18", num_classes=10)
+    both = presso.compress(model, "1,3,32,32", [PruneConfig(ratio=0.25), DecomposeConfig("tucker", rank="ratio")])
+    card = both.model.presso_card
+    assert [s["type"] for s in card.recipe] == ["prune", "decompose"] and both.method == "prune+decompose"
+    again = presso.compress(both.model, "1,3,32,32", PruneConfig(ratio=0.5))
+    assert again.after["macs"] < both.after["macs"]
+    presso.save_model_dir(again.model, tmp_path / "m", input_spec="1,3,32,32")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(presso.load_model(tmp_path / "m")(x), again.model(x))
+
+
+# --------------------------------------------------------------------------- recommendation
+def test_lamp_ratios_differ_per_layer_and_never_empty_a_layer():
+    model = presso.load_model("torchvision:resnet18")
+    with torch.no_grad():  # make layer2 much weaker than the rest: LAMP should prune it harder
+        for p in model.layer2.parameters():
+            p.mul_(0.01)
+    scores = lamp_scores(model, presso.InputSpec.parse("1,3,32,32").example_inputs())
+    ratios = scores.ratios(0.4)
+    assert max(ratios.values()) <= 0.9 and len(set(ratios.values())) > 3
+    assert all(s.max() == pytest.approx(1.0) for s in scores.scores.values())  # the strongest channel scores 1
+    total = sum(len(s) for s in scores.scores.values())
+    removed = sum(ratios[n] * len(s) for n, s in scores.scores.items())
+    assert abs(removed / total - 0.4) < 0.05
+    assert scores.ratios(0.2)["layer1.0.conv1"] <= ratios["layer1.0.conv1"]
+
+
+def test_sensitivity_makes_sensitive_layers_keep_more():
+    from presso.testing.models import tiny_cnn
+
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    inputs = presso.InputSpec.parse("1,3,16,16").example_inputs()
+    data = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    plain, guided = lamp_scores(model, inputs), lamp_scores(model, inputs, data=data)
+    sens = guided.sensitivity
+    assert sens is not None and len(set(round(v, 6) for v in sens.values())) > 1
+    most, least = max(sens, key=sens.get), min(sens, key=sens.get)
+    ratio_shift = {n: guided.ratios(0.3)[n] - plain.ratios(0.3)[n] for n in (most, least)}
+    assert ratio_shift[most] <= ratio_shift[least]
+
+
+# --------------------------------------------------------------------------- budgets
+BUDGET_ZOO = [
+    ("torchvision:resnet18", "1,3,64,64", {}),
+    ("torchvision:mobilenet_v2", "1,3,64,64", {}),
+    ("torchvision:regnet_x_400mf", "1,3,64,64", {}),
+    ("torchvision:efficientnet_b0", "1,3,64,64", {}),
+    ("timm:convnext_atto", "1,3,64,64", {}),
+    ("timm:vit_tiny_patch16_224", "1,3,64,64", {"img_size": 64}),
+]
+
+
+@pytest.mark.parametrize("source,shape,kwargs", BUDGET_ZOO, ids=[s for s, _, _ in BUDGET_ZOO])
+def test_target_macs_half_lands_within_3_percent(source, shape, kwargs):
+    model = presso.load_model(source, **kwargs)
+    r = presso.compress(model, shape, PruneConfig(), target=Target(macs=0.5))
+    kept = r.after["macs"] / r.before["macs"]
+    assert abs(kept / 0.5 - 1) <= 0.03, kept
+    assert r.extra["target"]["within_tolerance"] and r.extra["target"]["search"][0]["why"] == "LAMP weight scores"
+
+
+@pytest.mark.parametrize(
+    "configs", [[DecomposeConfig("tucker", rank="ratio")], [PruneConfig(), DecomposeConfig("svd")]]
+)
+def test_target_with_decomposition_and_with_both(configs):
+    model = presso.load_model("torchvision:resnet18") if isinstance(configs[0], DecomposeConfig) else \
+        presso.load_model("timm:vit_tiny_patch16_224", img_size=32, patch_size=8)  # fmt: skip
+    shape = "1,3,64,64" if isinstance(configs[0], DecomposeConfig) else "1,3,32,32"
+    r = presso.compress(model, shape, configs, target=Target(macs=0.5))
+    assert abs(r.after["macs"] / r.before["macs"] / 0.5 - 1) <= 0.03
+    assert r.method == "+".join("prune" if isinstance(c, PruneConfig) else "decompose" for c in configs)
+
+
+def test_params_target():
+    model = presso.load_model("torchvision:resnet18")
+    r = presso.compress(model, "1,3,32,32", PruneConfig(), target=Target(params=0.4))
+    assert abs(r.after["params"] / r.before["params"] / 0.4 - 1) <= 0.03
+
+
+def test_impossible_budget_is_a_clear_error():
+    from presso.testing.models import tiny_cnn
+
+    with pytest.raises(BudgetError, match="Could not bring"):
+        presso.compress(tiny_cnn(), "1,3,16,16", PruneConfig(), target=Target(macs=0.02))
+    with pytest.raises(BudgetError, match=r"in \(0, 1\)"):
+        Target(macs=1.5)
+    with pytest.raises(ConfigError, match="benchmarker"):
+        Target(latency_ms=5.0)
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_decompose_writes_ranks_that_feed_back(tmp_path):
+    from typer.testing import CliRunner
+
+    from presso.cli import app
+
+    runner = CliRunner()
+    args = ["compress", "torchvision:resnet18", "-s", "1,3,32,32", "--decompose", "tucker", "--rank", "ratio"]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "a"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["method"] == "decompose" and data["files"] == ["ranks.yaml"]
+    ranks = {n: v["ranks"] for n, v in data["per_layer"].items() if "ranks" in v}
+    assert ranks["layer1.0.conv1"] == [32, 32]
+    res = runner.invoke(
+        app, [*args, "--ranks", str(tmp_path / "a" / "ranks.yaml"), "-o", str(tmp_path / "b"), "--json"]
+    )
+    again = json.loads(res.stdout)
+    assert {n: v["ranks"] for n, v in again["per_layer"].items() if "ranks" in v} == ranks
+
+
+def test_cli_target_macs_reports_the_choice(tmp_path):
+    from typer.testing import CliRunner
+
+    from presso.cli import app
+
+    res = CliRunner().invoke(
+        app, ["compress", "torchvision:resnet18", "-s", "1,3,32,32", "--target-macs", "0.5", "-o", str(tmp_path / "t"),
+              "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["target"]["macs"] == 0.5 and abs(data["macs_ratio"] / 0.5 - 1) <= 0.03
+    assert data["files"] == ["per_layer.yaml"] and (tmp_path / "t" / "per_layer.yaml").is_file()
+    res = CliRunner().invoke(app, ["compress", "torchvision:resnet18", "-s", "1,3,32,32", "--target-latency-ms",
+                                   "3", "-o", str(tmp_path / "u")])  # fmt: skip
+    assert res.exit_code == 2 and "benchmarker" in res.output
