@@ -44,19 +44,25 @@ def prune_to(model, spec, target: float, tol: float = 0.02):
     return best
 
 
-def run_dataset(name: str, data: str, model_kwargs: dict, epochs: int, ft_epochs: int, subset: int | None, log):
+def run_dataset(name, data, model_kwargs, epochs, ft_epochs, subset, log, keep: Path | None = None):
     bundle = load_data(data)
     if subset:
         bundle.train = bundle.train.subset(np.arange(min(subset, len(bundle.train))))
     print(f"\n== {name}: {bundle.describe()}", flush=True)
     torch.manual_seed(0)
-    model = presso.load_model("presso:small_resnet", num_classes=bundle.num_classes, **model_kwargs)
+    saved = keep / name if keep else None
     t0 = time.perf_counter()
-    base = presso.train(model, bundle, TrainConfig(epochs=epochs, batch_size=128), progress=_epoch_printer("train"))
+    if saved is not None and (saved / "presso.json").is_file():  # reuse a model trained by an earlier run
+        original = presso.load_model(saved)
+        print(f"reusing {saved}")
+    else:
+        model = presso.load_model("presso:small_resnet", num_classes=bundle.num_classes, **model_kwargs)
+        base = presso.train(model, bundle, TrainConfig(epochs=epochs, batch_size=128), output_dir=saved,
+                            progress=_epoch_printer("train"))  # fmt: skip
+        original = base.model
     train_s = time.perf_counter() - t0
-    original = base.model
-    acc0 = base.best["val_top1"]
-    spec = presso.InputSpec.parse(",".join(map(str, base.preprocess.input_shape)))
+    acc0 = presso.train.evaluate(original, bundle)["val_top1"]
+    spec = presso.InputSpec.parse(original.presso_card.input_spec)
     pruned, kept, ratio = prune_to(original, spec, 0.5)
     acc_pruned = presso.train.evaluate(pruned.model, bundle)["val_top1"]
     row = {
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="append one JSON row per dataset")
+    ap.add_argument("--keep", type=Path, default=None, help="save trained originals here; reuse them when present")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
         epochs, ft = (2, 1) if args.quick else (args.epochs, args.ft_epochs)
         subset = 3000 if args.quick else None
         try:
-            rows.append(run_dataset(name, data, kwargs, epochs, ft, subset, log))
+            rows.append(run_dataset(name, data, kwargs, epochs, ft, subset, log, keep=args.keep))
         except presso.PressoError as e:  # e.g. Fashion-MNIST not installed: record and go on
             print(f"{name}: {e}", file=sys.stderr)
             log({"dataset": name, "error": str(e)})

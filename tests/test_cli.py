@@ -43,7 +43,7 @@ def test_compress_json_has_the_documented_keys(tmp_path):
     assert {"name": "fc", "reason": "produces the model's output; pruning it would change the output shape"} in data[
         "skipped_layers"
     ]
-    assert data["per_layer"]["layer1.0.conv1"] == {"before": 64, "after": 32}
+    assert data["per_layer"]["layer1.0.conv1"] == {"before": 64, "after": 32, "ratio": 0.5}
     assert (out / "presso.json").is_file() and (out / "weights.safetensors").is_file()
     info = _json(runner.invoke(app, ["info", str(out), "--json"]))  # input shape comes from the card
     assert info["macs"] == data["macs_after"] and info["params"] == data["params_after"]

@@ -62,7 +62,7 @@ def test_index_criterion_removes_exactly_the_given_channels():
     keep = [i for i in range(32) if i not in drop]
     assert torch.equal(r.model.stem[0].weight, before[keep])
     assert r.model.stem[1].num_features == 28
-    assert r.per_layer["stem.0"] == {"before": 32, "after": 28}
+    assert r.per_layer["stem.0"] == {"before": 32, "after": 28, "ratio": 0.125}
     # layers not named in the file keep their channels
     assert r.model.branch_a.out_channels == 32
 

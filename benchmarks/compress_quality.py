@@ -1,0 +1,169 @@
+"""Compression quality at equal MACs, and whether fewer MACs means faster.
+
+Part A (accuracy, Fashion-MNIST): a small ResNet is trained (or loaded with --original), then compressed to 50% and
+25% of its MACs by (a) uniform L2 pruning, (b) recommended per-layer ratios (LAMP x sensitivity on calibration
+data), (c) Tucker-2 decomposition (VBMF ranks, offset searched), (d) both; accuracy right after compression and after
+the same short fine-tune (KD from the original, with labels) is printed side by side.
+
+Part B (speed, ONNX Runtime on this CPU): MobileNetV2, EfficientNet-B0, RegNetX-400MF and ResNet-18 at 224x224,
+compressed to ~1/4 of their MACs by uniform pruning and by the recommended ratios; each model is exported to ONNX and
+timed (median of --repeat runs after warmup) next to its original, and speedup / MACs-reduction is printed.
+
+    python benchmarks/compress_quality.py                       # both parts
+    python benchmarks/compress_quality.py --part speed --repeat 30
+    python benchmarks/compress_quality.py --part accuracy --original out/fm --save-original out/fm
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import presso
+from presso.compress import DecomposeConfig, PruneConfig, Target
+from presso.data import calibration_batches, load_data
+from presso.train import TrainConfig
+
+METHODS = {
+    "uniform": lambda: dict(config=PruneConfig(criterion="l2"), recommend=False),
+    "recommended": lambda: dict(config=PruneConfig(criterion="l2"), recommend=True, calib=True),
+    "decompose": lambda: dict(config=DecomposeConfig("tucker", rank="vbmf")),
+    "both": lambda: dict(config=[PruneConfig(criterion="l2"), DecomposeConfig("tucker", rank="vbmf")], calib=True),
+}
+
+
+def part_accuracy(args, log) -> list[dict]:
+    data = load_data("fashion-mnist")
+    if args.original and Path(args.original).is_dir():
+        original = presso.load_model(args.original)
+    else:
+        torch.manual_seed(0)
+        model = presso.load_model("presso:small_resnet", num_classes=10, in_chans=1, widths=[16, 32, 64])
+        original = presso.train(model, data, TrainConfig(epochs=args.epochs), progress=_epochs("train")).model
+        if args.save_original:
+            presso.save_model_dir(original, args.save_original)
+    top1 = presso.evaluate(original, data)["val_top1"]
+    spec = presso.InputSpec.parse("1,1,28,28")
+    pp = presso.data.Preprocess.from_json(original.presso_card.preprocess)
+    calib = calibration_batches("fashion-mnist", spec, batches=4, batch_size=32, preprocess=pp)
+    rows = []
+    print(f"original top-1 {top1:.4f}")
+    for share in (0.5, 0.25):
+        for name, make in METHODS.items():
+            m = make()
+            t0 = time.perf_counter()
+            try:
+                kwargs = dict(recommend=m.get("recommend", True), data=calib if m.get("calib") else None)
+                r = presso.compress(original, spec, m["config"], target=Target(macs=share), **kwargs)
+            except presso.PressoError as e:
+                row = {"part": "accuracy", "target": share, "method": name, "error": str(e)}
+                print(row)
+                log(row)
+                continue
+            seconds = time.perf_counter() - t0
+            after = presso.evaluate(r.model, data)["val_top1"]
+            student = copy.deepcopy(r.model)
+            ft = TrainConfig(epochs=args.ft_epochs, lr=1e-3, warmup=0.0)
+            presso.train(student, data, ft, teacher=original)
+            tuned = presso.evaluate(student, data)["val_top1"]
+            row = {"part": "accuracy", "target": share, "method": name, "macs_kept": round(r.after["macs"] /
+                   r.before["macs"], 4), "top1_original": top1, "top1_compressed": after, "top1_finetuned": tuned,
+                   "compress_seconds": round(seconds, 1), "ft_epochs": args.ft_epochs}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            log(row)
+            rows.append(row)
+    return rows
+
+
+def part_speed(args, log) -> list[dict]:
+    import onnxruntime as ort
+
+    rows = []
+    for source in ("torchvision:mobilenet_v2", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf",
+                   "torchvision:resnet18"):  # fmt: skip
+        model = presso.load_model(source)
+        shape = "1,3,224,224"
+        x = presso.InputSpec.parse(shape).example_inputs()
+        variants = {"original": (model, 1.0)}
+        for name, recommend in (("uniform", False), ("recommended", True)):
+            try:
+                r = presso.compress(model, shape, PruneConfig(), target=Target(macs=0.25), recommend=recommend)
+                variants[name] = (r.model, r.after["macs"] / r.before["macs"])
+            except presso.PressoError as e:
+                print(f"{source} {name}: {e}")
+        with tempfile.TemporaryDirectory() as tmp:
+            times = {}
+            for name, (m, _) in variants.items():
+                path = Path(tmp) / f"{name}.onnx"
+                torch.onnx.export(m, x, str(path), dynamo=True, verbose=False)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = args.threads or 0
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                feed = {sess.get_inputs()[0].name: x[0].numpy()}
+                for _ in range(args.warmup):
+                    sess.run(None, feed)
+                samples = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    sess.run(None, feed)
+                    samples.append(time.perf_counter() - t0)
+                times[name] = statistics.median(samples) * 1000
+        for name, (_, kept) in variants.items():
+            if name == "original":
+                continue
+            speedup = times["original"] / times[name]
+            row = {"part": "speed", "model": source, "method": name, "macs_kept": round(kept, 4),
+                   "ms_original": round(times["original"], 2), "ms": round(times[name], 2),
+                   "speedup": round(speedup, 3), "speedup_over_macs_reduction": round(speedup * kept, 3)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            log(row)
+            rows.append(row)
+    return rows
+
+
+def _epochs(tag):
+    def show(e):
+        if e["phase"] == "epoch":
+            print(f"  [{tag}] epoch {e['epoch']} val_top1 {e.get('val_top1')}", flush=True)
+
+    return show
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["accuracy", "speed", "all"], default="all")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--original", help="a trained Fashion-MNIST model directory to reuse")
+    ap.add_argument("--save-original", help="where to keep the model trained here")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    machine = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(json.dumps(machine))
+
+    def log(row):
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as fh:
+                fh.write(json.dumps({**row, **machine, "date": time.strftime("%Y-%m-%d")}) + "\n")
+
+    if args.part in ("accuracy", "all"):
+        part_accuracy(args, log)
+    if args.part in ("speed", "all"):
+        part_speed(args, log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
