@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     rows = []
     sets = [
         ("fashion-mnist", "fashion-mnist", {"in_chans": 1, "widths": [16, 32, 64], "blocks": [1, 1, 1]}),
-        ("shapes", "shapes:n=6000,size=32,classes=6", {"widths": [16, 32, 64], "blocks": [1, 1, 1]}),
+        ("shapes", "shapes:n=4000,size=24,classes=8,noise=0.12", {"widths": [16, 32, 64], "blocks": [1, 1, 1]}),
     ]
     for name, data, kwargs in sets:
         if args.only and args.only != name:

@@ -241,3 +241,20 @@ def test_calibration_batches_from_any_data_spec():
     batches = calibration_batches("shapes:n=40,size=16", InputSpec.parse("1,1,24,24"), batches=2, batch_size=4)
     assert [tuple(b.shape) for b in batches] == [(4, 1, 24, 24)] * 2
     assert abs(float(torch.cat(batches).mean())) < 1.0
+
+
+def test_an_image_that_fails_to_decode_later_is_dropped_from_its_batch_by_name(tmp_path):
+    from presso.data.images import collate
+
+    _image_folder(tmp_path, per_class=3, size=(16, 16))
+    victim = tmp_path / "cat" / "0.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(victim)
+    victim.write_bytes(victim.read_bytes()[:200])  # the header still reads; the pixels do not
+    b = load_data(tmp_path, val_fraction=0.5)
+    files = b.train.files + b.val.files
+    assert victim in files  # it passed the scan
+    ds = (b.train if victim in b.train.files else b.val).at((16, 16), 3)
+    with pytest.warns(UserWarning, match="0.png"):
+        items = [ds[i] for i in range(len(ds))]
+    x, y = collate(items)
+    assert len(x) == len(items) - 1 == len(y)

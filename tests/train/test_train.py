@@ -215,6 +215,6 @@ def test_training_from_an_image_folder_decodes_files(tmp_path):
             d.mkdir(exist_ok=True)
             Image.new("RGB", (10, 10), (colour[0] - 5 * i, colour[1] + 5 * i, colour[2])).save(d / f"{i}.png")
     model = presso.load_model("presso:resnet8", num_classes=2, widths=[8, 8, 8])
-    result = presso.train(model, tmp_path, TrainConfig(epochs=6, batch_size=8, workers=0, val_fraction=0.25))
+    result = presso.train(model, tmp_path, TrainConfig(epochs=6, batch_size=8, workers=2, val_fraction=0.25))
     assert result.preprocess.size == (10, 10)
     assert result.best["val_top1"] >= 0.8  # colour separates the classes

@@ -8,6 +8,7 @@ identical in training, evaluation, export and prediction.
 
 from __future__ import annotations
 
+import abc
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,23 +88,25 @@ def augment(batch: torch.Tensor, gen: torch.Generator, *, flip: bool, pad: int |
 
 
 # --------------------------------------------------------------------------- image sets
-class ImageSet(Dataset):
+class ImageSet(Dataset, abc.ABC):
     """Images (and labels, or none) at their native size; ``at(size, channels)`` gives the model-sized view."""
 
     labels: np.ndarray | None
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
+    @abc.abstractmethod
     def native(self) -> tuple[tuple[int, int] | None, int]:
         """(H, W) when every image has that size (else None), and the channel count."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def at(self, size: tuple[int, int], channels: int) -> Dataset:
-        raise NotImplementedError
+        """A dataset of uint8 [C, H, W] images at ``size`` with ``channels``, and labels (-1 when unlabeled)."""
 
+    @abc.abstractmethod
     def subset(self, indices: np.ndarray) -> ImageSet:
-        raise NotImplementedError
+        """The images at ``indices``."""
 
     def sample(self, n: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
         """Up to n images spread over the set, uint8 [n, C, H, W] (for normalisation statistics, calibration)."""
