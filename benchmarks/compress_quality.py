@@ -6,7 +6,8 @@ data), (c) Tucker-2 decomposition (VBMF ranks, offset searched), (d) both; accur
 the same short fine-tune (KD from the original, with labels) is printed side by side.
 
 Part B (speed, ONNX Runtime on this CPU): MobileNetV2, EfficientNet-B0, RegNetX-400MF and ResNet-18 at 224x224,
-compressed to ~1/4 of their MACs by uniform pruning and by the recommended ratios; each model is exported to ONNX and
+compressed to ~1/4 of their MACs by uniform pruning (without and with channel rounding) and by the recommended
+ratios; each model is exported to ONNX and
 timed (median of --repeat runs after warmup) next to its original, and speedup / MACs-reduction is printed.
 
     python benchmarks/compress_quality.py                       # both parts
@@ -93,16 +94,21 @@ def part_speed(args, log) -> list[dict]:
         shape = "1,3,224,224"
         x = presso.InputSpec.parse(shape).example_inputs()
         variants = {"original": (model, 1.0)}
-        for name, recommend in (("uniform", False), ("recommended", True)):
+        candidates = (
+            ("uniform (as plain Torch-Pruning: no rounding)", PruneConfig(round_to=None), False),
+            ("uniform, channels rounded to 8", PruneConfig(round_to=8), False),
+            ("recommended (LAMP), rounded to 8", PruneConfig(round_to=8), True),
+        )
+        for name, config, recommend in candidates:
             try:
-                r = presso.compress(model, shape, PruneConfig(), target=Target(macs=0.25), recommend=recommend)
+                r = presso.compress(model, shape, config, target=Target(macs=0.25), recommend=recommend)
                 variants[name] = (r.model, r.after["macs"] / r.before["macs"])
             except presso.PressoError as e:
                 print(f"{source} {name}: {e}")
         with tempfile.TemporaryDirectory() as tmp:
             times = {}
             for name, (m, _) in variants.items():
-                path = Path(tmp) / f"{name}.onnx"
+                path = Path(tmp) / f"variant{len(times)}.onnx"
                 torch.onnx.export(m, x, str(path), dynamo=True, verbose=False)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = args.threads or 0

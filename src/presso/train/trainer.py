@@ -208,15 +208,13 @@ class _Run:
         if self.state_dir is not None and self.dist.is_main:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         self.best_state = None
-        self._sums = getattr(self, "_sums", [0.0, 0])
         with self._interrupts():
             for epoch in range(start_epoch, self.cfg.epochs):
                 step = start_step if epoch == start_epoch else 0
-                if step == 0:
+                if step == 0:  # each epoch starts from seeds of its own, so a resumed run draws what it would have
                     torch.manual_seed(self.cfg.seed * 100_003 + epoch)
                     self.gen.manual_seed(self.cfg.seed * 100_003 + epoch + 1)
-                if step == 0:
-                    self._sums = [0.0, 0]
+                    self._sums = [0.0, 0]  # this epoch's (loss x samples, samples)
                 try:
                     train_loss = self._train_epoch(epoch, step)
                 except KeyboardInterrupt:
