@@ -221,8 +221,8 @@ def test_impossible_budget_is_a_clear_error():
         presso.compress(tiny_cnn(), "1,3,16,16", PruneConfig(), target=Target(macs=0.02))
     with pytest.raises(BudgetError, match=r"in \(0, 1\)"):
         Target(macs=1.5)
-    with pytest.raises(ConfigError, match="benchmarker"):
-        Target(latency_ms=5.0)
+    with pytest.raises(ConfigError, match="--device local"):
+        Target(latency_ms=5.0, device="phone")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -260,5 +260,19 @@ def test_cli_target_macs_reports_the_choice(tmp_path):
     assert data["target"]["macs"] == 0.5 and abs(data["macs_ratio"] / 0.5 - 1) <= 0.03
     assert data["files"] == ["per_layer.yaml"] and (tmp_path / "t" / "per_layer.yaml").is_file()
     res = CliRunner().invoke(app, ["compress", "torchvision:resnet18", "-s", "1,3,32,32", "--target-latency-ms",
-                                   "3", "-o", str(tmp_path / "u")])  # fmt: skip
-    assert res.exit_code == 2 and "benchmarker" in res.output
+                                   "3", "--device", "phone", "-o", str(tmp_path / "u")])  # fmt: skip
+    assert res.exit_code == 2 and "--device local" in res.output
+
+
+def test_latency_target_is_measured_with_onnx_runtime_here():
+    from presso.bench import measure_model
+
+    model = presso.load_model("torchvision:resnet18")
+    inputs = presso.InputSpec.parse("1,3,96,96").example_inputs()
+    base = measure_model(model, inputs, repeat=20).median_ms
+    r = presso.compress(model, inputs, PruneConfig(), target=Target(latency_ms=0.5 * base, tolerance=0.15))
+    tg = r.extra["target"]
+    assert tg["within_tolerance"] and tg["achieved_ms"] <= 0.5 * base * 1.15
+    assert r.after["macs"] < 0.75 * r.before["macs"]
+    with pytest.raises(BudgetError, match="already runs"):
+        presso.compress(model, inputs, PruneConfig(), target=Target(latency_ms=100 * base))

@@ -42,24 +42,77 @@ class Target:
         if len(given) != 1:
             raise ConfigError("Give exactly one target: --target-macs, --target-params or --target-latency-ms.")
         if self.latency_ms is not None:
-            raise ConfigError(
-                "--target-latency-ms needs latency measurements from the benchmarker, which this version does not "
-                "have yet; give --target-macs or --target-params."
-            )
+            if self.device not in (None, "local"):
+                raise ConfigError(
+                    f"Device '{self.device}': latency targets are measured on this machine (--device local) in this "
+                    "version; remote devices come with the benchmarker's agent."
+                )
+            if self.latency_ms <= 0:
+                raise BudgetError(f"A latency budget must be positive, not {self.latency_ms} ms.")
+            return
         share = self.macs if self.macs is not None else self.params
         if not 0.0 < share < 1.0:
             raise BudgetError(f"A target share must be in (0, 1), e.g. 0.5 keeps half; got {share}.")
 
     @property
     def key(self) -> str:
-        return "macs" if self.macs is not None else "params"
+        return "latency_ms" if self.latency_ms is not None else ("macs" if self.macs is not None else "params")
 
     @property
     def share(self) -> float:
+        if self.latency_ms is not None:
+            raise AttributeError("a latency target's share depends on the measured original")
         return float(self.macs if self.macs is not None else self.params)  # type: ignore[arg-type]
 
     def met(self, achieved: float) -> bool:
         return abs(achieved / self.share - 1.0) <= self.tolerance
+
+
+class _Meter:
+    """What a search compares against its target: a share of MACs/params (exact), or of the original's latency
+    measured with ONNX Runtime on this machine (noisy: a budget to stay under, approached from below)."""
+
+    LATENCY_WINDOW = 0.10  # stop once within 10% under the budget; below that the search keeps less pruning
+
+    def __init__(self, target: Target, model: nn.Module, inputs: tuple, before: dict):
+        self.target, self.inputs = target, inputs
+        self.latency = target.latency_ms is not None
+        if self.latency:
+            self.base = self._ms(model)
+            self.share = target.latency_ms / self.base  # type: ignore[operator]
+            if self.share >= 1.0:
+                raise BudgetError(
+                    f"The model already runs in {self.base:.2f} ms here (median), within the {target.latency_ms} ms "
+                    "budget; nothing to compress for it."
+                )
+        else:
+            self.base, self.share = float(before[target.key]), target.share
+
+    def _ms(self, model: nn.Module) -> float:
+        from presso.bench.runner import measure_model
+
+        return measure_model(model, self.inputs, repeat=40, warmup=10).median_ms
+
+    def kept(self, result) -> float:
+        if self.latency:
+            return self._ms(result.model) / self.base
+        return result.after[self.target.key] / self.base
+
+    def met(self, kept: float) -> bool:
+        if self.latency:
+            return self.share * (1 - self.LATENCY_WINDOW) <= kept <= self.share * (1 + self.target.tolerance)
+        return self.target.met(kept)
+
+    def better(self, kept: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.latency:  # under budget beats over; among those under, the least pruned wins
+            ok, best_ok = (
+                kept <= self.share * (1 + self.target.tolerance),
+                best <= self.share * (1 + self.target.tolerance),
+            )
+            return (ok and not best_ok) or (ok == best_ok and (kept > best if ok else kept < best))
+        return abs(kept - self.share) < abs(best - self.share)
 
 
 def compress_to_target(
@@ -79,9 +132,29 @@ def compress_to_target(
         prune = PruneConfig()
     before = model_figures(model, inputs)
     searches: list[dict[str, Any]] = []
+    if target.latency_ms is not None:
+        if decompose is not None:
+            raise ConfigError(
+                "A latency target searches pruning; for decomposition give --target-macs/--target-params."
+            )
+        meter = _Meter(target, model, inputs, before)
+        result, cfg, search = _search_prune(model, inputs, meter, prune, recommend, data, progress)
+        result.before = before
+        ms = meter.base * search["best"]
+        result.extra["target"] = {"latency_ms": target.latency_ms, "device": target.device or "local",
+                                  "original_ms": round(meter.base, 3), "achieved_ms": round(ms, 3),
+                                  "within_tolerance": ms <= target.latency_ms * (1 + target.tolerance),
+                                  "tolerance": target.tolerance, "search": [search]}  # fmt: skip
+        if not result.extra["target"]["within_tolerance"]:
+            raise BudgetError(
+                f"Could not bring the model under {target.latency_ms} ms here (original {meter.base:.2f} ms, closest "
+                f"{ms:.2f} ms); try decomposition with a MACs target, or a looser budget."
+            )
+        return result
     if prune is not None and decompose is not None:
         stage = Target(**{target.key: target.share**0.5}, tolerance=target.tolerance)
-        pruned, cfg, search = _search_prune(model, inputs, stage, prune, recommend, data, before, progress)
+        stage_meter = _Meter(stage, model, inputs, before)
+        pruned, cfg, search = _search_prune(model, inputs, stage_meter, prune, recommend, data, progress)
         searches.append(search)
         mid_share = pruned.after[target.key] / before[target.key]
         rest = Target(**{target.key: min(0.999, target.share / mid_share)}, tolerance=target.tolerance / 2)
@@ -94,7 +167,8 @@ def compress_to_target(
         result.skipped = pruned.skipped + result.skipped
         result.per_layer = _merge_per_layer(pruned.per_layer, result.per_layer)
     elif prune is not None:
-        result, cfg, search = _search_prune(model, inputs, target, prune, recommend, data, before, progress)
+        meter = _Meter(target, model, inputs, before)
+        result, cfg, search = _search_prune(model, inputs, meter, prune, recommend, data, progress)
         searches.append(search)
     else:
         assert decompose is not None
@@ -120,7 +194,7 @@ def compress_to_target(
     return result
 
 
-def _search_prune(model, inputs, target: Target, base: PruneConfig, recommend: bool, data, before, progress):
+def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bool, data, progress):
     from presso.compress import compress
 
     scores = lamp_scores(model, inputs, data=data) if recommend else None
@@ -138,7 +212,7 @@ def _search_prune(model, inputs, target: Target, base: PruneConfig, recommend: b
 
     def attempt(knob: float):
         result = compress(model, inputs, config(knob), data=data if base.criterion == "taylor" else None)
-        return result, result.after[target.key] / before[target.key]
+        return result, meter.kept(result)
 
     lo, hi = 0.0, 0.95
     best = None
@@ -149,11 +223,11 @@ def _search_prune(model, inputs, target: Target, base: PruneConfig, recommend: b
         tries.append([round(knob, 4), round(kept, 4)])
         if progress:
             progress(k + 1, MAX_TRIES)
-        if best is None or abs(kept - target.share) < abs(best[1] - target.share):
+        if meter.better(kept, best[1] if best else None):
             best = (result, kept, knob)
-        if target.met(kept):
+        if meter.met(kept):
             break
-        lo, hi = (knob, hi) if kept > target.share else (lo, knob)
+        lo, hi = (knob, hi) if kept > meter.share else (lo, knob)
     assert best is not None
     result, kept, knob = best
     search = {"method": "prune", "knob": "channel_share" if recommend else "ratio", "best_knob": round(knob, 4),
