@@ -145,8 +145,13 @@ def compress(
         typer.Option("--calib", help="Calibration data (any --data spec, or 'random'): taylor, sensitivity."),
     ] = None,
     recommend: Annotated[
-        bool, typer.Option("--recommend", help="Per-layer ratios by LAMP scores (the ratio is the global share).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--recommend/--uniform",
+            help="Per-layer ratios by LAMP scores (the ratio is then the share of all channels), or one uniform "
+            "ratio. Default: recommended under a target, uniform otherwise.",
+        ),
+    ] = None,
     decompose: Annotated[str | None, typer.Option("--decompose", help="tucker | cp | svd.")] = None,
     rank: Annotated[str, typer.Option("--rank", help="Rank rule: vbmf | energy | ratio.")] = "vbmf",
     vbmf_offset: Annotated[float, typer.Option(help="VBMF calibration offset in [-1, 1] (+: more rank).")] = 0.0,
@@ -236,7 +241,7 @@ def compress(
         ) as bar:
             task = bar.add_task(label, total=None)
             result = presso.compress(
-                model, spec, configs, data=data, target=target, recommend=recommend or target is not None,
+                model, spec, configs, data=data, target=target, recommend=recommend,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip
         files = _per_layer_files(result)

@@ -161,6 +161,21 @@ def test_lamp_ratios_differ_per_layer_and_never_empty_a_layer():
     assert scores.ratios(0.2)["layer1.0.conv1"] <= ratios["layer1.0.conv1"]
 
 
+def test_recommend_without_a_target_spreads_the_ratio_over_layers(tmp_path):
+    from typer.testing import CliRunner
+
+    from presso.cli import app
+
+    model = presso.load_model("torchvision:resnet18")
+    r = presso.compress(model, "1,3,32,32", PruneConfig(ratio=0.3, round_to=None), recommend=True)
+    ratios = {n: v["ratio"] for n, v in r.per_layer.items() if v.get("ratio")}
+    assert len(set(ratios.values())) > 3  # not uniform
+    res = CliRunner().invoke(app, ["compress", "torchvision:resnet18", "-s", "1,3,32,32", "-r", "0.3", "--recommend",
+                                   "-o", str(tmp_path / "m"), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m" / "per_layer.yaml").is_file()
+
+
 def test_sensitivity_makes_sensitive_layers_keep_more():
     from presso.testing.models import tiny_cnn
 

@@ -107,7 +107,7 @@ def compress(
     data=None,
     inplace: bool = False,
     target: Target | None = None,
-    recommend: bool = True,
+    recommend: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CompressResult:
     """Compress `model` as `config` says.
@@ -117,7 +117,9 @@ def compress(
     data: calibration batches: for ``taylor``, and for sensitivity-guided choices under a target.
     target: keep this share of MACs or parameters; the methods in `config` are searched for it (the given ratio or
         ranks are then starting points, per-layer values set by the user are kept). ``recommend`` chooses pruning
-        ratios per layer by LAMP scores (else one uniform ratio).
+        ratios per layer by LAMP scores (else one uniform ratio); by default on under a target, off otherwise.
+        Without a target, ``recommend=True`` spreads each PruneConfig's ratio (as the share of all channels) over
+        the layers by LAMP scores (weighted by measured sensitivity when ``data`` is given).
     inplace: modify `model` itself instead of a copy.
     """
     if target is not None:
@@ -127,11 +129,13 @@ def compress(
         prune = next((c for c in configs if isinstance(c, PruneConfig)), None)
         decomp = next((c for c in configs if isinstance(c, DecomposeConfig)), None)
         ins = _as_inputs(example_inputs)
-        return compress_to_target(model, ins, target, prune=prune, decompose=decomp, recommend=recommend, data=data,
-                                  progress=progress)  # fmt: skip
+        return compress_to_target(model, ins, target, prune=prune, decompose=decomp, recommend=recommend is not False,
+                                  data=data, progress=progress)  # fmt: skip
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
         raise ConfigError("No compression config given.")
+    if recommend:
+        configs = [_recommended(model, _as_inputs(example_inputs), c, data) for c in configs]
     for c in configs:
         if type(c) not in _METHODS:
             raise ConfigError(f"No compression method for {type(c).__name__}; use one of {list(_METHODS)}.")
@@ -167,6 +171,18 @@ def compress(
     card.history.append({"verb": "compress", "config": config_json, "before": before, "after": after})
     seconds = time.perf_counter() - t0
     return CompressResult(work, "+".join(steps), config_json, before, after, per_layer, skipped, seconds, extra)
+
+
+def _recommended(model, inputs, config, data):
+    """A PruneConfig whose global ratio is spread over layers by LAMP scores (the user's per-layer values win)."""
+    if not isinstance(config, PruneConfig) or config.ratio is None or config.criterion == "index":
+        return config
+    import dataclasses
+
+    from presso.compress.recommend import lamp_scores
+
+    ratios = lamp_scores(model, inputs, data=data).ratios(config.ratio)
+    return dataclasses.replace(config, ratio=None, per_layer={**ratios, **config.per_layer})
 
 
 def _as_inputs(example_inputs) -> tuple:
