@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ class DecomposeConfig:
     per_layer: dict[str, Any] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
     max_cost: float = 1.0
-    cp_iterations: int = 100
+    cp_iterations: int = 30  # ALS sweeps; each costs about O(O*I*kh*kw*R), so large layers take seconds apiece
     seed: int = 0
     version: int = 1
 
@@ -220,7 +221,7 @@ def build(module: nn.Module, method: str, ranks: tuple[int, ...]) -> nn.Sequenti
 
 
 @torch.no_grad()
-def factorize(module: nn.Module, method: str, ranks: tuple[int, ...], *, iterations: int = 100, seed: int = 0):
+def factorize(module: nn.Module, method: str, ranks: tuple[int, ...], *, iterations: int = 30, seed: int = 0):
     """The replacement with weights from the decomposition of ``module``'s weight."""
     seq = build(module, method, ranks)
     # float64 for the small exact cases (tests at full rank), float32 where layers are large enough to cost time
@@ -253,9 +254,11 @@ def factorize(module: nn.Module, method: str, ranks: tuple[int, ...], *, iterati
 
         (r,) = ranks
         with tl.backend_context("pytorch"):
-            init = "svd" if r <= min(w.shape) else "random"  # an SVD start needs rank <= every mode's size
-            cp = parafac(w, rank=r, init=init, n_iter_max=iterations, tol=1e-8, normalize_factors=True,
-                         random_state=seed)  # fmt: skip
+            with warnings.catch_warnings():  # TensorLy pads an SVD start whose rank exceeds a mode's size, noisily
+                warnings.simplefilter("ignore")
+                cp = parafac(
+                    w, rank=r, init="svd", n_iter_max=iterations, tol=1e-8, normalize_factors=True, random_state=seed
+                )
         weights, (a, b, c, d) = cp.weights, cp.factors  # a: O x r, b: I x r, c: kh x r, d: kw x r
         seq[0].weight.copy_(b.t()[:, :, None, None])
         seq[1].weight.copy_(c.t()[:, None, :, None])
