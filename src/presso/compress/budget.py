@@ -195,9 +195,23 @@ def compress_to_target(
 
 
 def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bool, data, progress):
+    """Bisect the pruning knob; when channel rounding (``round_to``) makes the figures jump past the tolerance --
+    small models, few channels per layer -- search again with finer rounding (8 -> 4 -> 2 -> none) and say so."""
+    scores = lamp_scores(model, inputs, data=data) if recommend else None
+    round_to = base.round_to
+    while True:
+        cfg = dataclasses.replace(base, round_to=round_to)
+        result, chosen, search = _search_prune_once(model, inputs, meter, cfg, recommend, data, progress, scores)
+        if meter.met(search["best"]) or not round_to:
+            if round_to != base.round_to:
+                search["why"] += f"; channel rounding relaxed from {base.round_to} to {round_to} to meet the target"
+            return result, chosen, search
+        round_to = round_to // 2 if round_to > 2 else None
+
+
+def _search_prune_once(model, inputs, meter: _Meter, base: PruneConfig, recommend: bool, data, progress, scores):
     from presso.compress import compress
 
-    scores = lamp_scores(model, inputs, data=data) if recommend else None
     why = (
         "uniform ratio"
         if not recommend
