@@ -197,7 +197,8 @@ def compress_to_target(
 def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bool, data, progress):
     """Bisect the pruning knob; when channel rounding (``round_to``) makes the figures jump past the tolerance --
     small models, few channels per layer -- search again with finer rounding (8 -> 4 -> 2 -> none) and say so."""
-    scores = lamp_scores(model, inputs, data=data) if recommend else None
+    cost = "params" if meter.target.key == "params" else "macs"
+    scores = lamp_scores(model, inputs, data=data, cost=cost) if recommend else None
     round_to = base.round_to
     while True:
         cfg = dataclasses.replace(base, round_to=round_to)
@@ -215,7 +216,11 @@ def _search_prune_once(model, inputs, meter: _Meter, base: PruneConfig, recommen
     why = (
         "uniform ratio"
         if not recommend
-        else ("LAMP scores x sensitivity measured on calibration data" if data is not None else "LAMP weight scores")
+        else (
+            "LAMP scores per unit cost x sensitivity measured on calibration data"
+            if data is not None
+            else "LAMP weight scores per unit cost"
+        )
     )
 
     def config(knob: float) -> PruneConfig:

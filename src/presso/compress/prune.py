@@ -365,7 +365,8 @@ class GraphPruner:
     def _skip(self, name: str, reason: str) -> None:
         self.skipped.append({"name": name, "reason": reason})
 
-    def _plan(self, importance) -> tuple[list[_Plan], int]:
+    def _groups(self):
+        """Each coupled out-channel group once: (root module, its name, the full group, out-channel members)."""
         DG = self.DG
         roots = [m for m in DG.module2node if isinstance(m, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR))]
         if not roots:
@@ -374,8 +375,6 @@ class GraphPruner:
                 "layers inlined as functions); prune the source model instead."
             )
         visited: set[Any] = set()
-        plans: list[_Plan] = []
-        total = 0
         for m in roots:
             if m in visited or m in self.ignored:
                 continue
@@ -392,6 +391,12 @@ class GraphPruner:
                 continue
             members = [d.target.module for d, _ in full if DG.is_out_channel_pruning_fn(d.handler)]
             visited.update(members)
+            yield m, name, full, members
+
+    def _plan(self, importance) -> tuple[list[_Plan], int]:
+        plans: list[_Plan] = []
+        total = 0
+        for m, name, full, members in self._groups():
             total += 1
             try:
                 plan = self._plan_group(m, name, full, members, importance)
@@ -403,6 +408,25 @@ class GraphPruner:
             if plan is not None:
                 plans.append(plan)
         return plans, total
+
+    def coupled_groups(self) -> list[list[str]]:
+        """Names of the layers whose output channels are pruned together, per prunable group (groups producing
+        the model's outputs left out) -- what per-layer recommendations must treat as one unit."""
+        set_mode(self.model, False)
+        with self._robust_index_mapping(), _bounded_traversal(max_indices=1 << 20, limits={}):
+            try:
+                self.DG = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.inputs, verbose=False)
+            except Exception as e:
+                raise UnsupportedLayerError(f"Torch-Pruning could not trace this model's graph ({e!s:.300})") from None
+            out = []
+            for _m, _name, full, members in self._groups():
+                if any(d.target.type == tp.ops.OPTYPE.OUTPUT or (self.DG.is_out_channel_pruning_fn(d.handler)
+                       and not d.target.outputs) for d, _ in full):  # fmt: skip
+                    continue
+                names = [self.names[x] for x in members if x in self.names and hasattr(x, "weight")]
+                if names:
+                    out.append(names)
+        return out
 
     def _ratio_for(self, members: list) -> float | None:
         for mod in members:

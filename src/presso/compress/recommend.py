@@ -1,12 +1,16 @@
 """Automatic per-layer values from one global knob.
 
 - Pruning ratios by **LAMP** (Lee et al., "Layer-adaptive sparsity for the magnitude-based pruning", ICLR 2021),
-  applied to output channels: a channel's score is its squared L2 norm divided by the sum over the channels of its
-  layer that are at least as large. Scores are comparable across layers (the strongest channel of every layer scores
+  made cost-aware (divided by what a channel of each group costs in MACs or parameters),
+  applied to the output channels of each coupled channel group (layers pruned together, from the dependency graph):
+  a channel's score is its squared L2 norm (summed over the group's layers) divided by the sum over the channels of
+  its group that are at least as large. Scores are comparable across layers (the strongest channel of every layer scores
   1, so no layer is emptied), and one global threshold -- the knob: the share of all channels removed -- gives every
   layer its own ratio.
 - With calibration data, each layer's scores are scaled by its **measured sensitivity**: how much the model's output
-  moves when that layer loses its weakest half of channels (masked, not removed). Sensitive layers keep more.
+  moves when that group loses its weakest half of channels (masked at every layer of the group, not removed).
+  Sensitive groups keep more. (Measured per layer instead, a residual branch looks harmless to cut because the
+  other branch of the add still carries the signal -- and the group then loses both.)
 - Decomposition ranks by VBMF (``decompose.choose_ranks``), the knob being the calibration offset.
 
 The chosen per-layer values are plain ``{layer: ratio}`` / ``{layer: rank}`` mappings; the CLI writes them next to
@@ -26,81 +30,113 @@ MAX_RATIO = 0.9  # never remove more than this share of one layer's channels
 
 @dataclass
 class ChannelScores:
-    """LAMP scores of every candidate layer's output channels (sensitivity-weighted when data was given)."""
+    """LAMP scores of the output channels of every prunable channel group (sensitivity-weighted with data).
+
+    A group is the set of layers whose output channels are pruned together (a residual stage's convolutions, a
+    convolution and its norm...): it is scored, measured and given a ratio as one unit, keyed by its first layer."""
 
     scores: dict[str, np.ndarray]
+    members: dict[str, list[str]]
     sensitivity: dict[str, float] | None = None
 
     def ratios(self, fraction: float, max_ratio: float = MAX_RATIO) -> dict[str, float]:
         """Per-layer pruning ratios removing about ``fraction`` of all candidate channels."""
         if fraction <= 0 or not self.scores:
-            return {n: 0.0 for n in self.scores}
+            return {n: 0.0 for key in self.scores for n in self.members[key]}
         pooled = np.sort(np.concatenate(list(self.scores.values())))
         k = min(len(pooled) - 1, max(0, int(round(fraction * len(pooled))) - 1))
         threshold = pooled[k]
         out = {}
-        for name, s in self.scores.items():
-            out[name] = round(float(min(max_ratio, np.mean(s <= threshold))), 4)
+        for key, s in self.scores.items():
+            ratio = round(float(min(max_ratio, np.mean(s <= threshold))), 4)
+            out.update({n: ratio for n in self.members[key]})
         return out
 
 
-def lamp_scores(model: nn.Module, inputs: tuple, data=None, layers: list[str] | None = None) -> ChannelScores:
-    """LAMP scores of the output channels of every Conv2d and Linear that the inputs reach (or of ``layers``)."""
-    reached = _reached(model, inputs)
-    names = layers or [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n in reached]
+def lamp_scores(model: nn.Module, inputs: tuple, data=None, cost: str | None = "macs") -> ChannelScores:
+    """LAMP scores of the output channels of every coupled channel group the pruner would touch.
+
+    cost: "macs" or "params" divides each group's scores by what one of its channels costs (relative to the
+    average), so a budget is met by removing the channels that matter least *per MAC (or parameter) saved*; plain
+    LAMP (None) would spend the budget on late, low-resolution layers whose channels are numerous but cheap, and need
+    a far larger share of channels to reach a MACs target.
+    """
+    from presso.compress.decompose import _layer_sizes
+    from presso.compress.prune import GraphPruner, PruneConfig
+
     modules = dict(model.named_modules())
-    scores = {}
-    for name in names:
-        w = modules[name].weight.detach().float()
-        energy = w.reshape(w.shape[0], -1).pow(2).sum(1).double().cpu().numpy()
+    layer_macs = {n: v[2] for n, v in _layer_sizes(model, inputs).items()} if cost == "macs" else {}
+    unit_cost: dict[str, float] = {}
+    scores, members = {}, {}
+    for names in GraphPruner(model, inputs, PruneConfig()).coupled_groups():
+        layers = [n for n in names if isinstance(modules[n], (nn.Conv2d, nn.Linear))]
+        widths = {_out(modules[n]) for n in layers}
+        if not layers or len(widths) != 1:
+            continue
+        energy = sum(_channel_energy(modules[n]) for n in layers)
         order = np.argsort(energy)
         sorted_e = energy[order]
-        tail = np.cumsum(sorted_e[::-1])[::-1]  # sum of channels at least as large as each one
+        tail = np.cumsum(sorted_e[::-1])[::-1]  # sum over the channels at least as large as each one
         lamp = np.empty_like(energy)
         lamp[order] = sorted_e / np.maximum(tail, 1e-30)
-        scores[name] = lamp
+        scores[layers[0]], members[layers[0]] = lamp, layers
+        if cost == "macs":
+            unit_cost[layers[0]] = sum(layer_macs.get(n, 0) for n in layers) / len(energy)
+        elif cost == "params":
+            unit_cost[layers[0]] = sum(modules[n].weight.numel() for n in layers) / len(energy)
+    if unit_cost:
+        mean_cost = float(np.mean([c for c in unit_cost.values() if c > 0] or [1.0]))
+        scores = {k: v / max(unit_cost[k] / mean_cost, 1e-6) for k, v in scores.items()}
     sens = None
     if data is not None:
-        sens = layer_sensitivity(model, inputs, data, list(scores))
-        mean = float(np.mean([v for v in sens.values() if v > 0])) if any(v > 0 for v in sens.values()) else 1.0
-        for name in scores:
-            scores[name] = scores[name] * (sens[name] / mean if mean > 0 else 1.0)
-    return ChannelScores(scores, sens)
+        sens = group_sensitivity(model, data, scores, members, modules)
+        positive = [v for v in sens.values() if v > 0]
+        mean = float(np.mean(positive)) if positive else 1.0
+        scores = {k: v * (sens[k] / mean) for k, v in scores.items()}
+    return ChannelScores(scores, members, sens)
+
+
+def _out(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _channel_energy(m: nn.Module) -> np.ndarray:
+    w = m.weight.detach().float()
+    return w.reshape(w.shape[0], -1).pow(2).sum(1).double().cpu().numpy()
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, inputs: tuple, data, layers: list[str], probe: float = 0.5) -> dict[str, float]:
-    """Output change (MSE normalised by the output's variance) when each layer's weakest ``probe`` share of output
-    channels is zeroed, averaged over the calibration batches. Masks, not removals: nothing about the model changes."""
+def group_sensitivity(model, data, scores, members, modules, probe: float = 0.5) -> dict[str, float]:
+    """Output change (MSE normalised by the output's variance) when a group's weakest ``probe`` share of channels
+    is zeroed at every layer of the group, averaged over the calibration batches. Masks, not removals: the model is
+    left as it was."""
     from presso.models.figures import run_model
 
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
     if not batches:
-        return {n: 1.0 for n in layers}
+        return {k: 1.0 for k in scores}
     reference = [_first_tensor(run_model(model, (b,))) for b in batches]
-    modules = dict(model.named_modules())
     out = {}
-    for name in layers:
-        m = modules[name]
-        w = m.weight.detach()
-        energy = w.reshape(w.shape[0], -1).pow(2).sum(1)
-        weak = torch.argsort(energy)[: int(probe * w.shape[0])]
-        mask = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
-        mask[weak] = 0
+    for key, layers in members.items():
+        energy = sum(_channel_energy(modules[n]) for n in layers)
+        weak = np.argsort(energy)[: int(probe * len(energy))]
+        mask = torch.ones(len(energy))
+        mask[torch.as_tensor(weak, dtype=torch.long)] = 0
 
-        def hook(_m, _a, y, mask=mask):
-            shape = [1, -1] + [1] * (y.ndim - 2) if isinstance(_m, nn.Conv2d) else [1] * (y.ndim - 1) + [-1]
-            return y * mask.view(shape)
+        def hook(mod, _a, y, mask=mask):
+            shape = [1, -1] + [1] * (y.ndim - 2) if isinstance(mod, nn.Conv2d) else [1] * (y.ndim - 1) + [-1]
+            return y * mask.to(y.device, y.dtype).view(shape)
 
-        h = m.register_forward_hook(hook)
+        hooks = [modules[n].register_forward_hook(hook) for n in layers]
         try:
             change = []
             for b, ref in zip(batches, reference, strict=True):
                 y = _first_tensor(run_model(model, (b,)))
                 change.append(float(((y - ref) ** 2).mean() / (ref.var() + 1e-12)))
         finally:
-            h.remove()
-        out[name] = float(np.mean(change))
+            for h in hooks:
+                h.remove()
+        out[key] = float(np.mean(change))
     return out
 
 
@@ -108,21 +144,3 @@ def _first_tensor(out) -> torch.Tensor:
     from presso.train.distill import leaves
 
     return leaves(out)[0].float()
-
-
-def _reached(model: nn.Module, inputs: tuple) -> set[str]:
-    from presso.models.figures import run_model
-
-    seen: set[str] = set()
-    hooks = [
-        m.register_forward_hook(lambda *_a, n=n: seen.add(n))
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            run_model(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
