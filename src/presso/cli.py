@@ -7,6 +7,7 @@ Nothing here imports torch at module level, so ``presso --help`` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -64,6 +65,16 @@ def _input_spec(source: str, model, given: str | None):
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return InputSpec.parse((1, *cfg["input_size"]))
     raise InputSpecError(f"Give the input shape of '{source}', e.g. --input-shape 1,3,224,224.")
+
+
+def _load(source: str, trust: bool, model_arg: list[str] | None, teacher: str | None = None, show: bool = True):
+    """The model named on the command line (builder kwargs from --model-arg), and its teacher if one is named."""
+    import presso
+
+    with err.status(f"Loading {source} ...") if show else contextlib.nullcontext():
+        model = presso.load_model(source, trust=trust, **_model_kwargs(model_arg))
+        original = presso.load_model(teacher, trust=trust) if teacher else None
+    return model, original
 
 
 def _emit(payload: dict[str, Any], as_json: bool, render) -> None:
@@ -222,8 +233,7 @@ def compress(
             )
         elif rank_map:
             raise ConfigError("--ranks is for decomposition: add --decompose tucker|cp|svd.")
-        with err.status(f"Loading {source} ..."):
-            model = presso.load_model(source, trust=trust, **_model_kwargs(model_arg))
+        model, _ = _load(source, trust, model_arg)
         spec = _input_spec(source, model, input_shape)
         data = None
         if criterion == "taylor" and not calib:
@@ -361,12 +371,10 @@ def train(
         )
         main = setup().is_main
         torch.manual_seed(seed)  # the same initial weights on every torchrun process
-        with err.status(f"Loading {source} ...") if main else _nothing():
-            model = presso.load_model(source, trust=trust, **_model_kwargs(model_arg))
-            original = presso.load_model(teacher, trust=trust) if teacher else None
+        model, original = _load(source, trust, model_arg, teacher, show=main)
         bar = _TrainBar(epochs) if main else None
         try:
-            with bar or _nothing():
+            with bar or contextlib.nullcontext():
                 result = presso.train(
                     model,
                     data,
@@ -406,9 +414,7 @@ def evaluate(
     def body():
         import presso
 
-        with err.status(f"Loading {source} ..."):
-            model = presso.load_model(source, trust=trust, **_model_kwargs(model_arg))
-            original = presso.load_model(teacher, trust=trust) if teacher else None
+        model, original = _load(source, trust, model_arg, teacher)
         with err.status("Evaluating ..."):
             row = presso.train.evaluate(
                 model, data, teacher=original, image_size=_image_size(image_size), seed=seed, val_fraction=val_fraction
@@ -416,14 +422,6 @@ def evaluate(
         _emit({"source": source, **row}, as_json, _render_eval)
 
     _run(body)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _TrainBar:
@@ -483,8 +481,7 @@ def info(
     def body():
         import presso
 
-        with err.status(f"Loading {source} ..."):
-            model = presso.load_model(source, trust=trust, **_model_kwargs(model_arg))
+        model, _ = _load(source, trust, model_arg)
         spec = _input_spec(source, model, input_shape)
         figures = presso.info(model, spec)
         _emit({"source": source, **figures}, as_json, _render_info)
