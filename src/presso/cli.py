@@ -603,6 +603,13 @@ def _render_eval(s: dict[str, Any]) -> None:
     out.print(t)
 
 
+# Verbs kept in their own modules register their commands on ``app`` (each a thin layer over its package's API).
+from presso import cli_bench, cli_convert  # noqa: E402
+
+for _module in (cli_convert, cli_bench):
+    _module.register(app)
+
+
 def main() -> None:
     app()
 
