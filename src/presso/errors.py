@@ -18,6 +18,8 @@ __all__ = [
     "UntrustedFileError",
     "BudgetError",
     "DataError",
+    "ConversionError",
+    "BundleError",
     "closest",
 ]
 
@@ -62,3 +64,18 @@ def closest(name: str, candidates: Iterable[str], n: int = 5) -> str:
         low = name.lower()
         matches = [c for c in cands if low in c.lower()][:n]
     return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+class ConversionError(PressoError):
+    """A model could not be converted, or the converted model does not reproduce the original within tolerance."""
+
+
+class BundleError(PressoError):
+    """A deployable bundle is missing, damaged, or unsafe to open."""
+
+
+class DeviceError(PressoError):
+    """A benchmark device (local runtime, remote agent, latency database) is unreachable, refused or failed."""
+
+
+__all__.append("DeviceError")

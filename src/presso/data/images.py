@@ -275,18 +275,18 @@ def _probe(path: Path) -> tuple[tuple[int, int], str] | None:
 
 
 def load_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray | None:
-    """Decode one image to uint8 ``[C, H, W]`` at ``size`` (H, W); None if it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode one image to uint8 ``[C, H, W]`` at ``size`` (H, W); None if it cannot be decoded.
+
+    The decoder is the bundle's own (``presso.convert.predict``), so training and deployed prediction see the same
+    pixels.
+    """
+    from presso.convert.predict import load_image as decode
+    from presso.errors import BundleError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return decode(path, channels, size)
+    except BundleError:
         return None
-    return arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
 
 
 def list_images(root: Path, recursive: bool = True) -> list[Path]:

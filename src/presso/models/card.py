@@ -23,6 +23,7 @@ class ModelCard:
     figures: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # verbs run, with their settings and figures
     preprocess: dict[str, Any] | None = None  # presso.data.Preprocess.to_json(): how images become inputs
+    labels: list[str] | None = None  # class names, in output order (recorded by supervised training)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": CARD_FORMAT, "version": CARD_VERSION, **asdict(self)}
@@ -43,6 +44,7 @@ class ModelCard:
                 figures=dict(data.get("figures", {})),
                 history=list(data.get("history", [])),
                 preprocess=data.get("preprocess"),
+                labels=data.get("labels"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelSourceError(f"{where} is damaged ({e!r}); re-create the model directory.") from None

@@ -448,6 +448,8 @@ class _Run:
     def _finish(self, result: TrainResult) -> None:
         card = ensure_card(self.model)
         card.preprocess = self.pp.to_json()
+        if self.bundle.labeled:  # the data's classes name the outputs (a label-free run keeps the original's)
+            card.labels = list(self.bundle.classes)
         card.input_spec = ",".join(str(v) for v in self.pp.input_shape)
         card.figures.update(
             {

@@ -1,0 +1,304 @@
+"""``presso.convert``: from a PyTorch model to a verified deployable file (ONNX or OpenVINO IR; FP32, FP16, INT8).
+
+Flow: export (torch.export-based ONNX, opset 18) -> ONNX checker -> simplify (ONNX Runtime's basic optimizer) ->
+verify against PyTorch (the export fails above a tolerance) -> FP16 or INT8 (calibration + automatic precision) ->
+OpenVINO IR if asked -> accuracy of FP32 vs the result on labelled data. The output directory holds the model file,
+``presso.json`` (the model card, with the conversion recorded) and ``convert.json`` (the full report).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from presso.convert.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
+from presso.convert.quantize import Int8Config, Int8Result, quantize_int8, to_fp16
+from presso.errors import ConfigError, ConversionError
+from presso.models.card import ensure_card
+from presso.models.spec import InputSpec
+
+FORMATS = ("onnx", "openvino")
+PRECISIONS = ("fp32", "fp16", "int8")
+# Largest output difference relative to the largest output value that a conversion may show against PyTorch.
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+CONVERT_VERSION = 1
+
+
+@dataclass
+class ConvertConfig:
+    """to: ``onnx`` | ``openvino``; precision: ``fp32`` | ``fp16`` | ``int8``.
+
+    tolerance: the largest relative output difference against PyTorch accepted (FP32/FP16; INT8 is judged by
+        ``int8.snr_db`` instead). ``None``: 1e-3 for FP32, 3e-2 for FP16.
+    keep_io_types: FP16 models keep FP32 inputs and outputs.
+    eval_samples: labelled held-out images scored with FP32 and the converted model (0: skip).
+    """
+
+    to: str = "onnx"
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    dynamic_batch: bool = False
+    tolerance: float | None = None
+    keep_io_types: bool = True
+    int8: Int8Config = field(default_factory=Int8Config)
+    eval_samples: int = 1000
+    version: int = CONVERT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.to not in FORMATS:
+            raise ConfigError(f"Unknown format '{self.to}'; use one of {', '.join(FORMATS)}.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"Unknown precision '{self.precision}'; use one of {', '.join(PRECISIONS)}.")
+        if self.opset < 17:
+            raise ConfigError(f"opset {self.opset} is too old; Presso exports opset 17 or newer.")
+        if isinstance(self.int8, dict):
+            self.int8 = Int8Config(**self.int8)
+
+    @property
+    def max_rel_diff(self) -> float | None:
+        if self.precision == "int8":
+            return None
+        return self.tolerance if self.tolerance is not None else TOLERANCE[self.precision]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ConvertResult:
+    format: str
+    precision: str
+    path: Path
+    output_dir: Path
+    size_bytes: int
+    size_bytes_fp32: int
+    diff: dict[str, Any]
+    int8: Int8Result | None
+    accuracy: dict[str, Any] | None
+    seconds: float
+    config: ConvertConfig
+    files: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        out = {
+            "format": self.format,
+            "precision": self.precision,
+            "path": str(self.path),
+            "output_dir": str(self.output_dir),
+            "files": self.files,
+            "size_bytes": self.size_bytes,
+            "size_bytes_fp32": self.size_bytes_fp32,
+            **self.diff,
+            "accuracy": self.accuracy,
+            "seconds": round(self.seconds, 2),
+            "config": self.config.to_json(),
+        }
+        if self.int8 is not None:
+            out["fallback_layers"] = self.int8.fallback_layers
+            out["int8"] = self.int8.to_json()
+        return out
+
+
+def _file_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in ([path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]))
+
+
+def _ort_runner(path: Path) -> Callable[[tuple], list[np.ndarray]]:
+    from presso.convert.onnx import run_onnx
+
+    sess = session(path)
+    return lambda inputs: run_onnx(sess, inputs)
+
+
+def _ov_runner(path: Path) -> Callable[[tuple], list[np.ndarray]]:
+    from presso.convert.openvino import OpenVINORunner
+
+    return OpenVINORunner(path).run
+
+
+def _batches_of(x: torch.Tensor, batch: int | None) -> list[tuple[torch.Tensor]]:
+    step = batch or 32
+    return [(x[i : i + step],) for i in range(0, len(x), step)]
+
+
+def _accuracy(run: Callable, bundle, pp, n: int, batch: int | None) -> tuple[float, int]:
+    from presso.data import batches
+
+    dataset = bundle.val.at(pp.size, pp.channels)
+    order = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int)
+    correct = total = 0
+    for x, y in batches(dataset, np.unique(order), 256):
+        xs = pp.normalize(x)
+        for (chunk,), labels in zip(_batches_of(xs, batch), torch.split(y, batch or 32), strict=False):
+            pred = run((chunk,))[0].argmax(axis=1)
+            correct += int((pred == labels.numpy()).sum())
+            total += len(labels)
+    return correct / max(total, 1), total
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: str | InputSpec | tuple,
+    config: ConvertConfig | None = None,
+    *,
+    output: str | Path,
+    calib: str | None = None,
+    eval_data: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ConvertResult:
+    """Convert ``model`` into ``output`` (a directory) and verify it.
+
+    example_inputs: an input spec (``"1,3,224,224"``) or example tensors; the export's batch size is theirs
+        unless ``config.dynamic_batch``.
+    calib: any data spec (``presso.load_data``) for INT8 ranges; its held-out split, when labelled, also gives
+        FP32 vs converted accuracy (or ``eval_data`` names another labelled set).
+    """
+    from presso.data import calibration_batches, load_data, preprocess_for
+    from presso.data.images import Preprocess
+
+    cfg = config or ConvertConfig()
+    t0 = time.perf_counter()
+    report = progress or (lambda _stage, _i, _n: None)
+    spec = InputSpec.parse(example_inputs) if isinstance(example_inputs, (str, InputSpec)) else None
+    inputs = spec.example_inputs() if spec is not None else tuple(example_inputs)
+    spec = spec or InputSpec.from_tensors(inputs)
+    if cfg.precision == "int8" and not calib:
+        raise ConfigError(
+            "INT8 needs calibration data: give --calib DATA (a dataset like the deployment inputs; 'random' only "
+            "checks that quantization runs, it does not keep accuracy)."
+        )
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"'{output}' exists and is not empty; choose a new output directory or remove it.")
+    card = ensure_card(model)
+    pp = Preprocess.from_json(card.preprocess) if card.preprocess else None
+    batch = None if cfg.dynamic_batch else int(inputs[0].shape[0])
+
+    # reference inputs: the example (random) inputs plus real images when calibration data is given
+    calibration: list[np.ndarray] = []
+    check_inputs: list[tuple] = [inputs]
+    if calib:
+        report("reading calibration data", 0, 1)
+        need = cfg.int8.samples + cfg.int8.check_samples if cfg.precision == "int8" else 16
+        x = torch.cat(calibration_batches(calib, spec, batches=1, batch_size=need, preprocess=pp))
+        calibration = [x[: len(x) - cfg.int8.check_samples].numpy()] if cfg.precision == "int8" else []
+        held = x[len(x) - cfg.int8.check_samples :] if cfg.precision == "int8" else x
+        check_inputs += [c for c in _batches_of(held, batch)][:4]
+
+    work = Path(tempfile.mkdtemp(prefix=".presso-convert-", dir=output.parent if output.parent.exists() else None))
+    try:
+        report("exporting to ONNX", 0, 1)
+        raw = export_onnx(model, inputs, work / "raw.onnx", opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
+        fp32 = optimize_onnx(raw, work / "model.fp32.onnx")
+        reference = [torch_outputs(model, i) for i in check_inputs]
+        fp32_diff = compare_outputs(reference, [_ort_runner(fp32)(i) for i in check_inputs])
+        if fp32_diff.max_rel_diff > TOLERANCE["fp32"] if cfg.tolerance is None else cfg.tolerance:
+            raise ConversionError(
+                f"The exported ONNX model differs from PyTorch by {fp32_diff.max_abs_diff:.3g} "
+                f"({fp32_diff.max_rel_diff:.2%} of the output scale, tolerance "
+                f"{TOLERANCE['fp32'] if cfg.tolerance is None else cfg.tolerance:.2%}); a layer exports wrongly -- "
+                "rerun with --debug, or raise --tolerance if the difference is acceptable."
+            )
+
+        int8 = None
+        onnx_out = work / "model.onnx"
+        if cfg.precision == "fp32":
+            shutil.copyfile(fp32, onnx_out)
+        elif cfg.precision == "fp16":
+            report("converting to FP16", 0, 1)
+            to_fp16(fp32, onnx_out, keep_io_types=cfg.keep_io_types)
+        else:
+            check = [c[0].numpy() for c in check_inputs[1:]] or [inputs[0].numpy()]
+            int8 = quantize_int8(fp32, onnx_out, calibration, check, cfg.int8, progress=report)
+
+        files: list[str] = []
+        output.mkdir(parents=True, exist_ok=True)
+        if cfg.to == "onnx":
+            final = output / "model.onnx"
+            shutil.move(onnx_out, final)
+            runner = _ort_runner(final)
+        else:
+            from presso.convert.openvino import to_openvino
+
+            report("converting to OpenVINO IR", 0, 1)
+            source = fp32 if cfg.precision == "fp16" else onnx_out  # FP16 IR: compressed weights of the FP32 graph
+            final = to_openvino(source, output, fp16_weights=cfg.precision == "fp16")
+            shutil.copyfile(onnx_out, output / "model.onnx")  # the runtime-neutral file travels along
+            files.append("model.onnx")
+            runner = _ov_runner(final)
+        files = [final.name, *([final.with_suffix(".bin").name] if final.suffix == ".xml" else []), *files]
+
+        report("verifying", 0, 1)
+        # INT8 is compared on real images only when there are some: random inputs lie outside the calibrated ranges
+        compared = range(1, len(check_inputs)) if cfg.precision == "int8" and len(check_inputs) > 1 else None
+        compared = list(compared) if compared is not None else list(range(len(check_inputs)))
+        diff = compare_outputs([reference[i] for i in compared], [runner(check_inputs[i]) for i in compared])
+        limit = cfg.max_rel_diff
+        if limit is not None and diff.max_rel_diff > limit:
+            shutil.rmtree(output, ignore_errors=True)
+            raise ConversionError(
+                f"The {cfg.precision.upper()} {cfg.to} model differs from PyTorch by {diff.max_rel_diff:.2%} of the "
+                f"output scale (tolerance {limit:.2%}); use a higher precision or raise --tolerance."
+            )
+
+        accuracy = None
+        labelled = eval_data or calib
+        if cfg.eval_samples and labelled and labelled != "random":
+            bundle = load_data(labelled)
+            if bundle.labeled:
+                report("scoring FP32 and converted models", 0, 1)
+                eval_pp = pp or preprocess_for(bundle, model)
+                fp32_top1, n = _accuracy(_ort_runner(fp32), bundle, eval_pp, cfg.eval_samples, batch)
+                conv_top1, _ = _accuracy(runner, bundle, eval_pp, cfg.eval_samples, batch)
+                accuracy = {
+                    "data": bundle.name,
+                    "samples": n,
+                    "fp32_top1": round(fp32_top1, 4),
+                    "converted_top1": round(conv_top1, 4),
+                    "top1_change": round(conv_top1 - fp32_top1, 4),
+                }
+
+        result = ConvertResult(
+            format=cfg.to,
+            precision=cfg.precision,
+            path=final,
+            output_dir=output,
+            size_bytes=_file_size(final),
+            size_bytes_fp32=fp32.stat().st_size,
+            diff={
+                "max_abs_diff": diff.max_abs_diff,
+                "max_rel_diff": diff.max_rel_diff,
+                "verified_batches": diff.samples,
+                "fp32_max_abs_diff": fp32_diff.max_abs_diff,
+            },  # fmt: skip
+            int8=int8,
+            accuracy=accuracy,
+            seconds=time.perf_counter() - t0,
+            config=cfg,
+            files=files,
+        )
+        _write_card(output, card, spec, result)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_card(output: Path, card, spec: InputSpec, result: ConvertResult) -> None:
+    summary = result.summary()
+    data = card.to_json()
+    data["input_spec"] = data.get("input_spec") or str(spec)
+    data["conversion"] = {k: v for k, v in summary.items() if k not in ("int8",)}
+    data["history"] = [*data.get("history", []), {"verb": "convert", **data["conversion"]}]
+    (output / "presso.json").write_text(json.dumps(data, indent=2, default=str))
+    (output / "convert.json").write_text(json.dumps(summary, indent=2, default=str))
+    result.files += ["presso.json", "convert.json"]

@@ -1,0 +1,93 @@
+"""``presso package``: one zip a device can run without PyTorch.
+
+Members: ``model.onnx`` (what ``predict`` runs), ``presso.json`` (the model card: input spec, preprocessing, labels,
+lineage -- source, recipe, history -- and figures, plus the conversion report), ``predict.py`` (the self-contained
+predictor, ``python predict.py bundle.zip IMAGE``), ``README.txt``, and the OpenVINO IR when the model was converted
+to it. The archive is written to a temporary name and renamed, so a failed run never leaves half a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from presso.convert.predict import BUNDLE_FORMAT, CARD_MEMBER, MODEL_MEMBER
+from presso.errors import BundleError
+
+README = """Presso bundle: {name}
+
+Run it on any machine with Python 3.10+ (no PyTorch needed):
+
+    pip install onnxruntime numpy pillow
+    python -c "import zipfile; zipfile.ZipFile('{zip}').extract('predict.py')"
+    python predict.py {zip} IMAGE [IMAGE ...] [--top-k 3] [--json]
+
+or, where Presso is installed:  presso predict {zip} IMAGE ...
+
+Input: {spec}; images are resized to {size} ({channels} channel(s)) and normalised with the recorded mean/std.
+Precision: {precision}. Classes: {classes}.
+"""
+
+
+def is_converted_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / MODEL_MEMBER).is_file() and (p / CARD_MEMBER).is_file() and (p / "convert.json").is_file()
+
+
+def package(converted: str | Path, output: str | Path) -> dict[str, Any]:
+    """Pack a directory written by ``presso.convert`` into the bundle ``output`` (.zip)."""
+    from presso.convert import predict
+
+    src = Path(converted)
+    if not is_converted_dir(src):
+        raise BundleError(f"'{src}' is not a converted model directory (model.onnx, presso.json, convert.json).")
+    card = json.loads((src / CARD_MEMBER).read_text())
+    if not card.get("preprocess"):
+        raise BundleError(
+            "The model records no preprocessing (image size, mean, std), so a bundle could not turn images into "
+            "inputs; train or fine-tune it with 'presso train' first, which records it."
+        )
+    output = Path(output)
+    if output.suffix != ".zip":
+        raise BundleError(f"Name the bundle with a .zip suffix, not '{output.name}'.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    model_bytes = (src / MODEL_MEMBER).read_bytes()
+    card["bundle_format"] = BUNDLE_FORMAT
+    card["bundle"] = {"model_sha256": hashlib.sha256(model_bytes).hexdigest(), "runtime": "onnxruntime"}
+    pp = card["preprocess"]
+    labels = card.get("labels")
+    readme = README.format(
+        name=card.get("source", {}).get("source", "model"),
+        zip=output.name,
+        spec=card.get("input_spec"),
+        size="x".join(str(v) for v in pp["size"]),
+        channels=pp["channels"],
+        precision=card.get("conversion", {}).get("precision", "fp32"),
+        classes=", ".join(labels[:20]) + (" ..." if len(labels) > 20 else "") if labels else "not recorded",
+    )
+    members = {
+        MODEL_MEMBER: model_bytes,
+        CARD_MEMBER: json.dumps(card, indent=2, default=str).encode(),
+        "predict.py": Path(predict.__file__).read_bytes(),
+        "README.txt": readme.encode(),
+    }
+    for extra in ("model.xml", "model.bin"):
+        if (src / extra).is_file():
+            members[extra] = (src / extra).read_bytes()
+    tmp = output.with_name(f".{output.name}.partial")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    os.replace(tmp, output)
+    return {
+        "path": str(output),
+        "size_bytes": output.stat().st_size,
+        "members": sorted(members),
+        "labels": labels,
+        "precision": card.get("conversion", {}).get("precision"),
+        "model_sha256": card["bundle"]["model_sha256"],
+    }

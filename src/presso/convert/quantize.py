@@ -1,0 +1,386 @@
+"""INT8 and FP16 for ONNX models, with ONNX Runtime's quantization tools.
+
+INT8 is static QDQ quantization (``onnxruntime.quantization.quantize_static``): pre-processing first (shape inference,
+graph optimization), per-channel int8 weights, uint8 activations, ranges from calibration data (minmax, entropy or
+percentile). What Presso adds is **automatic precision**: the whole model's output is compared with FP32 on held-out
+calibration samples (signal-to-quantization-noise ratio, dB); when it falls below the threshold, each compute layer's
+sensitivity is measured (the output SNR with only that layer quantized) and the most sensitive layers fall back to
+FP32 one after another until the threshold is met. Calibration runs once; every re-quantization reuses its ranges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from presso.errors import ConfigError, ConversionError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def snr_db(reference: Iterable[np.ndarray], candidate: Iterable[np.ndarray]) -> float:
+    """Signal-to-noise ratio of ``candidate`` against ``reference`` in dB, over all outputs of all batches."""
+    signal = noise = 0.0
+    for r, c in zip(reference, candidate, strict=True):
+        r64 = np.asarray(r, dtype=np.float64)
+        signal += float(np.sum(r64 * r64))
+        noise += float(np.sum((r64 - np.asarray(c, dtype=np.float64)) ** 2))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+
+
+def has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI 8-bit dot products (None off x86 or when unknown)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+@dataclass
+class Int8Config:
+    """How to quantize to INT8.
+
+    method: calibration -- ``minmax`` (ranges seen), ``entropy`` (KL-optimal clipping), ``percentile``.
+    samples: calibration samples (the held-out ones for the error check come on top: ``check_samples``).
+    snr_db: the whole model's output SNR against FP32 that automatic precision must reach (``None``: no fallback).
+    max_fallback: the largest share of compute layers allowed to fall back to FP32.
+    reduce_range: 7-bit weights, which avoids int16 saturation on x86 CPUs without VNNI (``None``: decide from
+        this machine's CPU, as ONNX Runtime recommends).
+    """
+
+    method: str = "minmax"
+    samples: int = 128
+    check_samples: int = 32
+    snr_db: float | None = 20.0
+    max_fallback: float = 0.5
+    per_channel: bool = True
+    reduce_range: bool | None = None
+    percentile: float = 99.999
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"Calibration method '{self.method}' is not one of {', '.join(CALIBRATION_METHODS)}.")
+        if self.samples < 1 or self.check_samples < 1:
+            raise ConfigError("Calibration needs at least one sample and one check sample.")
+        if not 0.0 <= self.max_fallback <= 1.0:
+            raise ConfigError(f"max_fallback must be a share in [0, 1], not {self.max_fallback}.")
+
+
+@dataclass
+class LayerReport:
+    node: str  # ONNX node name
+    layer: str  # the PyTorch module it came from, when the exporter recorded it
+    op: str
+    snr_db: float | None = None  # output SNR of the whole model with only this layer quantized (when measured)
+    activation_snr_db: float | None = None  # this layer's output in the INT8 model vs FP32 (accumulated error)
+    fallback: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 2) if isinstance(v, float) and math.isfinite(v) else v) for k, v in vars(self).items()}
+
+
+@dataclass
+class Int8Result:
+    path: Path
+    output_snr_db: float
+    output_snr_db_all_int8: float
+    threshold_db: float | None
+    met: bool
+    layers: list[LayerReport] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fallback_layers(self) -> list[str]:
+        return [r.layer or r.node for r in self.layers if r.fallback]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output_snr_db": _round(self.output_snr_db),
+            "output_snr_db_all_int8": _round(self.output_snr_db_all_int8),
+            "snr_threshold_db": self.threshold_db,
+            "threshold_met": self.met,
+            "fallback_layers": self.fallback_layers,
+            "layers": [r.to_json() for r in self.layers],
+            "settings": self.settings,
+        }
+
+
+def _round(v: float) -> float | str:
+    return round(v, 2) if math.isfinite(v) else "inf"
+
+
+class _Reader:
+    """A rewindable ``CalibrationDataReader`` over a list of input feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
+def _layer_name(node) -> str:
+    """The PyTorch module ``node`` came from: its weight's parameter name (which the exporter keeps even when it
+    folds a BatchNorm into the convolution), else the deepest name scope the exporter recorded."""
+    if len(node.input) > 1 and node.input[1].endswith(".weight"):
+        return node.input[1][: -len(".weight")]
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                import ast
+
+                scopes = [s for s in ast.literal_eval(prop.value) if s]
+            except (ValueError, SyntaxError):
+                return ""
+            return scopes[-2] if len(scopes) >= 2 else (scopes[0] if scopes else "")
+    return ""
+
+
+def feeds_for(path: Path, batches: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Input feeds for ``path`` from image batches: split to the model's static batch size when it has one."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ConversionError(f"Calibration feeds image batches to a model with one input; this one has {len(inputs)}.")
+    dim0 = inputs[0].type.tensor_type.shape.dim[0]
+    static = dim0.dim_value if dim0.HasField("dim_value") else 0
+    x = np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])
+    step = static or 16
+    return [{inputs[0].name: x[i : i + step]} for i in range(0, len(x) - (len(x) % step if static else 0), step)]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizer logs advice at WARNING on the root logger; keep the CLI's output clean."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class _Quantizer:
+    """One calibration, many quantizations (different fallback sets) of one pre-processed FP32 model."""
+
+    def __init__(self, fp32: Path, calib: list[dict], check: list[dict], cfg: Int8Config, work: Path):
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantType
+
+        self.fp32, self.cfg, self.work = fp32, cfg, work
+        self.calib, self.check = calib, check
+        self.reduce_range = cfg.reduce_range if cfg.reduce_range is not None else (has_vnni() is False)
+        self.method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[cfg.method]
+        self.kwargs = dict(
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=cfg.per_channel,
+            reduce_range=self.reduce_range,
+            calibrate_method=self.method,
+            extra_options={"CalibPercentile": cfg.percentile} if cfg.method == "percentile" else {},
+        )
+        self.cache = work / "calibration.cache"
+        graph = onnx.load(str(fp32), load_external_data=False).graph
+        self.nodes = [n for n in graph.node if n.op_type in COMPUTE_OPS]
+        self.layer_of = {n.name: _layer_name(n) for n in self.nodes}
+        consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        self.activation_after = {
+            t: c[0].output[0]
+            for t, c in consumers.items()
+            if len(c) == 1 and c[0].op_type in ("Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid")
+        }
+        self.reference = self._run(fp32, check)
+        self.count = 0
+
+    def _run(self, path: Path, feeds: list[dict]) -> list[np.ndarray]:
+        from presso.convert.onnx import session
+
+        sess = session(path)
+        return [o for feed in feeds for o in sess.run(None, feed)]
+
+    def quantize(self, exclude: list[str] = (), only: list[str] | None = None) -> Path:
+        from onnxruntime.quantization import QuantFormat, quantize_static
+
+        self.count += 1
+        out = self.work / f"int8_{self.count}.onnx"
+        with _quiet():
+            quantize_static(
+                str(self.fp32),
+                str(out),
+                _Reader(self.calib),
+                quant_format=QuantFormat.QDQ,
+                nodes_to_exclude=list(exclude),
+                nodes_to_quantize=list(only) if only else None,
+                calibration_cache_path=str(self.cache),
+                **self.kwargs,
+            )
+        return out
+
+    def output_snr(self, path: Path) -> float:
+        return snr_db(self.reference, self._run(path, self.check))
+
+    def activation_snr(self, qdq: Path) -> dict[str, float]:
+        """Each compute layer's output in the INT8 model against FP32 (ONNX Runtime's QDQ debugging tools)."""
+        from onnxruntime.quantization.qdq_loss_debug import (
+            collect_activations,
+            compute_activation_error,
+            create_activation_matching,
+            modify_model_output_intermediate_tensors,
+        )
+
+        aug_f, aug_q = self.work / "aug_fp32.onnx", self.work / "aug_int8.onnx"
+        feeds = self.check[: max(1, min(len(self.check), 4))]
+        with _quiet():
+            modify_model_output_intermediate_tensors(str(self.fp32), str(aug_f))
+            modify_model_output_intermediate_tensors(str(qdq), str(aug_q))
+            float_acts = collect_activations(str(aug_f), _Reader(feeds))
+            qdq_acts = collect_activations(str(aug_q), _Reader(feeds))
+        errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+        out = {}
+        for n in self.nodes:
+            tensor = n.output[0]
+            # an activation after the layer (Relu, Clip) is folded into the quantized output: read its output then
+            while tensor not in errors and tensor in self.activation_after:
+                tensor = self.activation_after[tensor]
+            if "xmodel_err" in errors.get(tensor, {}):
+                out[n.name] = float(errors[tensor]["xmodel_err"])
+        return out
+
+
+def quantize_int8(
+    fp32: str | Path,
+    out: str | Path,
+    calibration: list[np.ndarray],
+    check: list[np.ndarray],
+    cfg: Int8Config | None = None,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Int8Result:
+    """Quantize the FP32 ONNX model ``fp32`` to ``out`` (QDQ), falling back sensitive layers to FP32 as needed.
+
+    calibration / check: image batches (already normalised) for the ranges and for the error check; keep them
+    disjoint so the check is honest.
+    """
+    from onnxruntime.quantization import quant_pre_process
+
+    cfg = cfg or Int8Config()
+    out = Path(out)
+    report = progress or (lambda _stage, _i, _n: None)
+    with tempfile.TemporaryDirectory(prefix="presso-int8-") as tmp:
+        work = Path(tmp)
+        pre = work / "fp32_pre.onnx"
+        with _quiet():
+            try:
+                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
+            except Exception:  # symbolic shape inference fails on some graphs; ONNX's own inference suffices then
+                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        calib_feeds, check_feeds = feeds_for(pre, calibration), feeds_for(pre, check)
+        if not calib_feeds or not check_feeds:
+            raise ConversionError("INT8 needs calibration samples: give --calib DATA (at least one batch).")
+        report("calibrating", 0, 1)
+        q = _Quantizer(pre, calib_feeds, check_feeds, cfg, work)
+        current = q.quantize()
+        all_int8 = q.output_snr(current)
+        layers = [LayerReport(node=n.name, layer=q.layer_of[n.name], op=n.op_type) for n in q.nodes]
+        by_node = {r.node: r for r in layers}
+        snr, fallback = all_int8, []
+        if cfg.snr_db is not None and snr < cfg.snr_db and q.nodes:
+            # sensitivity of each compute layer: the model's output SNR with only that layer quantized
+            for i, n in enumerate(q.nodes):
+                report("measuring layer sensitivity", i, len(q.nodes))
+                by_node[n.name].snr_db = q.output_snr(q.quantize(only=[n.name]))
+            order = sorted(q.nodes, key=lambda n: by_node[n.name].snr_db)
+            limit = int(cfg.max_fallback * len(q.nodes))
+            k = 0
+            while snr < cfg.snr_db and k < limit:
+                k = min(limit, max(k + 1, int(k * 1.5)))
+                fallback = [n.name for n in order[:k]]
+                report("falling back sensitive layers", k, limit)
+                current = q.quantize(exclude=fallback)
+                snr = q.output_snr(current)
+            # a smaller set may already suffice: drop the least sensitive of the last step back in one by one
+            while len(fallback) > 1:
+                trial = fallback[:-1]
+                candidate = q.quantize(exclude=trial)
+                trial_snr = q.output_snr(candidate)
+                if trial_snr < cfg.snr_db:
+                    break
+                fallback, current, snr = trial, candidate, trial_snr
+        for name in fallback:
+            by_node[name].fallback = True
+        report("per-layer error", 0, 1)
+        for name, value in q.activation_snr(current).items():
+            by_node[name].activation_snr_db = value
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(current, out)
+    return Int8Result(
+        path=out,
+        output_snr_db=snr,
+        output_snr_db_all_int8=all_int8,
+        threshold_db=cfg.snr_db,
+        met=cfg.snr_db is None or snr >= cfg.snr_db,
+        layers=layers,
+        settings={
+            "method": cfg.method,
+            "samples": sum(len(next(iter(f.values()))) for f in calib_feeds),
+            "check_samples": sum(len(next(iter(f.values()))) for f in check_feeds),
+            "per_channel": cfg.per_channel,
+            "reduce_range": q.reduce_range,
+            "activations": "uint8",
+            "weights": "int8",
+            "format": "QDQ",
+        },
+    )
+
+
+def to_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True) -> Path:
+    """FP16 weights and compute, FP32 inputs/outputs unless ``keep_io_types`` is False (ONNX Runtime's converter)."""
+    import onnx
+    import onnx_ir as ir
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=keep_io_types)
+    # the converter appends its input casts at the end of the node list; the ONNX checker wants topological order
+    graph = ir.from_proto(model)
+    graph.graph.sort()
+    onnx.save(ir.to_proto(graph), str(dst))
+    onnx.checker.check_model(str(dst))
+    return Path(dst)
