@@ -26,6 +26,8 @@ _EXPORTS = {
     "TrainResult": "presso.train",
     "evaluate": "presso.train",
     "load_data": "presso.data",
+    "convert": "presso.convert",
+    "ConvertConfig": "presso.convert",
 }
 _ERRORS = [
     "PressoError",
@@ -36,6 +38,8 @@ _ERRORS = [
     "UntrustedFileError",
     "BudgetError",
     "DataError",
+    "ConversionError",
+    "BundleError",
 ]
 
 __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
@@ -43,6 +47,7 @@ __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from presso.api import info  # noqa: F401
     from presso.compress import CompressResult, PruneConfig, compress  # noqa: F401
+    from presso.convert import ConvertConfig, convert  # noqa: F401
     from presso.data import load_data  # noqa: F401
     from presso.errors import *  # noqa: F403
     from presso.models import InputSpec, ModelCard, load_model, load_model_dir, save_model_dir  # noqa: F401
