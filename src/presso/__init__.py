@@ -28,6 +28,8 @@ _EXPORTS = {
     "load_data": "presso.data",
     "convert": "presso.convert",
     "ConvertConfig": "presso.convert",
+    "benchmark": "presso.bench",
+    "predict_latency": "presso.bench",
 }
 _ERRORS = [
     "PressoError",

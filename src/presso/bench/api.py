@@ -1,0 +1,383 @@
+"""The benchmarker's public verbs: ``benchmark``, ``calibrate`` (a device's kernels) and ``predict_latency``."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from presso.bench.devices import LOCAL
+from presso.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+_INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+}
+
+
+class _Onnx:
+    """A model as an ONNX file (exported through ``presso.convert`` when it is a PyTorch model) and its feed."""
+
+    def __init__(self, model, input_shape, batch: int | None, tmp: Path):
+        import onnx
+
+        self.torch_model, self.example_inputs, self.feed = None, None, None
+        self.name = model if isinstance(model, str) else type(model).__name__
+        if isinstance(model, bytes):
+            self.path = tmp / "model.onnx"
+            self.path.write_bytes(model)
+        elif isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+            self.path = Path(model)
+            if not self.path.is_file():
+                raise ConfigError(f"ONNX file '{model}' does not exist.")
+        else:
+            from presso.bench.runner import export_with_feed
+
+            module = model
+            if isinstance(model, (str, Path)):
+                import presso
+
+                module = presso.load_model(model)
+            spec = _spec_for(module, input_shape)
+            self.example_inputs = spec.example_inputs(batch=batch)
+            self.torch_model = module
+            self.path, self.feed = export_with_feed(module, self.example_inputs, tmp / "model.onnx")
+        self.proto = onnx.load(str(self.path), load_external_data=False)
+        self.shapes = _input_shapes(self.proto, input_shape, batch)
+        self.input_shape = ";".join(",".join(str(d) for d in s) for s in self.shapes)
+
+    def ort_feed(self):
+        if self.feed is None:
+            from presso.bench.runner import input_feed, ort_session
+
+            self.feed = input_feed(ort_session(self.path, 1), self.shapes)
+        return self.feed
+
+
+def _spec_for(module, input_shape):
+    from presso.models import InputSpec, get_card
+
+    if input_shape is not None:
+        return InputSpec.parse(input_shape)
+    card = get_card(module)
+    if card is not None and card.input_spec:
+        return InputSpec.parse(card.input_spec)
+    cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return InputSpec.parse((1, *cfg["input_size"]))
+    raise ConfigError(f"Give the input shape of {type(module).__name__}, e.g. input_shape='1,3,224,224'.")
+
+
+def _input_shapes(proto, input_shape, batch) -> list[tuple[int, ...]]:
+    inits = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in inits]
+    given = None
+    if input_shape is not None:
+        from presso.models import InputSpec
+
+        given = [t.shape for t in InputSpec.parse(input_shape).tensors]
+    out = []
+    for i, vi in enumerate(graph_inputs):
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+        shape = list(given[i]) if given and i < len(given) else dims
+        if batch is not None and shape:
+            shape[0] = batch
+        if any(d < 1 for d in shape):
+            raise ConfigError(f"Input '{vi.name}' has a dynamic shape {dims}: give the input shape (--input-shape).")
+        out.append(tuple(shape))
+    return out
+
+
+def detect_precision(proto) -> str:
+    ops = {n.op_type for n in proto.graph.node}
+    if ops & _INT8_OPS:
+        return "int8"
+    from onnx import TensorProto
+
+    if any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def _check_precision(detected: str, asked: str | None, runtime: str) -> str:
+    if asked is None:
+        return detected
+    if asked not in PRECISIONS:
+        raise ConfigError(f"Precision '{asked}': use one of {', '.join(PRECISIONS)}.")
+    if asked != detected:
+        raise ConfigError(
+            f"The model is {detected}, not {asked}: the benchmark runs a model as it is. Produce the {asked} model "
+            f"first (presso convert ... --precision {asked}) and benchmark that file."
+        )
+    if runtime == "torch" and asked != "fp32":
+        raise ConfigError("The torch runtime benchmarks fp32 models only; use onnxruntime for fp16/int8 files.")
+    return asked
+
+
+def benchmark(
+    model,
+    device: str = LOCAL,
+    *,
+    input_shape: str | None = None,
+    runtime: str = "onnxruntime",
+    threads: int | None = None,
+    batch: int | None = None,
+    precision: str | None = None,
+    warmup: int = 10,
+    repeat: int = 50,
+    max_seconds: float = 30.0,
+    profile: bool = False,
+    db: str | None | bool = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Measure ``model`` (an ``nn.Module``, a model source string, an ``.onnx`` path or ONNX bytes) on ``device``.
+
+    Returns the measurement as a dict: ``latency_ms`` (median, p90, p99, mean, std, min), ``throughput``,
+    ``peak_memory_mb``, ``model_size_bytes``, ``noise_pct``, ``environment``, ``device``, ``runtime``, and the
+    fingerprints it is stored under. Every measurement is stored in the latency database (``db``: an SQLAlchemy URL
+    or path; default ``$PRESSO_HOME/latency.db``; ``False`` stores nothing).
+    """
+    from presso.bench.kernels import graph_fingerprint
+    from presso.bench.runner import RUNTIMES, measure_onnx, measure_torch
+
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"Runtime '{runtime}': use one of {', '.join(RUNTIMES)}.")
+    if batch is not None and batch < 1:
+        raise ConfigError(f"--batch must be positive, not {batch}.")
+    with tempfile.TemporaryDirectory(prefix="presso-bench-") as tmp:
+        m = _Onnx(model, input_shape, batch, Path(tmp))
+        prec = _check_precision(detect_precision(m.proto), precision, runtime)
+        fp = graph_fingerprint(m.proto)
+        if device == LOCAL:
+            if runtime == "torch":
+                if m.torch_model is None:
+                    raise ConfigError("The torch runtime needs a PyTorch model, not an ONNX file.")
+                meas = measure_torch(
+                    m.torch_model,
+                    m.example_inputs,
+                    threads=threads,
+                    warmup=warmup,
+                    repeat=repeat,
+                    max_seconds=max_seconds,
+                    progress=progress,
+                ).to_json()
+                if profile:
+                    raise ConfigError("--profile uses ONNX Runtime's profiler: run it with --runtime onnxruntime.")
+            else:
+                meas = measure_onnx(
+                    m.path,
+                    m.ort_feed(),
+                    threads=threads,
+                    warmup=warmup,
+                    repeat=repeat,
+                    max_seconds=max_seconds,
+                    runtime=runtime,
+                    profile=profile,
+                    progress=progress,
+                ).to_json()
+        else:
+            from presso.bench.client import AgentClient
+
+            if runtime == "torch":
+                raise ConfigError("Remote devices run ONNX models: use --runtime onnxruntime or openvino.")
+            if progress:
+                progress(0, 1)
+            meas = AgentClient.for_device(device).benchmark(
+                m.path,
+                runtime=runtime,
+                threads=threads,
+                warmup=warmup,
+                repeat=repeat,
+                max_seconds=max_seconds,
+                profile=profile,
+                input_shape=m.input_shape,
+            )
+            if progress:
+                progress(1, 1)
+    result = _result(meas, device=device, precision=prec, model_fp=fp, name=m.name, input_shape=m.input_shape)
+    if db is not False:
+        from presso.bench.latency_db import LatencyDB, measurement_row
+
+        store = LatencyDB(db or None)
+        row = measurement_row(
+            meas,
+            device=device,
+            precision=prec,
+            model_fp=fp,
+            model_name=m.name,
+            input_shape=m.input_shape,
+            extra={"profile": meas.get("profile")},
+        )
+        result["db"] = {"url": _safe_url(store.url), "uid": store.add(row), "device_fp": row["device_fp"]}
+    return result
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _result(meas: dict[str, Any], *, device: str, precision: str, model_fp: str, name: str, input_shape: str) -> dict:
+    keys = ("median_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms")
+    return {
+        "model": name,
+        "device": device,
+        "runtime": meas["runtime"],
+        "runtime_version": meas["runtime_version"],
+        "precision": precision,
+        "threads": meas["threads"],
+        "batch": meas["batch"],
+        "input_shape": input_shape,
+        "latency_ms": {k.removesuffix("_ms"): meas[k] for k in keys},
+        "runs": meas["runs"],
+        "noise_pct": meas["noise_pct"],
+        "throughput": meas["throughput"],
+        "peak_memory_mb": meas["peak_memory_mb"],
+        "model_size_bytes": meas["model_size_bytes"],
+        "model_fp": model_fp,
+        "environment": meas["environment"],
+        "profile": meas.get("profile"),
+    }
+
+
+# --------------------------------------------------------------------------- calibration and prediction
+def device_env(device: str, threads: int | None) -> dict[str, Any]:
+    """The environment a device's measurements are fingerprinted with (ONNX Runtime, ``threads``, fp32)."""
+    from presso.bench.env import environment
+    from presso.bench.runner import resolve_threads
+
+    if device == LOCAL:
+        import onnxruntime as ort
+
+        return environment("onnxruntime", ort.__version__, resolve_threads(threads))
+    from presso.bench.client import AgentClient
+
+    env = dict(AgentClient.for_device(device).info()["environment"])
+    env["threads"] = threads or env.get("cores") or env["threads"]
+    return env
+
+
+def calibrate(
+    device: str = LOCAL,
+    *,
+    threads: int | None = None,
+    size: str = "full",
+    runs: int = 12,
+    db: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Measure the calibration kernel set on ``device`` and store every kernel in the latency database."""
+    import time
+
+    from presso.bench.calibrate import calibrate as run
+    from presso.bench.calibrate import kernel_set, measure_spec_local
+    from presso.bench.env import device_fingerprint
+    from presso.bench.latency_db import LatencyDB
+
+    if size not in ("full", "quick"):
+        raise ConfigError(f"Calibration size '{size}': use full or quick.")
+    env = device_env(device, threads)
+    n_threads = env["threads"]
+    fp = device_fingerprint(device, env, "fp32")
+    store = LatencyDB(db)
+    if device == LOCAL:
+
+        def measure(data: bytes, wall: bool):
+            return measure_spec_local(data, n_threads, runs, wall)
+    else:
+        from presso.bench.client import AgentClient
+
+        client = AgentClient.for_device(device)
+
+        def measure(data: bytes, wall: bool):
+            r = client.benchmark(
+                data,
+                threads=n_threads,
+                warmup=2,
+                repeat=max(runs * 3, 30) if wall else 3,
+                max_seconds=5,
+                profile=True,
+                profile_top=0,
+            )
+            return {n["node"]: n["ms"] for n in r["profile"]["nodes"]}, (r["median_ms"] if wall else None)
+
+    started = time.time()
+    base = {
+        "device": device,
+        "device_fp": fp,
+        "cpu": env.get("cpu"),
+        "gpu": env.get("gpu"),
+        "runtime": "onnxruntime",
+        "runtime_version": env.get("runtime_version"),
+        "threads": n_threads,
+        "precision": "fp32",
+    }
+    n_kernels = 0
+    for timing in run(measure, kernel_set(size), progress=progress):
+        rows = []
+        for node in timing.nodes:
+            rows.append(
+                {
+                    **base,
+                    "kind": "kernel",
+                    "kernel_key": node["family"],
+                    "median_ms": node["ms"],
+                    "model_name": timing.spec,
+                    "features": {"signature": node["signature"], "x": node["features"]},
+                }
+            )
+        if timing.wall_ms is not None:
+            rows.append(
+                {
+                    **base,
+                    "kind": "overhead",
+                    "median_ms": timing.wall_ms,
+                    "model_name": timing.spec,
+                    "features": {"nodes": len(timing.nodes), "kernel_ms": sum(n["ms"] for n in timing.nodes)},
+                }
+            )
+        store.add_many(rows)
+        n_kernels += len(timing.nodes)
+    return {
+        "device": device,
+        "device_fp": fp,
+        "threads": n_threads,
+        "kernels": n_kernels,
+        "seconds": round(time.time() - started, 1),
+        "db": _safe_url(store.url),
+    }
+
+
+def predict_latency(
+    model,
+    device: str = LOCAL,
+    *,
+    input_shape: str | None = None,
+    threads: int | None = None,
+    batch: int | None = None,
+    db: str | None = None,
+):
+    """Predict ``model``'s ONNX Runtime latency on ``device`` from the kernels calibrated there (no measurement).
+
+    ``model``: an ``nn.Module`` (with ``input_shape``), a model source, an ``.onnx`` path or ONNX bytes. Returns a
+    ``Prediction`` (``latency_ms``, overhead, how many kernels were looked up / estimated / unknown).
+    """
+    from presso.bench.env import device_fingerprint
+    from presso.bench.kernels import decompose
+    from presso.bench.latency_db import LatencyDB
+    from presso.bench.predictor import LatencyPredictor
+
+    env = device_env(device, threads)
+    fp = device_fingerprint(device, env, "fp32")
+    predictor = LatencyPredictor.from_db(LatencyDB(db), device=device, device_fp=fp)
+    with tempfile.TemporaryDirectory(prefix="presso-predict-") as tmp:
+        m = _Onnx(model, input_shape, batch, Path(tmp))
+        return predictor.predict_kernels(decompose(m.path, m.shapes))

@@ -1,0 +1,286 @@
+"""Calibration: measure the kernels a device needs, as single-kernel ONNX models built with ``onnx.helper``.
+
+Each calibration model is one standard-ONNX pattern (``Conv [+ residual Add] [+ activation]``, ``Gemm``, pooling,
+elementwise, ...). ONNX Runtime optimizes it exactly as it would inside a network (fusions, NCHWc layout), the
+profiler times every node it runs, and each node becomes one kernel row in the latency database -- the layout
+reorders around an isolated convolution included, which calibrates the reorders of real networks. Chains of tiny
+nodes measure what a run costs beyond its kernels (session overhead per run and per node).
+
+The sampled shapes cover MobileNet/ResNet/EfficientNet-like networks at 96-320 px, with pruned (non-multiple-of-8)
+channel counts; ``quick`` is a tiny set for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPSET = 18
+SPATIAL = [7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160]
+ACTS = ["", "Relu", "Clip", "HardSwish", "Sigmoid", "SiLU"]
+MAX_MACS = 250e6
+
+
+@dataclass
+class Spec:
+    kind: str
+    params: dict[str, Any]
+
+    def label(self) -> str:
+        return self.kind + "(" + ",".join(f"{k}={v}" for k, v in self.params.items()) + ")"
+
+
+# --------------------------------------------------------------------------- model builders
+def build(spec: Spec) -> bytes:
+    """The single-kernel ONNX model of ``spec``, serialized."""
+    from onnx import TensorProto, checker, helper, numpy_helper, shape_inference
+
+    rng = np.random.default_rng(0)
+    p = spec.params
+    nodes: list = []
+    inits: list = []
+    inputs: list = []
+
+    def inp(name, shape):
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        return name
+
+    def init(name, arr):
+        inits.append(numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name))
+        return name
+
+    def act(x: str, kind: str) -> str:
+        if not kind:
+            return x
+        if kind == "Clip":
+            init("clip_min", np.float32(0.0))
+            init("clip_max", np.float32(6.0))
+            nodes.append(helper.make_node("Clip", [x, "clip_min", "clip_max"], ["act"]))
+        elif kind == "SiLU":
+            nodes.append(helper.make_node("Sigmoid", [x], ["sig"]))
+            nodes.append(helper.make_node("Mul", [x, "sig"], ["act"]))
+        else:
+            nodes.append(helper.make_node(kind, [x], ["act"]))
+        return "act"
+
+    if spec.kind == "conv":
+        n, cin, cout, h, k, s, g = p.get("n", 1), p["cin"], p["cout"], p["h"], p["k"], p["s"], p["group"]
+        x = inp("x", [n, cin, h, h])
+        w = init("w", rng.standard_normal((cout, cin // g, k, k)) * 0.1)
+        b = init("b", rng.standard_normal(cout) * 0.1)
+        nodes.append(
+            helper.make_node("Conv", [x, w, b], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[k // 2] * 4, group=g)
+        )
+        y = "y"
+        if p.get("residual"):
+            ho = (h + 2 * (k // 2) - k) // s + 1
+            r = inp("r", [n, cout, ho, ho])
+            nodes.append(helper.make_node("Add", [y, r], ["sum"]))
+            y = "sum"
+        y = act(y, p.get("act", ""))
+    elif spec.kind == "gemm":
+        x = inp("x", [p["m"], p["k"]])
+        w = init("w", rng.standard_normal((p["n"], p["k"])) * 0.1)
+        b = init("b", rng.standard_normal(p["n"]) * 0.1)
+        nodes.append(helper.make_node("Gemm", [x, w, b], ["y"], transB=1))
+        y = act("y", p.get("act", ""))
+    elif spec.kind == "pool":
+        x = inp("x", [1, p["c"], p["h"], p["h"]])
+        nodes.append(
+            helper.make_node(
+                p["op"], [x], ["y"], kernel_shape=[p["k"], p["k"]], strides=[p["s"], p["s"]], pads=[p["k"] // 2] * 4
+            )
+        )
+        y = "y"
+    elif spec.kind == "gap":
+        x = inp("x", [1, p["c"], p["h"], p["h"]])
+        init("axes", np.array([2, 3]))
+        inits[-1] = numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes")
+        nodes.append(helper.make_node("ReduceMean", [x, "axes"], ["y"], keepdims=1))
+        y = "y"
+    elif spec.kind == "scale":  # squeeze-excitation gate: x * g, g of shape (1, C, 1, 1)
+        x = inp("x", [1, p["c"], p["h"], p["h"]])
+        gate = inp("g", [1, p["c"], 1, 1])
+        nodes.append(helper.make_node("Mul", [x, gate], ["y"]))
+        y = "y"
+    elif spec.kind == "eltwise":  # a standalone activation or a same-shape Add
+        x = inp("x", [1, p["c"], p["h"], p["h"]])
+        if p["op"] == "Add":
+            other = inp("o", [1, p["c"], p["h"], p["h"]])
+            nodes.append(helper.make_node("Add", [x, other], ["y"]))
+            y = "y"
+        else:
+            y = act(x, p["op"])
+    elif spec.kind == "chain":  # tiny nodes in a row: per-run and per-node overhead
+        x = inp("x", [1, 8])
+        y = x
+        for i in range(p["length"]):
+            init(f"c{i}", np.full((1, 8), 0.5))
+            nodes.append(helper.make_node("Add" if i % 2 == 0 else "Mul", [y, f"c{i}"], [f"t{i}"]))
+            y = f"t{i}"
+    elif spec.kind == "concat":
+        a = inp("a", [1, p["c"], p["h"], p["h"]])
+        b = inp("b", [1, p["c2"], p["h"], p["h"]])
+        nodes.append(helper.make_node("Concat", [a, b], ["y"], axis=1))
+        y = "y"
+    else:
+        raise ValueError(f"unknown calibration kernel kind {spec.kind}")
+    for i, node in enumerate(nodes):  # the profiler reports nodes by name
+        node.name = f"{spec.kind}_{i}_{node.op_type}"
+    graph = helper.make_graph(
+        nodes, spec.kind, inputs, [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], initializer=inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="presso-calibrate")
+    model.ir_version = 9
+    done = shape_inference.infer_shapes(model)
+    inferred = {v.name: v for v in [*done.graph.value_info, *done.graph.output] if v.type.tensor_type.HasField("shape")}
+    if y in inferred:  # declare the output's shape (the checker wants one)
+        model.graph.output[0].CopyFrom(inferred[y])
+    elif y in {i.name for i in inputs}:
+        model.graph.output[0].CopyFrom(next(i for i in inputs if i.name == y))
+    checker.check_model(model)
+    return model.SerializeToString()
+
+
+# --------------------------------------------------------------------------- the kernel set
+def _channels(rng: random.Random, lo: int, hi: int) -> int:
+    c = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+    return max(lo, (c + 4) // 8 * 8) if rng.random() < 0.7 else max(lo, c)
+
+
+def kernel_set(size: str = "full", seed: int = 0) -> list[Spec]:
+    """The calibration kernels: ``full`` (a few minutes on a 2-core machine), ``quick`` (seconds, for tests)."""
+    rng = random.Random(seed)
+    counts = {
+        "full": dict(kxk=90, pw=200, dw=130, group=20, gemm=30, pool=20, gap=40, scale=40, elt=60, concat=15),
+        "quick": dict(kxk=4, pw=6, dw=4, group=0, gemm=2, pool=1, gap=2, scale=2, elt=3, concat=1),
+    }[size]
+    specs: list[Spec] = [Spec("chain", {"length": n}) for n in ((1, 8, 32) if size == "quick" else (1, 4, 16, 48, 96))]
+
+    def spatial(max_h: int = 160) -> int:
+        return rng.choice([h for h in SPATIAL if h <= max_h])
+
+    def conv(kind: str) -> Spec | None:
+        h = spatial()
+        s = 2 if rng.random() < 0.2 else 1
+        if kind == "kxk":
+            k = rng.choice([3, 3, 3, 5, 7])
+            cin = 3 if rng.random() < 0.15 else _channels(rng, 8, 512)
+            cout, g = _channels(rng, 8, 512), 1
+        elif kind == "pw":
+            k, g = 1, 1
+            cin, cout = _channels(rng, 8, 1280), _channels(rng, 8, 1280)
+        elif kind == "dw":
+            k = rng.choice([3, 3, 5, 7])
+            cin = cout = g = _channels(rng, 8, 1344)
+        else:
+            k, g = 3, rng.choice([2, 4, 8])
+            cin = cout = g * _channels(rng, 4, 64)
+        macs = h * h / (s * s) * cout * cin / g * k * k
+        if macs > MAX_MACS:
+            return None
+        act = rng.choice(ACTS)
+        residual = kind in ("pw", "kxk") and s == 1 and cin == cout and rng.random() < 0.5
+        if kind in ("pw", "kxk") and rng.random() < 0.15:
+            residual, cout = s == 1, cin
+        return Spec("conv", dict(cin=cin, cout=cout, h=h, k=k, s=s, group=g, act=act, residual=bool(residual)))
+
+    for kind in ("kxk", "pw", "dw", "group"):
+        made = 0
+        while made < counts[kind]:
+            spec = conv(kind)
+            if spec is not None:
+                specs.append(spec)
+                made += 1
+    for _ in range(counts["gemm"]):
+        specs.append(
+            Spec("gemm", dict(m=1, k=_channels(rng, 16, 2048), n=_channels(rng, 8, 1280), act=rng.choice(["", "Relu"])))
+        )
+    for _ in range(counts["pool"]):
+        specs.append(
+            Spec(
+                "pool",
+                dict(
+                    op=rng.choice(["MaxPool", "AveragePool"]),
+                    c=_channels(rng, 8, 256),
+                    h=spatial(),
+                    k=3,
+                    s=rng.choice([1, 2]),
+                ),
+            )
+        )
+    for _ in range(counts["gap"]):
+        specs.append(Spec("gap", dict(c=_channels(rng, 8, 1344), h=spatial(112))))
+    for _ in range(counts["scale"]):
+        specs.append(Spec("scale", dict(c=_channels(rng, 8, 1344), h=spatial(112))))
+    for _ in range(counts["elt"]):
+        specs.append(
+            Spec(
+                "eltwise",
+                dict(
+                    op=rng.choice(["Add", "Relu", "SiLU", "HardSwish", "Sigmoid", "Clip"]),
+                    c=_channels(rng, 8, 1024),
+                    h=spatial(112),
+                ),
+            )
+        )
+    for _ in range(counts["concat"]):
+        specs.append(Spec("concat", dict(c=_channels(rng, 8, 512), c2=_channels(rng, 8, 512), h=spatial(56))))
+    return specs
+
+
+# --------------------------------------------------------------------------- measuring
+@dataclass
+class KernelTiming:
+    spec: str
+    wall_ms: float | None  # whole-model wall time (chains only)
+    nodes: list[dict[str, Any]]  # one per node run: kernel family/signature/features and its median time
+
+
+def measure_spec_local(data: bytes, threads: int, runs: int, wall: bool) -> tuple[dict[str, float], float | None]:
+    """Per-node median kernel times (ms) of one calibration model on this machine, and its wall median if asked."""
+    from presso.bench.runner import input_feed, node_times, ort_session, time_loop
+
+    with tempfile.TemporaryDirectory(prefix="presso-cal-") as tmp:
+        session = ort_session(data, threads, profile_prefix=str(Path(tmp) / "p"))
+        feed = input_feed(session)
+        for _ in range(2):
+            session.run(None, feed)
+        times = {n: r["ms"] for n, r in node_times(session, feed, runs).items()}
+        wall_ms = None
+        if wall:
+            plain = ort_session(data, threads)
+            samples = time_loop(lambda: plain.run(None, feed), warmup=3, repeat=max(runs * 3, 30), max_seconds=5)
+            wall_ms = statistics.median(samples)
+    return times, wall_ms
+
+
+def calibrate(
+    measure: Callable[[bytes, bool], tuple[dict[str, float], float | None]],
+    specs: list[Spec],
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[KernelTiming]:
+    """Measure each spec with ``measure(model_bytes, want_wall)``; yield its kernels with their times."""
+    from presso.bench.kernels import kernels_of, optimized_model
+
+    for i, spec in enumerate(specs):
+        data = build(spec)
+        kernels = {k.name: k for k in kernels_of(optimized_model(data))}
+        times, wall_ms = measure(data, spec.kind == "chain")
+        nodes = []
+        for name, ms in times.items():
+            k = kernels.get(name)
+            if k is None:  # a node the local optimizer did not produce (a different runtime on the device)
+                continue
+            nodes.append({"name": name, "family": k.family, "signature": k.signature, "features": k.features, "ms": ms})
+        if progress:
+            progress(i + 1, len(specs))
+        yield KernelTiming(spec.label(), wall_ms, nodes)

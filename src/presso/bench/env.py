@@ -1,0 +1,80 @@
+"""Where measurements come from: ``PRESSO_HOME``, this machine's CPU, and the fingerprint of a device setup.
+
+The CPU model is read from ``/proc/cpuinfo`` (Linux) or ``platform``: no dependency and no subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+
+def presso_home() -> Path:
+    """User state (device registry, latency database) lives here: ``$PRESSO_HOME``, default ``~/.presso``."""
+    return Path(os.environ.get("PRESSO_HOME") or Path.home() / ".presso").expanduser()
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers narrow), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def gpu_model() -> str | None:
+    """The GPU ONNX Runtime could use, from the NVIDIA driver's proc file; None on CPU-only machines."""
+    root = Path("/proc/driver/nvidia/gpus")
+    try:
+        for info in sorted(root.glob("*/information")):
+            for line in info.read_text(errors="replace").splitlines():
+                if line.startswith("Model:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def environment(runtime: str, runtime_version: str, threads: int) -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": cpu_cores(),
+        "gpu": gpu_model(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "runtime": runtime,
+        "runtime_version": runtime_version,
+        "threads": threads,
+    }
+
+
+def device_fingerprint(name: str, env: dict[str, Any], precision: str) -> str:
+    """What makes two measurements comparable: device name, CPU/GPU model, runtime and version, threads, precision."""
+    key = {
+        "name": name,
+        "cpu": env.get("cpu"),
+        "gpu": env.get("gpu"),
+        "runtime": env.get("runtime"),
+        "runtime_version": env.get("runtime_version"),
+        "threads": env.get("threads"),
+        "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

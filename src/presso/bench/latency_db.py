@@ -1,0 +1,287 @@
+"""The latency database: every measurement, keyed by device fingerprint, model graph fingerprint and input shape.
+
+SQLite by default (``$PRESSO_HOME/latency.db``, WAL journal, busy timeout, write transactions taken up front with
+``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing); any SQLAlchemy URL (PostgreSQL) for a team.
+Rows carry a random ``uid`` so an export imported twice adds nothing the second time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
+
+from presso.errors import ConfigError, DeviceError
+
+metadata = MetaData()
+measurements = Table(
+    "measurements",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(32), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("kind", String(16), nullable=False),  # "model" or "kernel"
+    Column("device", String(128), nullable=False),
+    Column("device_fp", String(32), nullable=False),
+    Column("cpu", String(256)),
+    Column("gpu", String(256)),
+    Column("runtime", String(32), nullable=False),
+    Column("runtime_version", String(32)),
+    Column("threads", Integer),
+    Column("precision", String(16)),
+    Column("model_fp", String(64)),
+    Column("model_name", String(512)),
+    Column("input_shape", String(256)),
+    Column("batch", Integer),
+    Column("kernel_key", String(256)),
+    Column("features", JSON),
+    Column("median_ms", Float, nullable=False),
+    Column("p90_ms", Float),
+    Column("p99_ms", Float),
+    Column("mean_ms", Float),
+    Column("std_ms", Float),
+    Column("min_ms", Float),
+    Column("runs", Integer),
+    Column("noise_pct", Float),
+    Column("throughput", Float),
+    Column("peak_memory_mb", Float),
+    Column("model_size_bytes", Integer),
+    Column("extra", JSON),
+    Index("ix_model_lookup", "device_fp", "model_fp", "input_shape"),
+    Index("ix_kernel_lookup", "device_fp", "kind", "kernel_key"),
+)
+COLUMNS = [c.name for c in measurements.columns if c.name != "id"]
+_NUMERIC = {c.name: c.type.python_type for c in measurements.columns if isinstance(c.type, (Integer, Float))}
+
+
+def default_url() -> str:
+    from presso.bench.env import presso_home
+
+    return f"sqlite:///{presso_home() / 'latency.db'}"
+
+
+def _normalize_url(url: str | None) -> str:
+    if not url:
+        return default_url()
+    if "://" not in url:  # a plain path is an SQLite file
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    return url
+
+
+class LatencyDB:
+    """Measurements stored through SQLAlchemy; safe for several processes writing at once."""
+
+    def __init__(self, url: str | None = None):
+        self.url = _normalize_url(url)
+        sqlite = self.url.startswith("sqlite")
+        if sqlite and ":memory:" not in self.url and self.url != "sqlite://":
+            Path(self.url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine = create_engine(self.url, connect_args={"timeout": 60} if sqlite else {})
+        except (SQLAlchemyError, ImportError, ValueError) as e:
+            raise ConfigError(
+                f"Cannot open latency database '{url}': {e}. Give an SQLAlchemy URL or a file path."
+            ) from None
+        if sqlite:
+            _sqlite_concurrency(self.engine)
+        for attempt in range(5):  # two processes creating the schema at once: the loser retries
+            try:
+                metadata.create_all(self.engine)
+                break
+            except (OperationalError, ProgrammingError) as e:
+                if attempt == 4:
+                    raise DeviceError(f"Cannot create the latency database at '{self.url}': {e.orig}") from None
+                time.sleep(0.2 * (attempt + 1))
+
+    def add(self, row: dict[str, Any]) -> str:
+        return self.add_many([row])[0]
+
+    def add_many(self, rows: Iterable[dict[str, Any]]) -> list[str]:
+        clean = [_clean(r) for r in rows]
+        if clean:
+            with self.engine.begin() as conn:
+                conn.execute(insert(measurements), clean)
+        return [r["uid"] for r in clean]
+
+    def rows(
+        self,
+        *,
+        device: str | None = None,
+        device_fp: str | None = None,
+        kind: str | None = None,
+        model_fp: str | None = None,
+        input_shape: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict]:
+        q = select(measurements).order_by(measurements.c.id)
+        for col, value in (
+            ("device", device),
+            ("device_fp", device_fp),
+            ("kind", kind),
+            ("model_fp", model_fp),
+            ("input_shape", input_shape),
+        ):
+            if value is not None:
+                q = q.where(measurements.c[col] == value)
+        if limit:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def count(self) -> int:
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(measurements)).scalar_one())
+
+    def export(self, path: str | Path, fmt: str | None = None, **filters) -> int:
+        path = Path(path)
+        fmt = (fmt or path.suffix.lstrip(".") or "json").lower()
+        rows = [{k: r[k] for k in COLUMNS} for r in self.rows(**filters)]
+        if fmt == "json":
+            path.write_text(json.dumps({"presso_latency_db": 1, "rows": rows}, indent=1))
+        elif fmt == "csv":
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=COLUMNS)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+        else:
+            raise ConfigError(f"Export format '{fmt}': use json or csv.")
+        return len(rows)
+
+    def import_(self, path: str | Path) -> tuple[int, int]:
+        """Add the rows of an export (JSON or CSV); rows already present (same uid) are skipped. (added, skipped)"""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"No such file to import: {path}")
+        try:
+            if path.suffix.lower() == ".csv":
+                with path.open(newline="") as f:
+                    rows = [_from_csv(r) for r in csv.DictReader(f)]
+            else:
+                data = json.loads(path.read_text())
+                rows = data["rows"] if isinstance(data, dict) else data
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"'{path}' is not a Presso latency export (JSON or CSV): {e}") from None
+        with self.engine.connect() as conn:
+            known = {u for (u,) in conn.execute(select(measurements.c.uid))}
+        fresh = [r for r in rows if r.get("uid") not in known]
+        self.add_many(fresh)
+        return len(fresh), len(rows) - len(fresh)
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ConfigError(f"Unknown latency-database fields: {', '.join(sorted(unknown))}.")
+    missing = [k for k in ("kind", "device", "device_fp", "runtime", "median_ms") if row.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"A measurement row lacks {', '.join(missing)}.")
+    out = {k: row.get(k) for k in COLUMNS}
+    out["uid"] = out["uid"] or uuid.uuid4().hex
+    out["created_at"] = out["created_at"] or time.time()
+    return out
+
+
+def _from_csv(r: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in r.items():
+        if v == "" or v is None:
+            out[k] = None
+        elif k in ("features", "extra"):
+            out[k] = json.loads(v)
+        elif k in _NUMERIC:
+            out[k] = _NUMERIC[k](float(v)) if _NUMERIC[k] is int else float(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _sqlite_concurrency(engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event issue BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def measurement_row(
+    m,
+    *,
+    device: str,
+    precision: str,
+    model_fp: str | None,
+    model_name: str | None,
+    input_shape: str | None,
+    kind: str = "model",
+    kernel_key: str | None = None,
+    features: dict | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
+    """A database row from a ``Measurement`` (or its JSON)."""
+    from presso.bench.env import device_fingerprint
+
+    d = m if isinstance(m, dict) else m.to_json()
+    env = d.get("environment") or {}
+    return {
+        "kind": kind,
+        "device": device,
+        "device_fp": device_fingerprint(device, env, precision),
+        "cpu": env.get("cpu"),
+        "gpu": env.get("gpu"),
+        "runtime": d["runtime"],
+        "runtime_version": d.get("runtime_version"),
+        "threads": d.get("threads"),
+        "precision": precision,
+        "model_fp": model_fp,
+        "model_name": model_name,
+        "input_shape": input_shape,
+        "batch": d.get("batch"),
+        "kernel_key": kernel_key,
+        "features": features,
+        **{
+            k: d.get(k)
+            for k in (
+                "median_ms",
+                "p90_ms",
+                "p99_ms",
+                "mean_ms",
+                "std_ms",
+                "min_ms",
+                "runs",
+                "noise_pct",
+                "throughput",
+                "peak_memory_mb",
+                "model_size_bytes",
+            )
+        },
+        "extra": extra,
+    }

@@ -1,0 +1,162 @@
+"""Latency predictor: a model's latency on a device as the sum of its kernels' latencies, from the database.
+
+In the manner of nn-Meter and Once-for-All's lookup tables: the model (any ONNX graph) is decomposed into the kernels
+ONNX Runtime runs (``presso.bench.kernels``); each kernel is looked up by its exact signature among the device's
+calibration measurements, or estimated from measured kernels of the same family at other shapes; the per-run and
+per-node overhead measured on chains of tiny nodes is added.
+
+Per family, the estimate is a ridge regression of log-latency on log-features (MACs, bytes in/out/weights,
+channels, spatial size, kernel size, stride, fused activation/sum) -- a power law, which extrapolates -- corrected
+by extremely randomized trees fitted on its residuals, which capture the efficiency steps of real kernels (channel
+blocks, cache sizes) between measured shapes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from presso.bench.kernels import FEATURES, Kernel
+from presso.errors import ConfigError
+
+MIN_FOR_TREES = 15
+MIN_FOR_RIDGE = 4
+
+
+@dataclass
+class Prediction:
+    latency_ms: float
+    overhead_ms: float
+    device: str
+    device_fp: str
+    kernels: int
+    looked_up: int  # kernels found with their exact signature
+    estimated: int  # kernels estimated from their family's regression
+    unknown: int  # kernels of a family never measured on this device (estimated from all kernels by bytes)
+    by_family: dict[str, float] = field(default_factory=dict)
+    unknown_families: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _FamilyModel:
+    def __init__(self, X: np.ndarray, y: np.ndarray, seed: int = 0):
+        from sklearn.linear_model import Ridge
+
+        self.mu, self.sd = X.mean(0), X.std(0) + 1e-6
+        Z = (X - self.mu) / self.sd
+        self.ridge = Ridge(alpha=1.0).fit(Z, y)
+        self.trees = None
+        if len(y) >= MIN_FOR_TREES:
+            from sklearn.ensemble import ExtraTreesRegressor
+
+            resid = y - self.ridge.predict(Z)
+            self.trees = ExtraTreesRegressor(n_estimators=200, min_samples_leaf=2, random_state=seed).fit(Z, resid)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        Z = (X - self.mu) / self.sd
+        out = self.ridge.predict(Z)
+        if self.trees is not None:
+            out = out + self.trees.predict(Z)
+        return np.exp(out)
+
+
+class LatencyPredictor:
+    """Fitted from one device's kernel and overhead rows of the latency database."""
+
+    def __init__(self, kernel_rows: list[dict], overhead_rows: list[dict], *, device: str = "", device_fp: str = ""):
+        if not kernel_rows:
+            raise ConfigError(
+                f"No calibrated kernels for device '{device}' (fingerprint {device_fp}) in the latency database: "
+                f"run 'presso db calibrate --device {device or 'local'}' first (same threads and runtime)."
+            )
+        self.device, self.device_fp = device, device_fp
+        self.table: dict[str, list[float]] = defaultdict(list)
+        fam: dict[str, list[tuple[list[float], float]]] = defaultdict(list)
+        for r in kernel_rows:
+            feats = r["features"] or {}
+            ms = float(r["median_ms"])
+            if ms <= 0:
+                ms = 5e-4  # below the profiler's microsecond resolution
+            self.table[feats["signature"]].append(ms)
+            fam[r["kernel_key"]].append(([float(feats["x"].get(f, 0.0)) for f in FEATURES], ms))
+        self.models: dict[str, _FamilyModel] = {}
+        self.ratio: dict[str, float] = {}
+        for family, pts in fam.items():
+            X = np.array([p[0] for p in pts])
+            y = np.log(np.array([p[1] for p in pts]))
+            if len(pts) >= MIN_FOR_RIDGE:
+                self.models[family] = _FamilyModel(X, y)
+            else:  # too few points: latency per byte moved, from the nearest measured kernel
+                self.ratio[family] = float(np.median(y - np.log(np.exp(X[:, 1]) + np.exp(X[:, 2]))))
+        allX = np.array([[p[0][1], p[0][2], p[0][0]] for pts in fam.values() for p in pts])
+        ally = np.log(np.array([p[1] for pts in fam.values() for p in pts]))
+        from sklearn.linear_model import Ridge
+
+        self.fallback = Ridge(alpha=1.0).fit(allX, ally)
+        self.per_run_ms, self.per_node_ms = _fit_overhead(overhead_rows)
+
+    @classmethod
+    def from_db(cls, db, *, device: str, device_fp: str) -> LatencyPredictor:
+        kernels = db.rows(device_fp=device_fp, kind="kernel")
+        overhead = db.rows(device_fp=device_fp, kind="overhead")
+        return cls(kernels, overhead, device=device, device_fp=device_fp)
+
+    def kernel_ms(self, kernels: list[Kernel]) -> list[tuple[float, str]]:
+        """Each kernel's latency (ms) and how it was found: 'table', 'regression' or 'unknown'."""
+        out: list[tuple[float, str] | None] = [None] * len(kernels)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, k in enumerate(kernels):
+            hit = self.table.get(k.signature)
+            if hit:
+                out[i] = (statistics.median(hit), "table")
+            else:
+                groups[k.family].append(i)
+        for family, idx in groups.items():
+            X = np.array([kernels[i].vector() for i in idx])
+            if family in self.models:
+                ms, how = self.models[family].predict(X), "regression"
+            elif family in self.ratio:
+                ms, how = np.exp(self.ratio[family]) * (np.exp(X[:, 1]) + np.exp(X[:, 2])), "regression"
+            else:
+                ms, how = np.exp(self.fallback.predict(X[:, [1, 2, 0]])), "unknown"
+            for j, i in enumerate(idx):
+                out[i] = (float(ms[j]), how)
+        return [o for o in out if o is not None]
+
+    def predict_kernels(self, kernels: list[Kernel]) -> Prediction:
+        timed = self.kernel_ms(kernels)
+        by_family: dict[str, float] = defaultdict(float)
+        for k, (ms, _) in zip(kernels, timed, strict=True):
+            by_family[k.family] += ms
+        overhead = self.per_run_ms + self.per_node_ms * len(kernels)
+        hows = [h for _, h in timed]
+        unknown = sorted({k.family for k, (_, h) in zip(kernels, timed, strict=True) if h == "unknown"})
+        return Prediction(
+            latency_ms=round(sum(ms for ms, _ in timed) + overhead, 4),
+            overhead_ms=round(overhead, 4),
+            device=self.device,
+            device_fp=self.device_fp,
+            kernels=len(kernels),
+            looked_up=hows.count("table"),
+            estimated=hows.count("regression"),
+            unknown=hows.count("unknown"),
+            by_family={f: round(v, 4) for f, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
+            unknown_families=unknown,
+        )
+
+
+def _fit_overhead(rows: list[dict]) -> tuple[float, float]:
+    """wall - sum(kernels) = per_run + per_node * nodes, least squares over the chain models (never negative)."""
+    pts = [(r["features"]["nodes"], r["median_ms"] - r["features"]["kernel_ms"]) for r in rows if r.get("features")]
+    if len(pts) < 2:
+        return (pts[0][1] if pts else 0.0), 0.0
+    n = np.array([p[0] for p in pts], dtype=float)
+    y = np.array([p[1] for p in pts], dtype=float)
+    slope, intercept = np.polyfit(n, y, 1)
+    return max(float(intercept), 0.0), max(float(slope), 0.0)
