@@ -96,3 +96,27 @@ class HardCodedWidth(nn.Module):
         x = x.view(x.shape[0], 16, -1).view(x.shape[0], 16, x.shape[2], x.shape[3])
         x = torch.relu(self.c(torch.relu(self.b(x))))
         return self.head(x.mean((2, 3)))
+
+
+class FragileQuant(nn.Module):
+    """A network that INT8 with per-tensor activation ranges breaks on purpose: ``conv1`` puts one output channel
+    at ~1e4 while the others stay ~1, and ``conv2`` scales that channel back. One uint8 range over conv1's output then
+    rounds the small channels to zero, so conv1 and conv2 must stay in floating point; conv3 and fc quantize well."""
+
+    def __init__(self, size: int = 16, num_classes: int = 4):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * size * size, num_classes, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / max(p[0].numel(), 1)) ** 0.5)
+            self.conv1.weight[0] *= 1e4
+            self.conv1.bias[0] *= 1e4
+            self.conv2.weight[:, 0] *= 1e-4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.relu(self.conv3(x)).flatten(1))
