@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -112,6 +113,7 @@ def create_app(
             path.write_bytes(data)
             feed = _feed(path, shapes, threads)
             with queue:
+                started = time.time()
                 m = measure_onnx(
                     path,
                     feed,
@@ -123,7 +125,8 @@ def create_app(
                     profile=profile,
                     profile_top=profile_top,
                 )
-        return {**m.to_json(), "device": name}
+                finished = time.time()
+        return {**m.to_json(), "device": name, "agent": {"started": started, "finished": finished}}
 
     return app
 

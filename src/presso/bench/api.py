@@ -29,7 +29,7 @@ class _Onnx:
         import onnx
 
         self.torch_model, self.example_inputs, self.feed = None, None, None
-        self.name = model if isinstance(model, str) else type(model).__name__
+        self.name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
         if isinstance(model, bytes):
             self.path = tmp / "model.onnx"
             self.path.write_bytes(model)
@@ -151,6 +151,11 @@ def benchmark(
         raise ConfigError(f"Runtime '{runtime}': use one of {', '.join(RUNTIMES)}.")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch must be positive, not {batch}.")
+    client = None
+    if device != LOCAL:  # an unknown device fails before any export
+        from presso.bench.client import AgentClient
+
+        client = AgentClient.for_device(device)
     with tempfile.TemporaryDirectory(prefix="presso-bench-") as tmp:
         m = _Onnx(model, input_shape, batch, Path(tmp))
         prec = _check_precision(detect_precision(m.proto), precision, runtime)
@@ -183,13 +188,11 @@ def benchmark(
                     progress=progress,
                 ).to_json()
         else:
-            from presso.bench.client import AgentClient
-
             if runtime == "torch":
                 raise ConfigError("Remote devices run ONNX models: use --runtime onnxruntime or openvino.")
             if progress:
                 progress(0, 1)
-            meas = AgentClient.for_device(device).benchmark(
+            meas = client.benchmark(
                 m.path,
                 runtime=runtime,
                 threads=threads,
@@ -272,9 +275,14 @@ def calibrate(
     size: str = "full",
     runs: int = 12,
     db: str | None = None,
+    specs: list | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the calibration kernel set on ``device`` and store every kernel in the latency database."""
+    """Measure the calibration kernel set on ``device`` and store every kernel in the latency database.
+
+    ``size``: ``full`` (a few minutes) or ``quick`` (seconds); ``specs``: an explicit list of
+    ``presso.bench.calibrate.Spec`` instead.
+    """
     import time
 
     from presso.bench.calibrate import calibrate as run
@@ -282,7 +290,7 @@ def calibrate(
     from presso.bench.env import device_fingerprint
     from presso.bench.latency_db import LatencyDB
 
-    if size not in ("full", "quick"):
+    if specs is None and size not in ("full", "quick"):
         raise ConfigError(f"Calibration size '{size}': use full or quick.")
     env = device_env(device, threads)
     n_threads = env["threads"]
@@ -321,7 +329,7 @@ def calibrate(
         "precision": "fp32",
     }
     n_kernels = 0
-    for timing in run(measure, kernel_set(size), progress=progress):
+    for timing in run(measure, specs if specs is not None else kernel_set(size), progress=progress):
         rows = []
         for node in timing.nodes:
             rows.append(

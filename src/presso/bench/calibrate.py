@@ -74,16 +74,24 @@ def build(spec: Spec) -> bytes:
     if spec.kind == "conv":
         n, cin, cout, h, k, s, g = p.get("n", 1), p["cin"], p["cout"], p["h"], p["k"], p["s"], p["group"]
         x = inp("x", [n, cin, h, h])
+        residual = p.get("residual")
+        if residual:
+            # ONNX Runtime fuses a skip connection into the convolution (NCHWc Sum) only when both operands are in
+            # its blocked layout, as inside a network: the block's input comes from a 1x1 convolution here (itself
+            # one more measured kernel).
+            if cin != cout or s != 1:
+                raise ValueError("a residual kernel keeps its shape (cin == cout, stride 1)")
+            init("w_in", rng.standard_normal((cin, cin, 1, 1)) * 0.1)
+            nodes.append(helper.make_node("Conv", [x, "w_in"], ["block_in"], kernel_shape=[1, 1]))
+            x = "block_in"
         w = init("w", rng.standard_normal((cout, cin // g, k, k)) * 0.1)
         b = init("b", rng.standard_normal(cout) * 0.1)
         nodes.append(
             helper.make_node("Conv", [x, w, b], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[k // 2] * 4, group=g)
         )
         y = "y"
-        if p.get("residual"):
-            ho = (h + 2 * (k // 2) - k) // s + 1
-            r = inp("r", [n, cout, ho, ho])
-            nodes.append(helper.make_node("Add", [y, r], ["sum"]))
+        if residual:
+            nodes.append(helper.make_node("Add", [y, x], ["sum"]))
             y = "sum"
         y = act(y, p.get("act", ""))
     elif spec.kind == "gemm":
