@@ -186,6 +186,7 @@ def convert(
 
     # reference inputs: the example (random) inputs plus real images when calibration data is given
     calibration: list[np.ndarray] = []
+    held_out: list[np.ndarray] = []  # INT8's error check: images the calibration did not see
     check_inputs: list[tuple] = [inputs]
     if calib:
         report("reading calibration data", 0, 1)
@@ -193,7 +194,8 @@ def convert(
         x = torch.cat(calibration_batches(calib, spec, batches=1, batch_size=need, preprocess=pp))
         calibration = [x[: len(x) - cfg.int8.check_samples].numpy()] if cfg.precision == "int8" else []
         held = x[len(x) - cfg.int8.check_samples :] if cfg.precision == "int8" else x
-        check_inputs += [c for c in _batches_of(held, batch)][:4]
+        held_out = [held.numpy()]
+        check_inputs += _batches_of(held, batch)[:4]  # verification against PyTorch: a few batches suffice
 
     work = Path(tempfile.mkdtemp(prefix=".presso-convert-", dir=output.parent if output.parent.exists() else None))
     try:
@@ -218,8 +220,7 @@ def convert(
             report("converting to FP16", 0, 1)
             to_fp16(fp32, onnx_out, keep_io_types=cfg.keep_io_types)
         else:
-            check = [c[0].numpy() for c in check_inputs[1:]] or [inputs[0].numpy()]
-            int8 = quantize_int8(fp32, onnx_out, calibration, check, cfg.int8, progress=report)
+            int8 = quantize_int8(fp32, onnx_out, calibration, held_out, cfg.int8, progress=report)
 
         files: list[str] = []
         output.mkdir(parents=True, exist_ok=True)
