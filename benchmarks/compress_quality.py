@@ -84,55 +84,88 @@ def part_accuracy(args, log) -> list[dict]:
     return rows
 
 
+SPEED_MODELS = ("torchvision:mobilenet_v2", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf",
+                "torchvision:resnet18")  # fmt: skip
+
+
 def part_speed(args, log) -> list[dict]:
-    import onnxruntime as ort
+    from presso.bench.runner import measure_model
 
     rows = []
-    for source in ("torchvision:mobilenet_v2", "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf",
-                   "torchvision:resnet18"):  # fmt: skip
+    shape = "1,3,224,224"
+    x = presso.InputSpec.parse(shape).example_inputs()
+    for source in args.models or SPEED_MODELS:
         model = presso.load_model(source)
-        shape = "1,3,224,224"
-        x = presso.InputSpec.parse(shape).example_inputs()
-        variants = {"original": (model, 1.0)}
-        candidates = (
-            ("uniform (as plain Torch-Pruning: no rounding)", PruneConfig(round_to=None), False),
-            ("uniform, channels rounded to 8", PruneConfig(round_to=8), False),
-            ("recommended (LAMP), rounded to 8", PruneConfig(round_to=8), True),
-        )
-        for name, config, recommend in candidates:
+        variants = {"original": (model, 1.0, None)}
+        base_ms = measure_model(model, x, threads=args.threads, repeat=args.repeat, warmup=args.warmup).median_ms
+        budget = base_ms * args.share
+        candidates = {
+            "uniform L2, no rounding (Torch-Pruning's recipe)": (
+                PruneConfig(round_to=None), dict(target=Target(macs=args.share), recommend=False)),
+            "uniform L2, channels rounded to 8": (
+                PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=False)),
+            "recommended (LAMP per MAC), rounded to 8": (
+                PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=True)),
+            f"latency target {args.share:g} x original, uniform ratio, rounded to 8": (
+                PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, device="local", tolerance=0.05),
+                                              recommend=False)),
+            f"latency target {args.share:g} x original, LAMP per measured ms, rounded to 8": (
+                PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, device="local", tolerance=0.05),
+                                              recommend=True)),
+        }  # fmt: skip
+        for name, (config, kwargs) in candidates.items():
+            if args.variants and not any(v in name for v in args.variants):
+                continue
+            t0 = time.perf_counter()
             try:
-                r = presso.compress(model, shape, config, target=Target(macs=0.25), recommend=recommend)
-                variants[name] = (r.model, r.after["macs"] / r.before["macs"])
+                r = presso.compress(model, shape, config, **kwargs)
+                variants[name] = (r.model, r.after["macs"] / r.before["macs"], round(time.perf_counter() - t0, 1))
             except presso.PressoError as e:
-                print(f"{source} {name}: {e}")
-        with tempfile.TemporaryDirectory() as tmp:
-            times = {}
-            for name, (m, _) in variants.items():
-                path = Path(tmp) / f"variant{len(times)}.onnx"
-                torch.onnx.export(m, x, str(path), dynamo=True, verbose=False)
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = args.threads or 0
-                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-                feed = {sess.get_inputs()[0].name: x[0].numpy()}
-                for _ in range(args.warmup):
-                    sess.run(None, feed)
-                samples = []
-                for _ in range(args.repeat):
-                    t0 = time.perf_counter()
-                    sess.run(None, feed)
-                    samples.append(time.perf_counter() - t0)
-                times[name] = statistics.median(samples) * 1000
-        for name, (_, kept) in variants.items():
+                row = {"part": "speed", "model": source, "method": name, "error": str(e)}
+                print(json.dumps(row), flush=True)
+                log(row)
+        times = _interleaved_ms({k: v[0] for k, v in variants.items()}, x, args)
+        for name, (_, kept, seconds) in variants.items():
             if name == "original":
                 continue
             speedup = times["original"] / times[name]
             row = {"part": "speed", "model": source, "method": name, "macs_kept": round(kept, 4),
                    "ms_original": round(times["original"], 2), "ms": round(times[name], 2),
-                   "speedup": round(speedup, 3), "speedup_over_macs_reduction": round(speedup * kept, 3)}  # fmt: skip
+                   "speedup": round(speedup, 3), "macs_reduction": round(1 / kept, 3),
+                   "speedup_over_macs_reduction": round(speedup * kept, 3), "compress_seconds": seconds,
+                   "ort_threads": args.threads}  # fmt: skip
             print(json.dumps(row), flush=True)
             log(row)
             rows.append(row)
     return rows
+
+
+def _interleaved_ms(models: dict, x: tuple, args) -> dict[str, float]:
+    """Median ONNX Runtime latency of each model, timed in interleaved rounds (one run of each model per round), so
+    that load from other processes on a shared machine falls on all of them alike."""
+    import onnxruntime as ort
+
+    from presso.convert.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for k, (name, m) in enumerate(models.items()):
+            path = export_onnx(m, x, Path(tmp) / f"variant{k}.onnx")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = args.threads or 0
+            opts.inter_op_num_threads = 1
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            sessions[name] = (sess, {sess.get_inputs()[0].name: x[0].numpy()})
+        for _ in range(args.warmup):
+            for sess, feed in sessions.values():
+                sess.run(None, feed)
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        for _ in range(args.repeat):
+            for name, (sess, feed) in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) * 1000 for name, v in samples.items()}
 
 
 def _epochs(tag):
@@ -152,7 +185,10 @@ def main(argv=None) -> int:
     ap.add_argument("--save-original", help="where to keep the model trained here")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--share", type=float, default=0.25, help="part B: MACs share / latency share to compress to")
+    ap.add_argument("--models", nargs="*", help="part B: model sources (default: the four of the issue)")
+    ap.add_argument("--variants", nargs="*", help="part B: only the methods whose names contain one of these")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     machine = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -234,6 +234,55 @@ def test_params_target():
     assert abs(r.after["params"] / r.before["params"] / 0.4 - 1) <= 0.03
 
 
+def test_decomposition_search_steps_single_ranks_when_the_knob_jumps_past_the_target(monkeypatch):
+    # one 8->8 3x3 convolution: the knob moves both Tucker ranks together, (3, 3) keeps 22% of the MACs and (4, 4)
+    # 36%; 28.5% is only reached with unequal ranks, (4, 3) or (3, 4)
+    import presso.compress.budget as budget
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    target = Target(macs=0.285)
+    monkeypatch.setattr(budget, "_adjust_ranks", lambda plans, cfg, target, total, saving, kept: (cfg, kept, 0))
+    with pytest.raises(BudgetError, match="Could not bring"):
+        presso.compress(model, "1,8,32,32", DecomposeConfig("tucker"), target=target)
+    monkeypatch.undo()
+    r = presso.compress(model, "1,8,32,32", DecomposeConfig("tucker"), target=target)
+    assert abs(r.after["macs"] / r.before["macs"] / 0.285 - 1) <= 0.03
+    assert sorted(r.config["per_layer"]["0"]) == [3, 4]  # the stepped ranks are in the config, to reproduce or edit
+    assert "single-layer rank step" in r.extra["target"]["search"][0]["why"]
+
+
+def test_decomposition_reaches_a_quarter_of_the_macs_of_a_small_resnet():
+    torch.manual_seed(0)
+    model = presso.load_model("presso:small_resnet", num_classes=10, in_chans=1, widths=[16, 32, 64])
+    r = presso.compress(model, "1,1,28,28", DecomposeConfig("tucker", rank="vbmf"), target=Target(macs=0.25))
+    assert abs(r.after["macs"] / r.before["macs"] / 0.25 - 1) <= 0.015  # within half the tolerance
+
+
+def test_recommended_ratios_stay_within_the_band_around_the_overall_share():
+    model = presso.load_model("torchvision:resnet18")
+    inputs = presso.InputSpec.parse("1,3,32,32").example_inputs()
+    scores = lamp_scores(model, inputs)
+    for share in (0.2, 0.4):
+        ratios = scores.ratios(share)
+        assert all(share / 2 - 1e-4 <= r <= min(0.9, 2 * share) + 1e-4 for r in ratios.values())
+        assert len(set(ratios.values())) > 1  # still per group, not uniform
+    scores.band = None  # unbounded: the plain LAMP allocation goes past the band somewhere
+    assert any(not 0.1 <= r <= 0.4 for r in scores.ratios(0.2).values())
+
+
+def test_latency_cost_is_measured_per_layer():
+    from presso.compress.latency import layer_latency_ms
+
+    model = presso.load_model("torchvision:mobilenet_v2")
+    inputs = presso.InputSpec.parse("1,3,64,64").example_inputs()
+    ms = layer_latency_ms(model, inputs, runs=3)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert set(convs) <= set(ms) and all(v > 0 for v in ms.values())
+    scores = lamp_scores(model, inputs, cost="latency")
+    assert len(scores.scores) > 10 and all(np.isfinite(s).all() for s in scores.scores.values())
+
+
 def test_impossible_budget_is_a_clear_error():
     from presso.testing.models import tiny_cnn
 

@@ -18,13 +18,14 @@ from typing import Any
 
 from torch import nn
 
-from presso.compress.decompose import DecomposeConfig, cost, plan_layers, ranks_for
+from presso.compress.decompose import DecomposeConfig, cost, full_ranks, plan_layers, ranks_for
 from presso.compress.prune import PruneConfig
 from presso.compress.recommend import lamp_scores
 from presso.errors import BudgetError, ConfigError
 from presso.models.figures import model_figures
 
 MAX_TRIES = 16
+LATENCY_TRIES = 8  # each try of a latency search is an ONNX export and a timed run
 
 
 @dataclass
@@ -87,6 +88,8 @@ class _Meter:
                 )
         else:
             self.base, self.share = float(before[target.key]), target.share
+        # what a measured search aims at: the middle of the window it accepts
+        self.aim = self.share * (1 - self.LATENCY_WINDOW / 2 + target.tolerance / 2) if self.latency else self.share
 
     def _ms(self, model: nn.Module) -> float:
         from presso.bench.runner import measure_model
@@ -197,7 +200,7 @@ def compress_to_target(
 def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bool, data, progress):
     """Bisect the pruning knob; when channel rounding (``round_to``) makes the figures jump past the tolerance --
     small models, few channels per layer -- search again with finer rounding (8 -> 4 -> 2 -> none) and say so."""
-    cost = "params" if meter.target.key == "params" else "macs"
+    cost = {"params": "params", "latency_ms": "latency"}.get(meter.target.key, "macs")
     scores = lamp_scores(model, inputs, data=data, cost=cost) if recommend else None
     round_to = base.round_to
     while True:
@@ -236,22 +239,44 @@ def _search_prune_once(model, inputs, meter: _Meter, base: PruneConfig, recommen
     lo, hi = 0.0, 0.95
     best = None
     tries = []
+    if meter.latency:
+        lo_kept, hi_kept = 1.0, None  # the unpruned model keeps all its latency (not measured again)
     for k in range(MAX_TRIES):
         knob = (lo + hi) / 2
+        if meter.latency:
+            knob = _interpolated_knob(lo, hi, lo_kept, hi_kept, meter.aim)
         result, kept = attempt(knob)
         tries.append([round(knob, 4), round(kept, 4)])
         if progress:
             progress(k + 1, MAX_TRIES)
         if meter.better(kept, best[1] if best else None):
             best = (result, kept, knob)
-        if meter.met(kept):
+        if meter.met(kept) or (meter.latency and k + 1 >= LATENCY_TRIES):
             break
-        lo, hi = (knob, hi) if kept > meter.share else (lo, knob)
+        if kept > meter.share:
+            lo, lo_kept = knob, kept
+        else:
+            hi, hi_kept = knob, kept
     assert best is not None
     result, kept, knob = best
     search = {"method": "prune", "knob": "channel_share" if recommend else "ratio", "best_knob": round(knob, 4),
               "best": round(kept, 4), "why": why, "tries": tries}  # fmt: skip
     return result, config(knob), search
+
+
+def _interpolated_knob(lo: float, hi: float, lo_kept: float, hi_kept: float | None, aim: float) -> float:
+    """Next pruning knob for a measured (latency) target: each try costs an export and timed runs, so instead of
+    bisecting, interpolate in sqrt(kept) -- what a network keeps falls about as (1 - share of channels removed)^2
+    -- between the bracket's ends (from the unpruned end alone on the first try), kept away from the ends so a
+    curved relation still shrinks the bracket."""
+    import math
+
+    top = hi_kept if hi_kept is not None else 0.0  # no lower end measured yet: (1 - knob)^2 reaches 0 at knob 1
+    top_knob = hi if hi_kept is not None else 1.0
+    a, b, t = math.sqrt(max(lo_kept, 0.0)), math.sqrt(max(top, 0.0)), math.sqrt(max(aim, 0.0))
+    knob = lo + (top_knob - lo) * (a - t) / max(a - b, 1e-9)
+    margin = 0.1 * (hi - lo)
+    return min(hi - margin, max(lo + margin, knob))
 
 
 def _search_decompose(model, inputs, target: Target, base: DecomposeConfig, figures_now):
@@ -263,20 +288,19 @@ def _search_decompose(model, inputs, target: Target, base: DecomposeConfig, figu
     def config(knob: float) -> DecomposeConfig:
         return dataclasses.replace(base, **{knob_name: round(knob, 4)})
 
+    def saving(plan, cfg: DecomposeConfig, ranks) -> float:
+        if ranks is None:
+            return 0.0
+        share = cost(plan.module, cfg.method, ranks, plan.in_hw, plan.out_hw)
+        if share >= cfg.max_cost:
+            return 0.0
+        if target.key == "macs":
+            return plan.macs * (1 - share)
+        return plan.module.weight.numel() - _factor_params(plan.module, cfg.method, ranks)
+
     def predicted(knob: float) -> float:
         cfg = config(knob)
-        saved = 0.0
-        for plan in plans:
-            ranks = ranks_for(plan, cfg, offset=cfg.vbmf_offset)
-            if ranks is None:
-                continue
-            share = cost(plan.module, cfg.method, ranks, plan.in_hw, plan.out_hw)
-            if share >= cfg.max_cost:
-                continue
-            if target.key == "macs":
-                saved += plan.macs * (1 - share)
-            else:
-                saved += plan.module.weight.numel() - _factor_params(plan.module, cfg.method, ranks)
+        saved = sum(saving(plan, cfg, ranks_for(plan, cfg, offset=cfg.vbmf_offset)) for plan in plans)
         return (figures_now[target.key] - saved) / figures_now[target.key]
 
     tries = []
@@ -293,7 +317,52 @@ def _search_decompose(model, inputs, target: Target, base: DecomposeConfig, figu
     assert best is not None
     search = {"method": "decompose", "knob": knob_name, "best_knob": round(best[0], 4), "best": round(best[1], 4),
               "why": f"{base.rank} ranks from each layer's weight spectrum", "tries": tries[-8:]}  # fmt: skip
-    return config(best[0]), search
+    chosen = config(best[0])
+    if abs(best[1] - target.share) >= target.tolerance * target.share / 2:
+        chosen, kept, moved = _adjust_ranks(plans, chosen, target, figures_now[target.key], saving, best[1])
+        if moved:
+            search["best"] = round(kept, 4)
+            search["why"] += f"; then {moved} single-layer rank step(s) to close the gap the integer ranks left"
+    return chosen, search
+
+
+def _adjust_ranks(plans, cfg: DecomposeConfig, target: Target, total: float, saving, kept: float):
+    """The global knob moves every layer's ranks at once, and integer ranks can jump past the tolerance on small
+    models. Close the gap greedily: step one rank of one layer by one, each time the step that brings the predicted
+    share closest to the target, until within half the tolerance or no step helps. The stepped layers' ranks are
+    written into the config's ``per_layer``, so the result is reproducible and editable like any other choice."""
+    ranks = {p.name: ranks_for(p, cfg, offset=cfg.vbmf_offset) for p in plans if p.name not in cfg.per_layer}
+    ranks = {n: list(r) for n, r in ranks.items() if r is not None}
+    by_name = {p.name: p for p in plans}
+    caps = {n: full_ranks(by_name[n].module, cfg.method) for n in ranks}
+    goal = target.share
+    changed: set[str] = set()
+    moved = 0
+    for _ in range(1000):
+        if abs(kept - goal) < target.tolerance * goal / 2:
+            break
+        step = 1 if kept < goal else -1  # keep more MACs: raise a rank; keep fewer: lower one
+        best = None
+        for name, r in ranks.items():
+            plan = by_name[name]
+            now = saving(plan, cfg, tuple(r))
+            for d in range(len(r)):
+                if not 1 <= r[d] + step <= caps[name][d]:
+                    continue
+                trial = list(r)
+                trial[d] += step
+                new_kept = kept + (now - saving(plan, cfg, tuple(trial))) / total
+                if best is None or abs(new_kept - goal) < abs(best[0] - goal):
+                    best = (new_kept, name, trial)
+        if best is None or abs(best[0] - goal) >= abs(kept - goal):
+            break
+        kept, name, ranks[name] = best
+        changed.add(name)
+        moved += 1
+    if not moved:
+        return cfg, kept, 0
+    fixed = {n: (ranks[n] if cfg.method == "tucker" else ranks[n][0]) for n in sorted(changed)}
+    return dataclasses.replace(cfg, per_layer={**cfg.per_layer, **fixed}), kept, moved
 
 
 def _factor_params(module: nn.Module, method: str, ranks: tuple[int, ...]) -> int:

@@ -26,6 +26,10 @@ import torch
 from torch import nn
 
 MAX_RATIO = 0.9  # never remove more than this share of one layer's channels
+# Each group's ratio stays within this factor of the overall share. Unbounded, the allocation concentrated the cuts
+# (75% of the last stage's channels at 50% MACs on the Fashion-MNIST ResNet of docs/benchmarks.md) and lost 2-12
+# points of top-1 to uniform pruning after the same fine-tune; bounded by 2 it lost 0.5-3 (see that section).
+BAND = 2.0
 
 
 @dataclass
@@ -39,16 +43,21 @@ class ChannelScores:
     members: dict[str, list[str]]
     sensitivity: dict[str, float] | None = None
 
+    band: float | None = BAND
+
     def ratios(self, fraction: float, max_ratio: float = MAX_RATIO) -> dict[str, float]:
-        """Per-layer pruning ratios removing about ``fraction`` of all candidate channels."""
+        """Per-layer pruning ratios removing about ``fraction`` of all candidate channels; each group's ratio stays
+        within ``band`` (a factor) of ``fraction`` -- [fraction / band, min(max_ratio, fraction * band)] -- so the
+        scores move channels between groups without emptying one stage (None: unbounded)."""
         if fraction <= 0 or not self.scores:
             return {n: 0.0 for key in self.scores for n in self.members[key]}
         pooled = np.sort(np.concatenate(list(self.scores.values())))
         k = min(len(pooled) - 1, max(0, int(round(fraction * len(pooled))) - 1))
         threshold = pooled[k]
+        low, high = (fraction / self.band, fraction * self.band) if self.band else (0.0, 1.0)
         out = {}
         for key, s in self.scores.items():
-            ratio = round(float(min(max_ratio, np.mean(s <= threshold))), 4)
+            ratio = round(float(min(max_ratio, high, max(low, np.mean(s <= threshold)))), 4)
             out.update({n: ratio for n in self.members[key]})
         return out
 
@@ -56,16 +65,21 @@ class ChannelScores:
 def lamp_scores(model: nn.Module, inputs: tuple, data=None, cost: str | None = "macs") -> ChannelScores:
     """LAMP scores of the output channels of every coupled channel group the pruner would touch.
 
-    cost: "macs" or "params" divides each group's scores by what one of its channels costs (relative to the
-    average), so a budget is met by removing the channels that matter least *per MAC (or parameter) saved*; plain
-    LAMP (None) would spend the budget on late, low-resolution layers whose channels are numerous but cheap, and need
-    a far larger share of channels to reach a MACs target.
+    cost: "macs", "params" or "latency" divides each group's scores by what one of its channels costs (relative to
+    the average), so a budget is met by removing the channels that matter least *per MAC (parameter, millisecond)
+    saved*; plain LAMP (None) would spend the budget on late, low-resolution layers whose channels are numerous but
+    cheap, and need a far larger share of channels to reach a MACs target. "latency" times each layer with ONNX
+    Runtime's profiler on this machine (one export and a few runs).
     """
     from presso.compress.decompose import _layer_sizes
     from presso.compress.prune import GraphPruner, PruneConfig
 
     modules = dict(model.named_modules())
     layer_macs = {n: v[2] for n, v in _layer_sizes(model, inputs).items()} if cost == "macs" else {}
+    if cost == "latency":  # measured per layer with ONNX Runtime on this machine (presso.compress.latency)
+        from presso.compress.latency import layer_latency_ms
+
+        layer_macs = layer_latency_ms(model, inputs)
     unit_cost: dict[str, float] = {}
     scores, members = {}, {}
     for names in GraphPruner(model, inputs, PruneConfig()).coupled_groups():
@@ -80,7 +94,7 @@ def lamp_scores(model: nn.Module, inputs: tuple, data=None, cost: str | None = "
         lamp = np.empty_like(energy)
         lamp[order] = sorted_e / np.maximum(tail, 1e-30)
         scores[layers[0]], members[layers[0]] = lamp, layers
-        if cost == "macs":
+        if cost in ("macs", "latency"):
             unit_cost[layers[0]] = sum(layer_macs.get(n, 0) for n in layers) / len(energy)
         elif cost == "params":
             unit_cost[layers[0]] = sum(modules[n].weight.numel() for n in layers) / len(energy)
