@@ -72,4 +72,11 @@ def resnet14(**kwargs) -> SmallResNet:
     return SmallResNet(**{"widths": (32, 64, 128), "blocks": (2, 2, 2), **kwargs})
 
 
-BUILDERS = {"small_resnet": small_resnet, "resnet8": resnet8, "resnet14": resnet14}
+def mbnet(**kwargs) -> nn.Module:
+    """A member of the searcher's MobileNet-style space (``arch``: the search's parameters)."""
+    from presso.search.mobilenet import mbnet as build
+
+    return build(**kwargs)
+
+
+BUILDERS = {"small_resnet": small_resnet, "resnet8": resnet8, "resnet14": resnet14, "mbnet": mbnet}
