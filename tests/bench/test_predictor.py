@@ -73,7 +73,7 @@ def test_prediction_of_a_model_made_of_calibrated_kernels_is_within_15_percent(h
     from presso.bench.api import calibrate
 
     chain = [Spec("chain", {"length": n}) for n in (1, 8, 32)]
-    summary = calibrate(threads=1, runs=15, specs=chain + [_spec(c) for c in CHAIN])
+    summary = calibrate(threads=1, runs=15, specs=chain + [_spec(c) for c in CHAIN], quiet=False)
     assert summary["kernels"] > len(CHAIN) and summary["threads"] == 1
     path = tmp_path / "chain.onnx"
     path.write_bytes(_chain_model())
@@ -88,7 +88,7 @@ def test_regression_estimates_unseen_shapes(home):
     """Kernels of shapes never measured are estimated from their family (quick calibration set)."""
     from presso.bench.api import calibrate
 
-    calibrate(threads=1, size="quick", runs=5)
+    calibrate(threads=1, size="quick", runs=5, quiet=False)
     unseen = build(Spec("conv", dict(cin=24, cout=40, h=28, k=1, s=1, group=1, act="Relu", residual=False)))
     pred = presso.predict_latency(unseen, threads=1)
     assert pred.estimated >= 1 and pred.latency_ms > 0

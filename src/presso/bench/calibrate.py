@@ -134,6 +134,28 @@ def build(spec: Spec) -> bytes:
             init(f"c{i}", np.full((1, 8), 0.5))
             nodes.append(helper.make_node("Add" if i % 2 == 0 else "Mul", [y, f"c{i}"], [f"t{i}"]))
             y = f"t{i}"
+    elif spec.kind == "shuffle":  # ShuffleNet's channel shuffle: reshape, transpose, reshape
+        c, h = p["c"], p["h"]
+        x = inp("x", [1, c, h, h])
+        inits.append(numpy_helper.from_array(np.array([1, 2, c // 2, h, h], dtype=np.int64), "s5"))
+        inits.append(numpy_helper.from_array(np.array([1, c, h, h], dtype=np.int64), "s4"))
+        nodes.append(helper.make_node("Reshape", [x, "s5"], ["r5"]))
+        nodes.append(helper.make_node("Transpose", ["r5"], ["t5"], perm=[0, 2, 1, 3, 4]))
+        nodes.append(helper.make_node("Reshape", ["t5", "s4"], ["y"]))
+        y = "y"
+    elif spec.kind == "split":  # channel split (ShuffleNet, CSP blocks): two halves, both outputs kept
+        c, h = p["c"], p["h"]
+        x = inp("x", [1, c, h, h])
+        inits.append(numpy_helper.from_array(np.array([c // 2, c - c // 2], dtype=np.int64), "parts"))
+        nodes.append(helper.make_node("Split", [x, "parts"], ["s0", "s1"], axis=1))
+        nodes.append(
+            helper.make_node("Add", ["s0", "s1"], ["y"]) if c % 2 == 0 else helper.make_node("Identity", ["s0"], ["y"])
+        )
+        y = "y"
+    elif spec.kind == "flatten":
+        x = inp("x", [1, p["c"], 1, 1])
+        nodes.append(helper.make_node("Flatten", [x], ["y"], axis=1))
+        y = "y"
     elif spec.kind == "concat":
         a = inp("a", [1, p["c"], p["h"], p["h"]])
         b = inp("b", [1, p["c2"], p["h"], p["h"]])
@@ -168,8 +190,38 @@ def kernel_set(size: str = "full", seed: int = 0) -> list[Spec]:
     """The calibration kernels: ``full`` (a few minutes on a 2-core machine), ``quick`` (seconds, for tests)."""
     rng = random.Random(seed)
     counts = {
-        "full": dict(kxk=90, pw=200, dw=130, group=20, gemm=30, pool=20, gap=40, scale=40, elt=60, concat=15),
-        "quick": dict(kxk=4, pw=6, dw=4, group=0, gemm=2, pool=1, gap=2, scale=2, elt=3, concat=1),
+        "full": dict(
+            stem=40,
+            kxk=120,
+            pw=300,
+            dw=200,
+            group=30,
+            gemm=40,
+            pool=30,
+            gap=60,
+            scale=60,
+            elt=90,
+            concat=20,
+            shuffle=15,
+            split=15,
+            flatten=10,
+        ),
+        "quick": dict(
+            stem=1,
+            kxk=3,
+            pw=6,
+            dw=4,
+            group=0,
+            gemm=2,
+            pool=1,
+            gap=2,
+            scale=2,
+            elt=3,
+            concat=1,
+            shuffle=0,
+            split=0,
+            flatten=1,
+        ),
     }[size]
     specs: list[Spec] = [Spec("chain", {"length": n}) for n in ((1, 8, 32) if size == "quick" else (1, 4, 16, 48, 96))]
 
@@ -179,7 +231,11 @@ def kernel_set(size: str = "full", seed: int = 0) -> list[Spec]:
     def conv(kind: str) -> Spec | None:
         h = spatial()
         s = 2 if rng.random() < 0.2 else 1
-        if kind == "kxk":
+        if kind == "stem":  # a network's first layer, on the input image
+            h = rng.choice([96, 112, 128, 160, 192, 224, 256, 288, 320])
+            k, s, g = rng.choice([3, 3, 5, 7]), rng.choice([1, 2, 2, 2]), 1
+            cin, cout = 3, _channels(rng, 8, 64)
+        elif kind == "kxk":
             k = rng.choice([3, 3, 3, 5, 7])
             cin = 3 if rng.random() < 0.15 else _channels(rng, 8, 512)
             cout, g = _channels(rng, 8, 512), 1
@@ -201,7 +257,7 @@ def kernel_set(size: str = "full", seed: int = 0) -> list[Spec]:
             residual, cout = s == 1, cin
         return Spec("conv", dict(cin=cin, cout=cout, h=h, k=k, s=s, group=g, act=act, residual=bool(residual)))
 
-    for kind in ("kxk", "pw", "dw", "group"):
+    for kind in ("stem", "kxk", "pw", "dw", "group"):
         made = 0
         while made < counts[kind]:
             spec = conv(kind)
@@ -234,12 +290,18 @@ def kernel_set(size: str = "full", seed: int = 0) -> list[Spec]:
             Spec(
                 "eltwise",
                 dict(
-                    op=rng.choice(["Add", "Relu", "SiLU", "HardSwish", "Sigmoid", "Clip"]),
+                    op=rng.choice(["Add", "Relu", "SiLU", "HardSwish", "HardSigmoid", "Sigmoid", "Clip"]),
                     c=_channels(rng, 8, 1024),
                     h=spatial(112),
                 ),
             )
         )
+    for _ in range(counts["shuffle"]):
+        specs.append(Spec("shuffle", dict(c=2 * _channels(rng, 8, 256), h=spatial(56))))
+    for _ in range(counts["split"]):
+        specs.append(Spec("split", dict(c=2 * _channels(rng, 8, 256), h=spatial(56))))
+    for _ in range(counts["flatten"]):
+        specs.append(Spec("flatten", dict(c=_channels(rng, 8, 2048))))
     for _ in range(counts["concat"]):
         specs.append(Spec("concat", dict(c=_channels(rng, 8, 512), c2=_channels(rng, 8, 512), h=spatial(56))))
     return specs
@@ -253,7 +315,21 @@ class KernelTiming:
     nodes: list[dict[str, Any]]  # one per node run: kernel family/signature/features and its median time
 
 
-def measure_spec_local(data: bytes, threads: int, runs: int, wall: bool) -> tuple[dict[str, float], float | None]:
+class CacheFlush:
+    """Writes a buffer between two profiled runs so an isolated kernel does not find its weights and inputs in
+    cache -- inside a network, the layers before it have evicted them."""
+
+    def __init__(self, mb: float):
+        self.buf = np.zeros(int(mb * 2**20) // 8) if mb > 0 else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf += 1.0
+
+
+def measure_spec_local(
+    data: bytes, threads: int, runs: int, wall: bool, flush: CacheFlush | None = None
+) -> tuple[dict[str, float], float | None]:
     """Per-node median kernel times (ms) of one calibration model on this machine, and its wall median if asked."""
     from presso.bench.runner import input_feed, node_times, ort_session, time_loop
 
@@ -262,7 +338,7 @@ def measure_spec_local(data: bytes, threads: int, runs: int, wall: bool) -> tupl
         feed = input_feed(session)
         for _ in range(2):
             session.run(None, feed)
-        times = {n: r["ms"] for n, r in node_times(session, feed, runs).items()}
+        times = {n: r["ms"] for n, r in node_times(session, feed, runs, between=flush).items()}
         wall_ms = None
         if wall:
             plain = ort_session(data, threads)
@@ -275,11 +351,17 @@ def calibrate(
     measure: Callable[[bytes, bool], tuple[dict[str, float], float | None]],
     specs: list[Spec],
     progress: Callable[[int, int], None] | None = None,
+    probe: QuietProbe | None = None,
+    every: int = 20,
 ) -> Iterator[KernelTiming]:
-    """Measure each spec with ``measure(model_bytes, want_wall)``; yield its kernels with their times."""
+    """Measure each spec with ``measure(model_bytes, want_wall)``; yield its kernels with their times.
+
+    With a ``probe``, every ``every`` specs wait (a minute at most) until the machine is quiet again."""
     from presso.bench.kernels import kernels_of, optimized_model
 
     for i, spec in enumerate(specs):
+        if probe is not None and i % every == 0:
+            probe.wait()
         data = build(spec)
         kernels = {k.name: k for k in kernels_of(optimized_model(data))}
         times, wall_ms = measure(data, spec.kind == "chain")
@@ -292,3 +374,40 @@ def calibrate(
         if progress:
             progress(i + 1, len(specs))
         yield KernelTiming(spec.label(), wall_ms, nodes)
+
+
+class QuietProbe:
+    """Tells whether this machine is as quiet as it has been: times a fixed 3x3 convolution (wall clock, median of
+    a few runs) and compares it with the fastest time seen so far. On a shared machine other processes' bursts slow
+    every kernel alike; measurements taken during one are not comparable with measurements taken outside it."""
+
+    SPEC = Spec("conv", dict(cin=64, cout=64, h=28, k=3, s=1, group=1, act="Relu", residual=False))
+
+    def __init__(self, threads: int, runs: int = 15):
+        from presso.bench.runner import input_feed, ort_session
+
+        self.session = ort_session(build(self.SPEC), threads)
+        self.feed = input_feed(self.session)
+        self.runs = runs
+        self.best = float("inf")
+        for _ in range(3):
+            self.factor()
+
+    def factor(self) -> float:
+        """The probe's time now / its best time (1.0: as quiet as ever seen)."""
+        from presso.bench.runner import time_loop
+
+        ms = statistics.median(time_loop(lambda: self.session.run(None, self.feed), warmup=2, repeat=self.runs))
+        self.best = min(self.best, ms)
+        return ms / self.best
+
+    def wait(self, tolerance: float = 1.1, max_seconds: float = 60.0, pause: float = 1.0) -> float:
+        """Wait (up to ``max_seconds``) until the probe is within ``tolerance`` of its best; the last factor."""
+        import time
+
+        deadline = time.monotonic() + max_seconds
+        f = self.factor()
+        while f > tolerance and time.monotonic() < deadline:
+            time.sleep(pause)
+            f = self.factor()
+        return f

@@ -152,11 +152,14 @@ class LatencyPredictor:
 
 
 def _fit_overhead(rows: list[dict]) -> tuple[float, float]:
-    """wall - sum(kernels) = per_run + per_node * nodes, least squares over the chain models (never negative)."""
+    """wall - sum(kernels) = per_run + per_node * nodes, least squares over the chain models.
+
+    ``per_node`` is usually negative: the profiler that timed the calibration kernels adds a few microseconds to
+    every node it times, which an unprofiled run does not pay."""
     pts = [(r["features"]["nodes"], r["median_ms"] - r["features"]["kernel_ms"]) for r in rows if r.get("features")]
     if len(pts) < 2:
         return (pts[0][1] if pts else 0.0), 0.0
     n = np.array([p[0] for p in pts], dtype=float)
     y = np.array([p[1] for p in pts], dtype=float)
     slope, intercept = np.polyfit(n, y, 1)
-    return max(float(intercept), 0.0), max(float(slope), 0.0)
+    return max(float(intercept), 0.0), float(slope)

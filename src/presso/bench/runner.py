@@ -161,9 +161,15 @@ def ort_session(
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def node_times(session, feed: dict[str, np.ndarray], runs: int) -> dict[str, dict[str, Any]]:
-    """Run a profiling session ``runs`` times; per node: op type, median kernel time (ms) over the runs."""
+def node_times(
+    session, feed: dict[str, np.ndarray], runs: int, between: Callable[[], Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run a profiling session ``runs`` times; per node: op type, median kernel time (ms) over the runs.
+
+    ``between`` runs between two runs, outside the timed kernels (e.g. evicting the caches)."""
     for _ in range(runs):
+        if between is not None:
+            between()
         session.run(None, feed)
     trace = Path(session.end_profiling())
     try:

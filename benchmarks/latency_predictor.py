@@ -1,0 +1,278 @@
+"""Latency predictor accuracy on this machine: calibrate, then predict and measure models it was not calibrated on.
+
+1. Calibrate: the full calibration kernel set (single-kernel ONNX models built with onnx.helper; no network below is
+   part of it) is measured with ONNX Runtime on this CPU and stored in a fresh latency database.
+2. For each model -- torchvision and timm networks at several resolutions, pruned variants (Presso's L2 pruning),
+   and samples of a MobileNetV2/MNASNet width x resolution space -- export it through the project's ONNX path,
+   predict it from the database (no run), and measure it in --rounds rounds (median of --repeat runs each). The
+   machine is shared: before and after each round a reference convolution is timed, and a round counts only when
+   the reference is within --quiet (10%) of its best time (the run waits up to --max-wait for that). The measured
+   latency is the median of the quiet rounds (of all rounds, flagged, when none was quiet); the spread of the
+   rounds is the benchmark's own noise. Error = predicted / measured - 1.
+
+    python benchmarks/latency_predictor.py --threads 1 --out benchmarks/results/latency_predictor.jsonl
+
+Prints the share of models within +-10% and +-20% of measured, the median absolute error, and the noise
+(median in-run block spread, and the median difference between the two measurements of a model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+Entry = tuple[str, str, object]  # (name, input shape, builder)
+
+
+def _tv(name: str, **kw):
+    import torchvision
+
+    return lambda: getattr(torchvision.models, name)(**kw)
+
+
+def _timm(name: str, **kw):
+    import timm
+
+    return lambda: timm.create_model(name, pretrained=False, **kw)
+
+
+def _pruned(build, shape: str, ratio: float):
+    def make():
+        import presso
+        from presso.compress import PruneConfig
+
+        torch.manual_seed(0)
+        return presso.compress(build(), shape, PruneConfig(ratio=ratio, criterion="l2")).model
+
+    return make
+
+
+def models(seed: int = 0) -> list[Entry]:
+    import torchvision
+
+    s224 = "1,3,224,224"
+    out: list[Entry] = []
+    for name in [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "mnasnet0_5",
+        "mnasnet1_0",
+        "shufflenet_v2_x0_5",
+        "shufflenet_v2_x1_0",
+        "regnet_x_400mf",
+        "regnet_y_400mf",
+        "squeezenet1_1",
+    ]:
+        out.append((f"tv:{name}@224", s224, _tv(name)))
+    out.append(("tv:efficientnet_b1@240", "1,3,240,240", _tv("efficientnet_b1")))
+    for name, res in [
+        ("resnet18", 160),
+        ("mobilenet_v2", 160),
+        ("mobilenet_v2", 128),
+        ("mobilenet_v3_large", 192),
+        ("efficientnet_b0", 192),
+        ("mnasnet1_0", 192),
+        ("resnet50", 160),
+        ("regnet_x_800mf", 224),
+    ]:
+        out.append((f"tv:{name}@{res}", f"1,3,{res},{res}", _tv(name)))
+    for name, res in [
+        ("lcnet_050", 224),
+        ("lcnet_100", 224),
+        ("tinynet_a", 192),
+        ("tinynet_e", 106),
+        ("efficientnet_lite0", 224),
+        ("mobilenetv2_050", 224),
+        ("ghostnet_100", 224),
+        ("resnet10t", 224),
+        ("mnasnet_small", 224),
+        ("fbnetc_100", 224),
+        ("spnasnet_100", 224),
+        ("semnasnet_075", 224),
+    ]:
+        out.append((f"timm:{name}@{res}", f"1,3,{res},{res}", _timm(name)))
+    for name, ratio in [
+        ("resnet18", 0.3),
+        ("resnet18", 0.5),
+        ("mobilenet_v2", 0.3),
+        ("mobilenet_v2", 0.5),
+        ("efficientnet_b0", 0.3),
+        ("mobilenet_v3_large", 0.4),
+        ("resnet50", 0.5),
+        ("regnet_x_400mf", 0.3),
+    ]:
+        out.append((f"pruned:{name}-l2-{ratio}@224", s224, _pruned(_tv(name), s224, ratio)))
+    rng = random.Random(seed)  # samples of a width x resolution space (Once-for-All style)
+    for _ in range(6):
+        w, r = rng.choice([0.35, 0.5, 0.75, 1.0, 1.3]), rng.choice([128, 160, 192, 224])
+        out.append(
+            (f"space:mobilenet_v2(w={w})@{r}", f"1,3,{r},{r}", lambda w=w: torchvision.models.MobileNetV2(width_mult=w))
+        )
+    for _ in range(2):
+        a, r = rng.choice([0.5, 0.75, 1.3]), rng.choice([160, 192, 224])
+        out.append((f"space:mnasnet(a={a})@{r}", f"1,3,{r},{r}", lambda a=a: torchvision.models.MNASNet(a)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (calibration and runs)")
+    ap.add_argument("--db", default="/tmp/presso-latency-bench/latency.db", help="latency database file")
+    ap.add_argument("--reuse-calibration", action="store_true", help="keep the database's calibration")
+    ap.add_argument("--repeat", type=int, default=40, help="timed runs per measurement round")
+    ap.add_argument("--rounds", type=int, default=3, help="measurement rounds per model")
+    ap.add_argument("--quiet", type=float, default=1.1, help="a round counts when the probe is within this factor")
+    ap.add_argument("--max-wait", type=float, default=60.0, help="seconds to wait for a quiet machine per round")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N models")
+    ap.add_argument("--only", default="", help="only models whose name contains this")
+    ap.add_argument("--out", default="benchmarks/results/latency_predictor.jsonl")
+    args = ap.parse_args()
+
+    from presso.bench.api import calibrate, device_env
+    from presso.bench.calibrate import QuietProbe
+    from presso.bench.env import device_fingerprint
+    from presso.bench.kernels import decompose
+    from presso.bench.latency_db import LatencyDB
+    from presso.bench.predictor import LatencyPredictor
+    from presso.bench.runner import export_with_feed, measure_onnx
+    from presso.models import InputSpec
+
+    db_path = Path(args.db)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    if not args.reuse_calibration:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db_path) + suffix).unlink(missing_ok=True)
+        t0 = time.time()
+        cal = calibrate(threads=args.threads, size="full", db=str(db_path))
+        print(f"calibrated {cal['kernels']} kernels in {time.time() - t0:.0f}s ({args.threads} threads)", flush=True)
+    env = device_env("local", args.threads)
+    fp = device_fingerprint("local", env, "fp32")
+    t0 = time.time()
+    predictor = LatencyPredictor.from_db(LatencyDB(str(db_path)), device="local", device_fp=fp)
+    print(
+        f"predictor fitted in {time.time() - t0:.1f}s; overhead {predictor.per_run_ms * 1000:.1f} us/run "
+        f"{predictor.per_node_ms * 1000:+.2f} us/node",
+        flush=True,
+    )
+
+    probe = QuietProbe(args.threads)
+    entries = [e for e in models() if args.only in e[0]]
+    if args.limit:
+        entries = entries[: args.limit]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "run": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": env["cpu"],
+        "threads": args.threads,
+        "ort": env["runtime_version"],
+        "python": platform.python_version(),
+        "repeat": args.repeat,
+    }
+    rows = []
+    with out.open("a") as log, tempfile.TemporaryDirectory(prefix="presso-latbench-") as tmp:
+        log.write(json.dumps({"header": header}) + "\n")
+        for i, (name, shape, build) in enumerate(entries):
+            row = {"model": name, "input_shape": shape}
+            try:
+                torch.manual_seed(0)
+                model = build().eval()
+                inputs = InputSpec.parse(shape).example_inputs()
+                path, feed = export_with_feed(model, inputs, Path(tmp) / f"m{i}.onnx")
+                t0 = time.perf_counter()
+                pred = predictor.predict_kernels(decompose(path, [tuple(x.shape) for x in inputs]))
+                predict_s = time.perf_counter() - t0
+                rounds = []
+                for _ in range(args.rounds):  # each round: wait for a quiet machine, measure, check it stayed quiet
+                    before = probe.wait(tolerance=args.quiet, max_seconds=args.max_wait)
+                    m = measure_onnx(path, feed, threads=args.threads, warmup=5, repeat=args.repeat, max_seconds=60)
+                    after = probe.factor()
+                    rounds.append(
+                        {
+                            "median_ms": m.median_ms,
+                            "noise_pct": m.noise_pct,
+                            "probe": [round(before, 3), round(after, 3)],
+                            "load": round(os.getloadavg()[0], 2),
+                        }
+                    )
+                quiet = [r for r in rounds if max(r["probe"]) <= args.quiet]
+                used = quiet or rounds
+                meds = [r["median_ms"] for r in used]
+                measured = statistics.median(meds)
+                row.update(
+                    predicted_ms=pred.latency_ms,
+                    measured_ms=round(measured, 4),
+                    error=round(pred.latency_ms / measured - 1, 4),
+                    rounds=rounds,
+                    quiet_rounds=len(quiet),
+                    repeat_diff=round((max(meds) - min(meds)) / measured, 4),
+                    noise_pct=[r["noise_pct"] for r in used],
+                    kernels=pred.kernels,
+                    looked_up=pred.looked_up,
+                    estimated=pred.estimated,
+                    unknown=pred.unknown,
+                    unknown_families=pred.unknown_families,
+                    predict_s=round(predict_s, 3),
+                )
+                print(
+                    f"{name:40s} measured {measured:9.3f} ms  predicted {pred.latency_ms:9.3f} ms  "
+                    f"error {row['error']:+7.1%}  (rounds differ {row['repeat_diff']:.1%}, {len(quiet)}/{len(rounds)} "
+                    f"quiet; kernels {pred.kernels}: {pred.looked_up} table, {pred.estimated} regression, "
+                    f"{pred.unknown} unknown)",
+                    flush=True,
+                )
+            except Exception as e:  # a failing model is a row with its error; the run goes on
+                row["error_message"] = f"{type(e).__name__}: {e}"
+                print(f"{name:40s} FAILED {row['error_message'][:200]}", flush=True)
+                traceback.print_exc()
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        summary = summarize(rows)
+        summary["header"] = header
+        log.write(json.dumps({"summary": summary}) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+def summarize(rows: list[dict]) -> dict:
+    ok = [r for r in rows if "error" in r]
+    if not ok:
+        return {"models": 0, "failed": len(rows)}
+    errs = [abs(r["error"]) for r in ok]
+    diffs = [r["repeat_diff"] for r in ok]
+    by_group: dict[str, list[float]] = {}
+    for r in ok:
+        by_group.setdefault(r["model"].split(":")[0], []).append(abs(r["error"]))
+    return {
+        "models": len(ok),
+        "failed": len(rows) - len(ok),
+        "within_10": round(sum(e <= 0.10 for e in errs) / len(ok), 3),
+        "within_20": round(sum(e <= 0.20 for e in errs) / len(ok), 3),
+        "median_abs_error": round(statistics.median(errs), 4),
+        "mean_error": round(statistics.fmean(r["error"] for r in ok), 4),
+        "noise_in_run_median_pct": round(statistics.median(n for r in ok for n in r["noise_pct"]), 2),
+        "noise_between_runs_median": round(statistics.median(diffs), 4),
+        "models_with_a_quiet_round": sum(r["quiet_rounds"] > 0 for r in ok),
+        "noise_between_runs_max": round(max(diffs), 4),
+        "by_group_median_abs_error": {g: round(statistics.median(v), 4) for g, v in by_group.items()},
+        "kernels_looked_up_share": round(sum(r["looked_up"] for r in ok) / sum(r["kernels"] for r in ok), 3),
+    }
+
+
+if __name__ == "__main__":
+    main()
