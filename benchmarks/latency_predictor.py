@@ -142,7 +142,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="only the first N models")
     ap.add_argument("--only", default="", help="only models whose name contains this")
     ap.add_argument("--out", default="benchmarks/results/latency_predictor.jsonl")
+    ap.add_argument("--stop-at", type=float, default=0.0, help="Unix time after which no new model starts")
+    ap.add_argument("--summarize", default="", help="only print the summary of the last run in this JSONL file")
     args = ap.parse_args()
+    if args.summarize:
+        print(json.dumps(summarize(last_run(Path(args.summarize))), indent=1))
+        return
 
     from presso.bench.api import calibrate, device_env
     from presso.bench.calibrate import QuietProbe
@@ -160,7 +165,13 @@ def main() -> None:
         for suffix in ("", "-wal", "-shm"):
             Path(str(db_path) + suffix).unlink(missing_ok=True)
         t0 = time.time()
-        cal = calibrate(threads=args.threads, size="full", db=str(db_path), quiet=probe)
+        cal = calibrate(
+            threads=args.threads,
+            size="full",
+            db=str(db_path),
+            quiet=probe,
+            progress=lambda d, t: print(f"  calibrated {d}/{t} kernel models", flush=True) if d % 200 == 0 else None,
+        )
         print(
             f"calibrated {cal['kernels']} kernels in {time.time() - t0:.0f}s ({args.threads} threads; "
             f"{cal['windows_redone']} of {cal['windows']} windows measured again, {cal['windows_busy']} still "
@@ -195,6 +206,9 @@ def main() -> None:
     with out.open("a") as log, tempfile.TemporaryDirectory(prefix="presso-latbench-") as tmp:
         log.write(json.dumps({"header": header}) + "\n")
         for i, (name, shape, build) in enumerate(entries):
+            if args.stop_at and time.time() > args.stop_at:
+                print(f"stopping: --stop-at reached; {len(entries) - i} models not run", flush=True)
+                break
             row = {"model": name, "input_shape": shape}
             try:
                 torch.manual_seed(0)
@@ -227,6 +241,8 @@ def main() -> None:
         # rounds are judged against the quietest reference time of the whole run; models without a quiet round
         # are measured again while time allows
         deadline = time.time() + args.final_pass
+        if args.stop_at:
+            deadline = min(deadline, args.stop_at + 300)
         for row, _, _ in pending:
             finish(row, row["rounds"], probe.best, args.quiet)
         for row, path, feed in pending:
@@ -284,6 +300,20 @@ def show(row: dict) -> None:
         f"regression, {row['unknown']} unknown)",
         flush=True,
     )
+
+
+def last_run(path: Path) -> list[dict]:
+    """The model rows of the last run in a results file (final verdicts where the run got that far)."""
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "header" in rec:
+            rows = {}
+        elif "final" in rec:
+            rows[rec["final"]["model"]] = rec["final"]
+        elif "model" in rec:
+            rows[rec["model"]] = rec
+    return list(rows.values())
 
 
 def summarize(rows: list[dict]) -> dict:

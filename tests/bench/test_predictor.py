@@ -125,3 +125,20 @@ def test_graph_fingerprint_is_stable_across_exports(tiny_onnx, tmp_path):
     assert a == b
     assert graph_fingerprint(tiny_onnx(tmp_path / "c.onnx", width=16)) != a
     assert graph_fingerprint(tiny_onnx(tmp_path / "d.onnx", size=24)) != a
+
+
+def test_remote_calibration_over_http_then_prediction_offline(home, agent, tmp_path):
+    """Calibrate a remote device through its agent (profiles come back over HTTP), then predict for it from the
+    database alone -- with the agent gone from the registry."""
+    from presso.bench.api import calibrate
+    from presso.bench.devices import add_device, remove_device
+
+    add_device("farm-1", agent["url"], agent["token_file"])
+    specs = [Spec("chain", {"length": n}) for n in (1, 8)] + [_spec(c) for c in CHAIN[:3]]
+    summary = calibrate("farm-1", threads=1, runs=5, specs=specs)
+    assert summary["kernels"] >= 3 + 1 + 8 and summary["device"] == "farm-1"
+    remove_device("farm-1")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(build(_spec(CHAIN[1])))
+    pred = presso.predict_latency(path, "farm-1", threads=1)
+    assert pred.device == "farm-1" and pred.looked_up >= 1 and pred.latency_ms > 0

@@ -91,6 +91,12 @@ def _input_shapes(proto, input_shape, batch) -> list[tuple[int, ...]]:
             shape[0] = batch
         if any(d < 1 for d in shape):
             raise ConfigError(f"Input '{vi.name}' has a dynamic shape {dims}: give the input shape (--input-shape).")
+        fixed = [(a, b) for a, b in zip(dims, shape, strict=False) if a > 0 and a != b]
+        if fixed or (dims and len(dims) != len(shape)):
+            raise ConfigError(
+                f"Input '{vi.name}' of the ONNX file has the fixed shape {dims}, not {shape}: benchmark it as it is, "
+                "or export it with a dynamic batch (presso convert ... --dynamic-batch) or at the shape you want."
+            )
         out.append(tuple(shape))
     return out
 
@@ -282,6 +288,8 @@ def calibrate(
     specs: list | None = None,
     flush_mb: float = 4.0,
     quiet: bool | Any = True,
+    wait_seconds: float = 10.0,
+    redo_seconds: float = 120.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Measure the calibration kernel set on ``device`` and store every kernel in the latency database.
@@ -291,6 +299,7 @@ def calibrate(
     caches (local). ``quiet``: on this machine, look at a reference kernel every
     20 specs (or pass a ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%,
     and measure again, at the end, the windows taken while the machine was busier than it later proved to be.
+    ``wait_seconds``: longest pause per window; ``redo_seconds``: time allowed for measuring busy windows again.
     """
     import time
 
@@ -325,7 +334,9 @@ def calibrate(
                 profile=True,
                 profile_top=0,
             )
-            return {n["node"]: n["ms"] for n in r["profile"]["nodes"]}, (r["median_ms"] if wall else None)
+            return {n["node"]: n.get("p25_ms", n["ms"]) for n in r["profile"]["nodes"]}, (
+                r["median_ms"] if wall else None
+            )
 
     started = time.time()
     base = {
@@ -348,7 +359,7 @@ def calibrate(
         nonlocal done
         ref = 0.0
         if probe is not None:
-            probe.wait(tolerance=QUIET, max_seconds=15)
+            probe.wait(tolerance=QUIET, max_seconds=wait_seconds)
             ref = probe.last_ms
         timings = list(run(measure, windows[w]))
         if probe is not None:
@@ -365,7 +376,7 @@ def calibrate(
     redone = 0
     if probe is not None:
         # windows measured while the machine was busier than it later proved to be are measured again
-        deadline = time.time() + max(60.0, 2 * (time.time() - started))
+        deadline = time.time() + redo_seconds
         while time.time() < deadline:
             busy = sorted((w for w, (ref, _) in kept.items() if ref > QUIET * probe.best), key=lambda w: -kept[w][0])
             if not busy:
@@ -419,6 +430,23 @@ def calibrate(
     }
 
 
+_PREDICTORS: dict[tuple[str, str], tuple[int, Any]] = {}
+
+
+def _calibrated_fingerprint(store, device: str, threads: int | None) -> str:
+    """The fingerprint under which ``device`` was calibrated (with ``threads``, if given; the most kernels wins)."""
+    from collections import Counter
+
+    rows = [r for r in store.rows(device=device, kind="kernel") if threads in (None, 0) or r["threads"] == threads]
+    if not rows:
+        raise ConfigError(
+            f"No calibrated kernels for device '{device}'"
+            + (f" with {threads} threads" if threads else "")
+            + f" in the latency database: run 'presso db calibrate --device {device}' first."
+        )
+    return Counter(r["device_fp"] for r in rows).most_common(1)[0][0]
+
+
 def predict_latency(
     model,
     device: str = LOCAL,
@@ -438,9 +466,17 @@ def predict_latency(
     from presso.bench.latency_db import LatencyDB
     from presso.bench.predictor import LatencyPredictor
 
-    env = device_env(device, threads)
-    fp = device_fingerprint(device, env, "fp32")
-    predictor = LatencyPredictor.from_db(LatencyDB(db), device=device, device_fp=fp)
+    store = LatencyDB(db)
+    if device == LOCAL:
+        fp = device_fingerprint(device, device_env(device, threads), "fp32")
+    else:  # a remote device need not be reachable: its calibration is in the database
+        fp = _calibrated_fingerprint(store, device, threads)
+    count = len(store.rows(device_fp=fp, kind="kernel"))
+    cached = _PREDICTORS.get((store.url, fp))
+    if cached is None or cached[0] != count:  # fitting takes seconds: reuse it until the calibration changes
+        cached = (count, LatencyPredictor.from_db(store, device=device, device_fp=fp))
+        _PREDICTORS[(store.url, fp)] = cached
+    predictor = cached[1]
     with tempfile.TemporaryDirectory(prefix="presso-predict-") as tmp:
         m = _Onnx(model, input_shape, batch, Path(tmp))
         return predictor.predict_kernels(decompose(m.path, m.shapes))

@@ -219,7 +219,14 @@ def profile_onnx(
         "runs": runs,
         "ops": by_op[: top or None],
         "nodes": [
-            {"node": n, "op": r["op"], "ms": round(r["ms"], 4), "share": round(r["ms"] / total, 4)} for n, r in slow
+            {
+                "node": n,
+                "op": r["op"],
+                "ms": round(r["ms"], 4),
+                "p25_ms": round(r["p25"], 4),
+                "share": round(r["ms"] / total, 4),
+            }
+            for n, r in slow
         ],
     }
 
