@@ -69,6 +69,9 @@ def register(app: typer.Typer) -> None:
         final: Annotated[
             bool, typer.Option("--final/--no-final", help="Train the winner (one worker of a shared study).")
         ] = True,
+        heartbeat: Annotated[
+            int, typer.Option(help="Seconds between worker heartbeats; 4 missed: the trial is retried elsewhere.")
+        ] = 10,
         as_json: c.JsonOpt = False,
     ) -> None:
         """Search a MobileNet-style model for a dataset and a latency budget (Optuna; latency predicted first).
@@ -85,7 +88,7 @@ def register(app: typer.Typer) -> None:
             cfg = SearchConfig(
                 latency_ms=latency_ms, device=device, trials=trials, time_budget_min=time_budget, space=space,
                 proxy_epochs=proxy_epochs, proxy_fraction=proxy_fraction, final_epochs=final_epochs,
-                measure_top=measure_top, threads=threads, seed=seed, final=final,
+                measure_top=measure_top, threads=threads, seed=seed, final=final, heartbeat_s=heartbeat,
             )  # fmt: skip
             with _SearchBar(c.err, trials) as bar:
                 result = presso.search(data, cfg, output=output, storage=storage, study=study, db=db, progress=bar)

@@ -60,6 +60,7 @@ class SearchConfig:
     seed: int = 0
     warm_start: bool = True
     final: bool = True
+    heartbeat_s: int = 10  # a worker silent for 4 heartbeats is dead: its trial is failed and retried
     version: int = SEARCH_VERSION
 
     def __post_init__(self) -> None:
@@ -121,39 +122,50 @@ def _safe(url: str) -> str:
 
 
 def open_study(url: str, name: str, cfg: SearchConfig):
+    """The study ``name`` in ``url`` and whether this call created it."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        storage = RDBStorage(
-            url,
-            heartbeat_interval=10,
-            grace_period=40,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        )
-    except Exception as e:
-        raise ConfigError(f"Cannot open the search storage {_safe(url)}: {str(e).splitlines()[0][:300]}") from None
+    # Workers starting together race to create Optuna's tables in an empty database (PostgreSQL reports a duplicate
+    # type or key to the loser); the tables exist once one has won, so the loser simply opens the storage again.
+    for attempt in range(6):
+        try:
+            storage = RDBStorage(
+                url,
+                heartbeat_interval=cfg.heartbeat_s,
+                grace_period=4 * cfg.heartbeat_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+            )
+            break
+        except Exception as e:
+            if attempt == 5:
+                message = str(e).splitlines()[0][:300]
+                raise ConfigError(f"Cannot open the search storage {_safe(url)}: {message}") from None
+            time.sleep(0.5 + attempt)
     # the latency budget is a constraint (trial.set_constraint): the sampler learns where infeasible designs lie
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=True, n_startup_trials=8)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=name,
-        directions=["maximize", "minimize"],
-        sampler=sampler,
-        load_if_exists=True,
-    )
-    settings = study.user_attrs.get("settings")
-    if settings is None:
+    try:  # creating the study is atomic in the database: exactly one worker creates it and seeds it
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=["maximize", "minimize"], sampler=sampler
+        )
         study.set_user_attr("settings", cfg.study_settings())
-    elif settings != cfg.study_settings():
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        # a joining worker samples with its own seed: the same seed in two workers would propose the same designs
+        joiner = optuna.samplers.TPESampler(seed=cfg.seed + 1 + os.getpid() % 100_000, multivariate=True,
+                                            constant_liar=True, n_startup_trials=8)  # fmt: skip
+        study = optuna.load_study(storage=storage, study_name=name, sampler=joiner)
+        created = False
+    settings = study.user_attrs.get("settings")
+    if settings is not None and settings != cfg.study_settings():
         diff = {k: (settings.get(k), v) for k, v in cfg.study_settings().items() if settings.get(k) != v}
         raise ConfigError(
             f"Study '{name}' in {_safe(url)} was started with other settings ({diff}, as (study, yours)); use the "
             "same settings to join it, or another --study name."
         )
-    return study
+    return study, created
 
 
 def finished(study) -> list:
@@ -180,7 +192,7 @@ class _Search:
         self.url = _storage_url(storage, output)
         self.name = study_name or f"presso-{self.bundle.name.replace('/', '_')}-{cfg.device}-{cfg.latency_ms:g}ms"
         output.mkdir(parents=True, exist_ok=True)
-        self.study = open_study(self.url, self.name, cfg)
+        self.study, self.created = open_study(self.url, self.name, cfg)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def _proxy_bundle(self):
@@ -243,6 +255,11 @@ class _Search:
         """Measure the space's known-good architectures on the device: they set the predictor's correction (the
         median ratio measured / predicted) and seed the study. The first worker does it; the rest read it."""
         self.correction = 1.0
+        if not self.created:  # the creating worker measures; wait for it (or measure here if it died meanwhile)
+            deadline = time.time() + 600
+            while "warm_start" not in self.study.user_attrs and time.time() < deadline:
+                self.report("waiting for the worker that created the study", {})
+                time.sleep(1.0)
         stored = self.study.user_attrs.get("warm_start")
         if stored is not None:
             self.correction = float(self.study.user_attrs.get("latency_correction", 1.0))
@@ -258,7 +275,7 @@ class _Search:
         self.correction = float(statistics.median(ratios)) if ratios else 1.0
         self.study.set_user_attr("latency_correction", self.correction)
         self.study.set_user_attr("warm_start", rows)
-        if self.cfg.warm_start:
+        if self.cfg.warm_start and self.created:
             for name, arch in self.space.zoo().items():
                 self.study.enqueue_trial(arch, user_attrs={"zoo": name}, skip_if_exists=True)
         return rows
@@ -311,9 +328,11 @@ class _Search:
         return top1, predicted
 
     def run(self) -> None:
+        from optuna.storages import fail_stale_trials
         from optuna.study import MaxTrialsCallback
         from optuna.trial import TrialState
 
+        fail_stale_trials(self.study)  # a killed worker's trial: failed, and queued again with the same parameters
         remaining = self.cfg.trials - len(finished(self.study))
         if remaining <= 0:
             return
