@@ -137,3 +137,15 @@ def test_import_presso_is_light():
         check=True,
     ).stdout
     assert out.strip() == "False"
+
+
+def test_cli_help_loads_no_heavy_backend():
+    """Every registered verb module stays light: --help imports no runtime, database or search engine."""
+    heavy = ("torch", "onnxruntime", "openvino", "optuna", "sqlalchemy", "fastapi", "uvicorn", "matplotlib")
+    code = (
+        "import sys; from presso.cli import app; sys.argv = ['presso', '--help']\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
