@@ -2,13 +2,17 @@
 
 Part A (accuracy, Fashion-MNIST): a small ResNet is trained (or loaded with --original), then compressed to 50% and
 25% of its MACs by (a) uniform L2 pruning, (b) recommended per-layer ratios (LAMP x sensitivity on calibration
-data), (c) Tucker-2 decomposition (VBMF ranks, offset searched), (d) both; accuracy right after compression and after
-the same short fine-tune (KD from the original, with labels) is printed side by side.
+data; and without data, LAMP per MAC alone), (c) Tucker-2 decomposition (VBMF ranks, offset searched), (d) both;
+accuracy right after compression and after the same short fine-tune (KD from the original, with labels) is printed
+side by side.
 
-Part B (speed, ONNX Runtime on this CPU): MobileNetV2, EfficientNet-B0, RegNetX-400MF and ResNet-18 at 224x224,
-compressed to ~1/4 of their MACs by uniform pruning (without and with channel rounding) and by the recommended
-ratios; each model is exported to ONNX and
-timed (median of --repeat runs after warmup) next to its original, and speedup / MACs-reduction is printed.
+Part B (speed, ONNX Runtime on this CPU): MobileNetV2, EfficientNet-B0, RegNetX-400MF and ResNet-18 at 224x224
+(random init), compressed to ~1/4 of their MACs by uniform L2 pruning (Torch-Pruning's recipe: no channel rounding;
+and rounded to 8), by the recommended ratios (LAMP per MAC, or latency-aware: per millisecond measured per layer
+with ONNX Runtime's profiler), and under a latency target of 1/4 of the original's measured time
+(``Target(latency_ms=..., device="local")``). Every variant is exported to ONNX and timed with --threads intra-op
+threads in interleaved rounds next to its original (median of --repeat rounds), and speedup / MACs-reduction is
+printed.
 
     python benchmarks/compress_quality.py                       # both parts
     python benchmarks/compress_quality.py --part speed --repeat 30
@@ -36,6 +40,7 @@ from presso.train import TrainConfig
 METHODS = {
     "uniform": lambda: dict(config=PruneConfig(criterion="l2"), recommend=False),
     "recommended": lambda: dict(config=PruneConfig(criterion="l2"), recommend=True, calib=True),
+    "recommended, no data": lambda: dict(config=PruneConfig(criterion="l2"), recommend=True),
     "decompose": lambda: dict(config=DecomposeConfig("tucker", rank="vbmf")),
     "both": lambda: dict(config=[PruneConfig(criterion="l2"), DecomposeConfig("tucker", rank="vbmf")], calib=True),
 }
@@ -57,7 +62,7 @@ def part_accuracy(args, log) -> list[dict]:
     calib = calibration_batches("fashion-mnist", spec, batches=4, batch_size=32, preprocess=pp)
     rows = []
     print(f"original top-1 {top1:.4f}")
-    for share in (0.5, 0.25):
+    for share in args.targets:
         for name, make in METHODS.items():
             m = make()
             t0 = time.perf_counter()
@@ -106,6 +111,8 @@ def part_speed(args, log) -> list[dict]:
                 PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=False)),
             "recommended (LAMP per MAC), rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=True)),
+            "recommended, latency-aware (LAMP per measured ms), rounded to 8": (
+                PruneConfig(round_to=8), dict(target=Target(macs=args.share, device="local"), recommend=True)),
             f"latency target {args.share:g} x original, uniform ratio, rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, device="local", tolerance=0.05),
                                               recommend=False)),
@@ -186,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25], help="part A: MACs shares to keep")
     ap.add_argument("--share", type=float, default=0.25, help="part B: MACs share / latency share to compress to")
     ap.add_argument("--models", nargs="*", help="part B: model sources (default: the four of the issue)")
     ap.add_argument("--variants", nargs="*", help="part B: only the methods whose names contain one of these")

@@ -281,6 +281,10 @@ def test_latency_cost_is_measured_per_layer():
     assert set(convs) <= set(ms) and all(v > 0 for v in ms.values())
     scores = lamp_scores(model, inputs, cost="latency")
     assert len(scores.scores) > 10 and all(np.isfinite(s).all() for s in scores.scores.values())
+    # a MACs target with a device: the same budget, spent by measured time per channel
+    r = presso.compress(model, inputs, PruneConfig(), target=Target(macs=0.5, device="local"))
+    assert abs(r.after["macs"] / r.before["macs"] / 0.5 - 1) <= 0.03
+    assert "measured with ONNX Runtime" in r.extra["target"]["search"][0]["why"]
 
 
 def test_impossible_budget_is_a_clear_error():
@@ -292,6 +296,8 @@ def test_impossible_budget_is_a_clear_error():
         Target(macs=1.5)
     with pytest.raises(ConfigError, match="--device local"):
         Target(latency_ms=5.0, device="phone")
+    with pytest.raises(ConfigError, match="--device local"):
+        Target(macs=0.5, device="phone")
 
 
 # --------------------------------------------------------------------------- CLI

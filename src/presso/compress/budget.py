@@ -37,17 +37,19 @@ class Target:
     latency_ms: float | None = None
     device: str | None = None
     tolerance: float = 0.03
+    # device: where a latency target is measured ("local": this machine). With a MACs target it makes the
+    # recommended ratios latency-aware: each channel is weighed by its layer's time measured there, not its MACs.
 
     def __post_init__(self) -> None:
         given = [k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError("Give exactly one target: --target-macs, --target-params or --target-latency-ms.")
+        if self.device not in (None, "local"):
+            raise ConfigError(
+                f"Device '{self.device}': latency is measured on this machine (--device local) in this version; "
+                "remote devices come with the benchmarker's agent."
+            )
         if self.latency_ms is not None:
-            if self.device not in (None, "local"):
-                raise ConfigError(
-                    f"Device '{self.device}': latency targets are measured on this machine (--device local) in this "
-                    "version; remote devices come with the benchmarker's agent."
-                )
             if self.latency_ms <= 0:
                 raise BudgetError(f"A latency budget must be positive, not {self.latency_ms} ms.")
             return
@@ -201,6 +203,8 @@ def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bo
     """Bisect the pruning knob; when channel rounding (``round_to``) makes the figures jump past the tolerance --
     small models, few channels per layer -- search again with finer rounding (8 -> 4 -> 2 -> none) and say so."""
     cost = {"params": "params", "latency_ms": "latency"}.get(meter.target.key, "macs")
+    if meter.target.device is not None and cost == "macs":
+        cost = "latency"  # a MACs budget spent where this device's measured time per channel is highest
     scores = lamp_scores(model, inputs, data=data, cost=cost) if recommend else None
     round_to = base.round_to
     while True:
@@ -225,6 +229,8 @@ def _search_prune_once(model, inputs, meter: _Meter, base: PruneConfig, recommen
             else "LAMP weight scores per unit cost"
         )
     )
+    if recommend and meter.target.device is not None:
+        why += " (cost: time per layer measured with ONNX Runtime here)"
 
     def config(knob: float) -> PruneConfig:
         if scores is None:
