@@ -28,6 +28,7 @@ _EXPORTS = {
     "load_data": "presso.data",
     "convert": "presso.convert",
     "search": "presso.search",
+    "run": "presso.pipeline",
     "ConvertConfig": "presso.convert",
     "benchmark": "presso.bench",
     "predict_latency": "presso.bench",

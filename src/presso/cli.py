@@ -604,9 +604,9 @@ def _render_eval(s: dict[str, Any]) -> None:
 
 
 # Verbs kept in their own modules register their commands on ``app`` (each a thin layer over its package's API).
-from presso import cli_bench, cli_convert, cli_search  # noqa: E402
+from presso import cli_bench, cli_convert, cli_run, cli_search  # noqa: E402
 
-for _module in (cli_convert, cli_bench, cli_search):
+for _module in (cli_convert, cli_bench, cli_search, cli_run):
     _module.register(app)
 
 

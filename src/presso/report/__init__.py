@@ -1,0 +1,231 @@
+"""The run report: one self-contained HTML file (inline CSS, plots embedded as PNG data) a person can read offline.
+
+Sections: the verdict (budget, accuracy), the stage table, accuracy vs latency, channels kept per layer, the
+slowest operators before and after, INT8 fallbacks, and the commands that reproduce each stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1c2127;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}
+h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #d3d8de;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #d3d8de;padding:.3rem .6rem;text-align:right}
+th{background:#f6f7f9}
+td:first-child,th:first-child{text-align:left}
+.ok{color:#0f9960;font-weight:600}
+.bad{color:#c23030;font-weight:600}
+.muted{color:#5f6b7c}
+img{max-width:100%;border:1px solid #e5e8eb}
+pre{background:#f6f7f9;padding:.8rem;overflow-x:auto}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:1rem}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _num(v: Any, fmt: str = "{:,}") -> str:
+    if v is None:
+        return "&ndash;"
+    try:
+        return _e(fmt.format(v))
+    except (ValueError, TypeError):
+        return _e(v)
+
+
+def _table(headers: list[str], rows: list[list[Any]], id_: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table id="{id_}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _points(s: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(label, latency ms, accuracy) of every measured model of the run."""
+    st, prec = s["stages"], s["config"]["precision"]
+    pts = []
+    base, dep = st.get("baseline", {}), st.get("deploy", {})
+    orig_acc = st.get("original", {}).get("val_top1")
+    final_acc = (st.get("recover") or {}).get("val_top1") or orig_acc
+    for label, rec, acc in (
+        ("original FP32", base.get("fp32"), orig_acc),
+        (f"original {prec.upper()}", base.get(prec), None),
+        ("final FP32", dep.get("fp32"), final_acc),
+        (f"final {prec.upper()}", dep.get(prec), None),
+    ):
+        if rec and rec.get("latency_ms") is not None:
+            a = (rec.get("accuracy") or {}).get("converted_top1", acc)
+            if a is not None:
+                pts.append((label, float(rec["latency_ms"]), float(a)))
+    return pts
+
+
+def _accuracy_plot(s: dict[str, Any]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = _points(s)
+    search = (s["stages"].get("original") or {}).get("search")
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if search and search.get("pareto"):
+        pareto = [(r["predicted_ms"], r["proxy_top1"]) for r in search["pareto"] if r.get("proxy_top1") is not None]
+        if pareto:
+            ax.scatter(*zip(*pareto, strict=True), c="#9aa5b1", s=25, label="searched: Pareto front (proxy, predicted)")
+    colors = {"original": "#2d72d2", "final": "#0f9960"}
+    for label, ms, acc in pts:
+        marker = "o" if "FP32" in label else "s"
+        ax.scatter([ms], [acc], c=colors[label.split()[0]], marker=marker, s=70, label=label, zorder=3)
+    if s["config"].get("latency_ms"):
+        ax.axvline(s["config"]["latency_ms"], ls="--", c="k", lw=1, label=f"budget {s['config']['latency_ms']:g} ms")
+    ax.set_xlabel(f"measured latency on {s['config']['device']} (ms, median)")
+    ax.set_ylabel("held-out top-1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _channels_plot(per_layer: dict[str, Any]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(n, v) for n, v in per_layer.items() if "before" in v][:40]
+    if not items:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.22 * len(items) + 1)))
+    names = [n for n, _ in items]
+    ax.barh(names, [v["before"] for _, v in items], color="#d3d8de", label="before")
+    ax.barh(names, [v["after"] for _, v in items], color="#2d72d2", label="kept")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("output channels")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def render(s: dict[str, Any]) -> str:
+    st, cfg = s["stages"], s["config"]
+    prec = cfg["precision"]
+    budget, acc = s["budget"], s["accuracy"]
+    parts = [f"<h1>Presso run: {_e(s['data'])}</h1>"]
+    target = (f"{cfg['latency_ms']:g} ms on {cfg['device']}" if cfg.get("latency_ms") is not None
+              else f"{cfg['target_macs']:.0%} of MACs")  # fmt: skip
+    parts.append(f'<p class="muted">budget {_e(target)}; model {_e(cfg.get("model") or "searched")}; '
+                 f"deployed as {_e(prec.upper())}; {s['seconds']:.0f} s in all</p>")  # fmt: skip
+    if s.get("error"):
+        parts.append(f'<p class="bad">Stopped: {_e(s["error"])}</p>')
+    if "met" in budget:
+        got = (f"{budget['measured_ms']:.3f} ms measured" if budget.get("measured_ms") is not None
+               else f"{budget.get('macs_ratio', 0):.1%} of MACs")  # fmt: skip
+        cls = "ok" if budget["met"] else "bad"
+        parts.append(f'<p>Budget: <span class="{cls}">{"met" if budget["met"] else "missed"}</span> ({_e(got)}). ')
+        if acc.get("drop") is not None:
+            cls = "ok" if acc["within_bound"] else "bad"
+            parts.append(f'Accuracy: <span class="{cls}">{acc["original"]:.4f} &rarr; {acc["final"]:.4f}</span> '
+                         f"(drop {acc['drop']:+.4f}; bound {acc['max_drop']:.3f}).</p>")  # fmt: skip
+
+    # ---- stage table
+    rows = []
+    for name in ("original", "baseline", "compress", "recover", "deploy"):
+        r = st.get(name)
+        if not r:
+            continue
+        if r.get("skipped"):
+            rows.append([_e(name), *(["&ndash;"] * 5), _num(r.get("seconds"), "{:.1f}"), _e(r["skipped"])])
+            continue
+        if name in ("baseline", "deploy"):
+            for p in ("fp32", prec) if prec != "fp32" else ("fp32",):
+                if p in r:
+                    a = (r[p].get("accuracy") or {}).get("converted_top1")
+                    rows.append([_e(f"{name} {p.upper()}"), "&ndash;", "&ndash;", _num(r[p].get("size_bytes")),
+                                 _num(a, "{:.4f}"), _num(r[p].get("latency_ms"), "{:.3f}"),
+                                 _num(r.get("seconds"), "{:.1f}"),
+                                 _e(", ".join(r[p].get("fallback_layers") or []))])  # fmt: skip
+            continue
+        rows.append([_e(name), _num(r.get("params")), _num(r.get("macs")), _num(r.get("size_bytes")),
+                     _num(r.get("val_top1") or r.get("agreement"), "{:.4f}"), "&ndash;",
+                     _num(r.get("seconds"), "{:.1f}"), _e(r.get("how") or r.get("why") or "")])  # fmt: skip
+    parts.append("<h2>Stages</h2>")
+    parts.append(_table(["stage", "params", "MACs", "size (bytes)", "top-1", "latency (ms)", "time (s)", "note"],
+                        rows, "stages"))  # fmt: skip
+
+    # ---- plots
+    parts.append('<h2>Accuracy vs latency</h2><div class="grid">')
+    img = _accuracy_plot(s)
+    parts.append(f'<img id="accuracy-plot" alt="accuracy vs latency" src="{img}">' if img else "<p>no measurements</p>")
+    per_layer = (st.get("compress") or {}).get("per_layer") or {}
+    chan = _channels_plot(per_layer)
+    parts.append(f'<img id="channels-plot" alt="channels kept per layer" src="{chan}">' if chan else
+                 '<p class="muted">No layer was compressed.</p>')  # fmt: skip
+    parts.append("</div>")
+    if per_layer:
+        parts.append("<h2>Per-layer channels kept (or ranks)</h2>")
+        lrows = [[_e(n), _num(v.get("before")), _num(v.get("after")),
+                  _e(v.get("ranks")) if "ranks" in v else _num(v.get("ratio"), "{:.0%}")]
+                 for n, v in per_layer.items()]  # fmt: skip
+        parts.append(_table(["layer", "before", "after", "removed / ranks"], lrows, "layers"))
+
+    # ---- slowest operators
+    before = ((st.get("baseline") or {}).get("fp32") or {}).get("top_ops") or {}
+    after = ((st.get("deploy") or {}).get(prec) or (st.get("deploy") or {}).get("fp32") or {}).get("top_ops") or {}
+    if before or after:
+        parts.append('<h2>Slowest operators (ONNX Runtime profile)</h2><div class="grid">')
+        for title, ops in (("original FP32", before), (f"final {prec.upper()}", after)):
+            orows = [[_e(o["op"]), _num(o.get("nodes")), _num(o.get("ms"), "{:.4f}"), _num(o.get("share"), "{:.1%}")]
+                     for o in ops.get("ops", [])]  # fmt: skip
+            parts.append(f"<div><h3>{_e(title)}</h3>{_table(['operator', 'nodes', 'ms', 'share'], orows)}</div>")
+        parts.append("</div>")
+
+    # ---- quantization
+    q = ((st.get("deploy") or {}).get(prec) or {}).get("int8")
+    if q:
+        parts.append("<h2>INT8 quantization</h2>")
+        fb = ", ".join(q.get("fallback_layers") or []) or "none"
+        parts.append(f"<p>Output SNR against FP32: {_num(q.get('output_snr_db'))} dB (all INT8: "
+                     f"{_num(q.get('output_snr_db_all_int8'))} dB; threshold {_num(q.get('snr_threshold_db'))} dB). "
+                     f"Layers kept in FP32: {_e(fb)}.</p>")  # fmt: skip
+        qrows = [[_e(r.get("layer") or r.get("node")), _e(r.get("op")), _num(r.get("activation_snr_db")),
+                  _num(r.get("snr_db")), "FP32" if r.get("fallback") else ""] for r in q.get("layers", [])]  # fmt: skip
+        parts.append(_table(["layer", "op", "output SNR (dB)", "sensitivity (dB)", "fallback"], qrows, "quant"))
+
+    # ---- reproduce
+    parts.append("<h2>Reproduce</h2><pre>" + _e("\n".join(s.get("commands") or [])) + "</pre>")
+    if s.get("bundle"):
+        b = s["bundle"]
+        parts.append(f"<p>Bundle: <code>{_e(b['path'])}</code> ({_num(b['size_bytes'])} bytes); predictions match "
+                     f"ONNX Runtime: {'yes' if b.get('predicts') else 'NO'}.</p>")  # fmt: skip
+    body = "\n".join(parts)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Presso report</title>'
+            f"<style>{CSS}</style></head><body>{body}</body></html>")  # fmt: skip
+
+
+def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(render(summary), encoding="utf-8")
+    tmp.replace(path)
+    return path
