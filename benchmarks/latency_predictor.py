@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--summarize", default="", help="only print the summary of the last run in this JSONL file")
     args = ap.parse_args()
     if args.summarize:
-        print(json.dumps(summarize(last_run(Path(args.summarize))), indent=1))
+        print(json.dumps(summarize(last_run(Path(args.summarize)), remembered_reference(args.threads)), indent=1))
         return
 
     from presso.bench.api import calibrate, device_env
@@ -254,7 +254,7 @@ def main() -> None:
         for row, _, _ in pending:
             finish(row, row["rounds"], probe.best, args.quiet)
             log.write(json.dumps({"final": row}) + "\n")
-        summary = summarize(rows)
+        summary = summarize(rows, probe.best)
         summary["header"] = header
         log.write(json.dumps({"summary": summary}) + "\n")
     print(json.dumps(summary, indent=1))
@@ -302,6 +302,19 @@ def show(row: dict) -> None:
     )
 
 
+def remembered_reference(threads: int) -> float | None:
+    """The quietest reference-kernel time seen on this machine (kept by QuietProbe under PRESSO_HOME)."""
+    import onnxruntime as ort
+
+    from presso.bench.env import cpu_model, presso_home
+
+    try:
+        data = json.loads((presso_home() / "quiet_reference.json").read_text())
+        return float(data[f"{cpu_model()}|{ort.__version__}|{threads}"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def last_run(path: Path) -> list[dict]:
     """The model rows of the last run in a results file (final verdicts where the run got that far)."""
     rows: dict[str, dict] = {}
@@ -316,7 +329,17 @@ def last_run(path: Path) -> list[dict]:
     return list(rows.values())
 
 
-def summarize(rows: list[dict]) -> dict:
+def corrected_error(row: dict, reference_best_ms: float) -> float | None:
+    """Error against the measurement scaled by the reference kernel's slowdown in the same round (other processes'
+    time slices slow every kernel alike): an estimate of what the model would take on a quiet machine."""
+    rounds = row.get("rounds") or []
+    if not rounds or not reference_best_ms:
+        return None
+    quiet_ms = [r["median_ms"] * reference_best_ms / statistics.fmean(r["reference_ms"]) for r in rounds]
+    return round(row["predicted_ms"] / statistics.median(quiet_ms) - 1, 4)
+
+
+def summarize(rows: list[dict], reference_best_ms: float | None = None) -> dict:
     ok = [r for r in rows if "error" in r]
     if not ok:
         return {"models": 0, "failed": len(rows)}
@@ -338,7 +361,30 @@ def summarize(rows: list[dict]) -> dict:
         "noise_between_runs_max": round(max(diffs), 4),
         "by_group_median_abs_error": {g: round(statistics.median(v), 4) for g, v in by_group.items()},
         "kernels_looked_up_share": round(sum(r["looked_up"] for r in ok) / sum(r["kernels"] for r in ok), 3),
+        **_corrected(ok, reference_best_ms),
     }
+
+
+def _corrected(ok: list[dict], reference_best_ms: float | None) -> dict:
+    quiet = [abs(r["error"]) for r in ok if r.get("quiet_rounds")]
+    out: dict = {"quiet_models": len(quiet)}
+    if quiet:
+        out.update(
+            quiet_within_10=round(sum(e <= 0.1 for e in quiet) / len(quiet), 3),
+            quiet_within_20=round(sum(e <= 0.2 for e in quiet) / len(quiet), 3),
+            quiet_median_abs_error=round(statistics.median(quiet), 4),
+        )
+    corr = [c for c in (corrected_error(r, reference_best_ms or 0) for r in ok) if c is not None]
+    if corr:
+        errs = [abs(c) for c in corr]
+        out.update(
+            corrected_models=len(corr),
+            corrected_within_10=round(sum(e <= 0.1 for e in errs) / len(errs), 3),
+            corrected_within_20=round(sum(e <= 0.2 for e in errs) / len(errs), 3),
+            corrected_median_abs_error=round(statistics.median(errs), 4),
+            corrected_mean_error=round(statistics.fmean(corr), 4),
+        )
+    return out
 
 
 if __name__ == "__main__":
