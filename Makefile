@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m presso.demo
+	$(BIN)/python -m presso.demo demo-out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --durations=15 $(PYTEST_ARGS)

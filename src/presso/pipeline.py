@@ -245,7 +245,9 @@ class _Job:
     def compress(self, baseline: dict) -> dict[str, Any]:
         cfg = self.cfg
         deployed = baseline[cfg.precision]["latency_ms"]
-        key = _key("compress", self.stages.records["baseline"]["key"], cfg.latency_ms, cfg.target_macs)
+        # a MACs target does not depend on the deployment precision; a latency budget does (it is scaled by it)
+        upstream = self.stages.records["baseline" if cfg.latency_ms is not None else "original"]["key"]
+        key = _key("compress", upstream, cfg.latency_ms, cfg.target_macs)
 
         def fn(work: Path) -> dict[str, Any]:
             import presso

@@ -126,7 +126,11 @@ def open_study(url: str, name: str, cfg: SearchConfig):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    import warnings
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats are marked experimental in Optuna; they are what makes killed workers' trials retryable
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # Workers starting together race to create Optuna's tables in an empty database (PostgreSQL reports a duplicate
     # type or key to the loser); the tables exist once one has won, so the loser simply opens the storage again.
     for attempt in range(6):
