@@ -64,6 +64,8 @@ def part_accuracy(args, log) -> list[dict]:
     print(f"original top-1 {top1:.4f}")
     for share in args.targets:
         for name, make in METHODS.items():
+            if args.methods and name not in args.methods:
+                continue
             m = make()
             t0 = time.perf_counter()
             try:
@@ -194,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25], help="part A: MACs shares to keep")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="part A: only these methods")
     ap.add_argument("--share", type=float, default=0.25, help="part B: MACs share / latency share to compress to")
     ap.add_argument("--models", nargs="*", help="part B: model sources (default: the four of the issue)")
     ap.add_argument("--variants", nargs="*", help="part B: only the methods whose names contain one of these")

@@ -117,7 +117,9 @@ def compress(
     data: calibration batches: for ``taylor``, and for sensitivity-guided choices under a target.
     target: keep this share of MACs or parameters; the methods in `config` are searched for it (the given ratio or
         ranks are then starting points, per-layer values set by the user are kept). ``recommend`` chooses pruning
-        ratios per layer by LAMP scores (else one uniform ratio); by default on under a target, off otherwise.
+        ratios per layer by LAMP scores (else one uniform ratio); by default on under a MACs or parameters target,
+        off under a latency target (measured on this CPU, the uniform ratio rounded to 8 channels ran faster per MAC
+        removed than latency-weighted LAMP ratios -- docs/benchmarks.md) and without a target.
         Without a target, ``recommend=True`` spreads each PruneConfig's ratio (as the share of all channels) over
         the layers by LAMP scores (weighted by measured sensitivity when ``data`` is given).
     inplace: modify `model` itself instead of a copy.
@@ -129,8 +131,8 @@ def compress(
         prune = next((c for c in configs if isinstance(c, PruneConfig)), None)
         decomp = next((c for c in configs if isinstance(c, DecomposeConfig)), None)
         ins = _as_inputs(example_inputs)
-        return compress_to_target(model, ins, target, prune=prune, decompose=decomp, recommend=recommend is not False,
-                                  data=data, progress=progress)  # fmt: skip
+        return compress_to_target(model, ins, target, prune=prune, decompose=decomp, recommend=recommend, data=data,
+                                  progress=progress)  # fmt: skip
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
         raise ConfigError("No compression config given.")

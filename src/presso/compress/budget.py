@@ -127,11 +127,14 @@ def compress_to_target(
     *,
     prune: PruneConfig | None = None,
     decompose: DecomposeConfig | None = None,
-    recommend: bool = True,
+    recommend: bool | None = True,
     data=None,
     progress: Callable[[int, int], None] | None = None,
 ):
     from presso.compress import compress
+
+    # by default LAMP ratios for MACs/params budgets, one uniform ratio for a latency budget (see compress())
+    recommend = bool(recommend) if target.latency_ms is not None else recommend is not False
 
     if prune is None and decompose is None:
         prune = PruneConfig()
