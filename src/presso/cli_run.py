@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         ] = 10,
         recover_epochs: Annotated[int, typer.Option(help="Distillation epochs after compression.")] = 5,
         search_trials: Annotated[int, typer.Option(help="Trials when searching a model.")] = 16,
+        search_proxy_epochs: Annotated[int, typer.Option(help="Proxy training epochs per searched candidate.")] = 2,
         max_accuracy_drop: Annotated[float, typer.Option(help="Accuracy drop the run may accept (reported).")] = 0.02,
         threads: Annotated[int | None, typer.Option(help="Runtime threads the budget is for.")] = None,
         db: Annotated[str | None, typer.Option(help="Latency database URL or path.")] = None,
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
             cfg = RunConfig(
                 device=device, latency_ms=latency_ms, target_macs=target_macs, model=model, precision=precision,
-                train_epochs=train_epochs, recover_epochs=recover_epochs, search_trials=search_trials,
+                train_epochs=train_epochs, recover_epochs=recover_epochs, search_trials=search_trials, search_proxy_epochs=search_proxy_epochs,
                 max_accuracy_drop=max_accuracy_drop, threads=threads, db=db, seed=seed,
             )  # fmt: skip
             with c.err.status("starting ...") as status:

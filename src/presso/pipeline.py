@@ -263,6 +263,14 @@ class _Job:
             if cfg.latency_ms is not None:
                 # the budget is for the deployed precision: scale it to FP32 by the measured speed ratio
                 ratio = baseline["fp32"]["latency_ms"] / deployed
+                floor = self._latency_floor(model, spec, work) / ratio
+                if cfg.latency_ms < floor:
+                    raise BudgetError(
+                        f"The smallest latency reachable by compressing this model is about {floor:.3f} ms "
+                        f"({cfg.precision.upper()} on {cfg.device}, with 90% of its channels pruned); the budget "
+                        f"{cfg.latency_ms:g} ms is below it. Raise --latency-ms, or let Presso search a smaller model "
+                        "(omit --model)."
+                    )
                 target = Target(latency_ms=cfg.latency_ms * ratio * 0.95, device="local")
                 why = (f"{cfg.precision.upper()} runs {ratio:.2f}x faster than FP32 here, so the FP32 target is "
                        f"{target.latency_ms:.3f} ms")  # fmt: skip
@@ -280,6 +288,19 @@ class _Job:
                     **self.figures(work / "model"), **self.evaluate(work / "model")}  # fmt: skip
 
         return self.stages.run("compress", key, fn)
+
+    def _latency_floor(self, model, spec: str, work: Path) -> float:
+        """FP32 latency of the model with 90% of its channels pruned: about as fast as compressing it can make it."""
+        import presso
+        from presso.compress import PruneConfig
+        from presso.convert.onnx import export_onnx
+
+        small = presso.compress(model, spec, PruneConfig(ratio=0.9, round_to=1)).model
+        path = export_onnx(small, presso.InputSpec.parse(spec).example_inputs(), work / "floor.onnx")
+        try:
+            return float(self.measure(path)["latency_ms"])
+        finally:
+            path.unlink(missing_ok=True)
 
     def recover(self, compressed: dict) -> dict[str, Any]:
         key = _key("recover", self.stages.records["compress"]["key"], self.cfg.recover_epochs)
