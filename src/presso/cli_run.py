@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
 
             cfg = RunConfig(
                 device=device, latency_ms=latency_ms, target_macs=target_macs, model=model, precision=precision,
-                train_epochs=train_epochs, recover_epochs=recover_epochs, search_trials=search_trials, search_proxy_epochs=search_proxy_epochs,
+                train_epochs=train_epochs, recover_epochs=recover_epochs, search_trials=search_trials,
+                search_proxy_epochs=search_proxy_epochs,
                 max_accuracy_drop=max_accuracy_drop, threads=threads, db=db, seed=seed,
             )  # fmt: skip
             with c.err.status("starting ...") as status:
