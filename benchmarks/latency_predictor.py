@@ -150,7 +150,7 @@ def main() -> None:
         return
 
     from presso.bench.api import calibrate, device_env
-    from presso.bench.calibrate import QuietProbe
+    from presso.bench.calibration import QuietProbe
     from presso.bench.env import device_fingerprint
     from presso.bench.kernels import decompose
     from presso.bench.latency_db import LatencyDB

@@ -339,6 +339,7 @@ def test_cli_target_macs_reports_the_choice(tmp_path):
     assert res.exit_code == 2 and "--device local" in res.output
 
 
+@pytest.mark.timing
 def test_latency_target_is_measured_with_onnx_runtime_here():
     from presso.bench import measure_model
 

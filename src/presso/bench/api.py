@@ -295,7 +295,7 @@ def calibrate(
     """Measure the calibration kernel set on ``device`` and store every kernel in the latency database.
 
     ``size``: ``full`` (a few minutes) or ``quick`` (seconds); ``specs``: an explicit list of
-    ``presso.bench.calibrate.Spec`` instead. ``flush_mb``: buffer written between profiled runs to evict the
+    ``presso.bench.calibration.Spec`` instead. ``flush_mb``: buffer written between profiled runs to evict the
     caches (local). ``quiet``: on this machine, look at a reference kernel every
     20 specs (or pass a ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%,
     and measure again, at the end, the windows taken while the machine was busier than it later proved to be.
@@ -303,8 +303,8 @@ def calibrate(
     """
     import time
 
-    from presso.bench.calibrate import CacheFlush, QuietProbe, kernel_set, measure_spec_local
-    from presso.bench.calibrate import calibrate as run
+    from presso.bench.calibration import CacheFlush, QuietProbe, kernel_set, measure_spec_local
+    from presso.bench.calibration import calibrate as run
     from presso.bench.env import device_fingerprint
     from presso.bench.latency_db import LatencyDB
 
