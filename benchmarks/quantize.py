@@ -124,7 +124,6 @@ def run_model(name, model, shape, calib, args, out_rows, fashion=False):
         }
         if fashion and int8.accuracy:
             from presso.convert.launcher import _accuracy, _ort_runner
-
             from presso.data import load_data
 
             bundle = load_data(calib)

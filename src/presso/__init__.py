@@ -53,9 +53,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
     from presso.compress import CompressResult, PruneConfig, compress  # noqa: F401
     from presso.convert import ConvertConfig, convert  # noqa: F401
     from presso.data import load_data  # noqa: F401
-    from presso.search import search  # noqa: F401
     from presso.errors import *  # noqa: F403
     from presso.models import InputSpec, ModelCard, load_model, load_model_dir, save_model_dir  # noqa: F401
+    from presso.search import search  # noqa: F401
     from presso.train import TrainConfig, TrainResult, evaluate, train  # noqa: F401
 
 

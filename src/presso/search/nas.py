@@ -123,10 +123,10 @@ def _safe(url: str) -> str:
 
 def open_study(url: str, name: str, cfg: SearchConfig):
     """The study ``name`` in ``url`` and whether this call created it."""
+    import warnings
+
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    import warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # heartbeats are marked experimental in Optuna; they are what makes killed workers' trials retryable
