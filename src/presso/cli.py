@@ -160,7 +160,8 @@ def compress(
         typer.Option(
             "--recommend/--uniform",
             help="Per-layer ratios by LAMP scores (the ratio is then the share of all channels), or one uniform "
-            "ratio. Default: recommended under a target, uniform otherwise.",
+            "ratio. Default: recommended under a MACs/params target, uniform under --target-latency-ms and without "
+            "a target.",
         ),
     ] = None,
     decompose: Annotated[str | None, typer.Option("--decompose", help="tucker | cp | svd.")] = None,
@@ -176,7 +177,14 @@ def compress(
     target_latency_ms: Annotated[
         float | None, typer.Option("--target-latency-ms", help="Latency budget on --device (needs the benchmarker).")
     ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="Device for --target-latency-ms.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="Device for --target-latency-ms; with --target-macs, 'local' weighs each channel by its layer's "
+            "measured time here instead of its MACs.",
+        ),
+    ] = None,
     tolerance: Annotated[float, typer.Option(help="Relative tolerance of a target.")] = 0.03,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
