@@ -87,6 +87,8 @@ def _render_run(s: dict[str, Any], output: Path) -> None:
                 t.add_row(f"{name} {p}", f"{a:.4f}" if a is not None else "-", f"{r['latency_ms']:.3f}",
                           str(r.get("size_bytes")), "", ", ".join(r.get("fallback_layers") or []))  # fmt: skip
     out.print(t)
+    for note in s.get("notes") or []:
+        out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     b, a = s["budget"], s["accuracy"]
     if "met" in b:
         out.print(f"budget {'met' if b['met'] else 'MISSED'}: {b}", highlight=False)

@@ -421,7 +421,16 @@ def write_summary(job: _Job, cfg: RunConfig, out: Path, t0: float, error: str | 
             ratio = final_model.get("macs", 0) / max(original.get("macs", 1), 1)
             budget["macs_ratio"] = round(ratio, 4)
             budget["met"] = ratio <= cfg.target_macs * 1.03
+    notes = []
+    fp32_ms = (deploy.get("fp32") or {}).get("latency_ms")
+    if cfg.precision != "fp32" and deployed.get("latency_ms") and fp32_ms and deployed["latency_ms"] > 1.1 * fp32_ms:
+        notes.append(
+            f"{cfg.precision.upper()} measures slower than FP32 on {cfg.device} ({deployed['latency_ms']:.3f} vs "
+            f"{fp32_ms:.3f} ms): for a model this small, quantize/dequantize and layout changes cost more than the "
+            "int8 arithmetic saves. Consider --precision fp32 (the FP32 file is in deploy/fp32)."
+        )
     summary = {
+        "notes": notes,
         "data": job.data,
         "config": asdict(cfg),
         "stages": recs,

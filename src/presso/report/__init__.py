@@ -19,7 +19,7 @@ h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #d3d8de;padding-bot
 table{border-collapse:collapse;margin:.6rem 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #d3d8de;padding:.3rem .6rem;text-align:right}
 th{background:#f6f7f9}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child,#stages td:last-child{text-align:left}
 .ok{color:#0f9960;font-weight:600}
 .bad{color:#c23030;font-weight:600}
 .muted{color:#5f6b7c}
@@ -101,7 +101,8 @@ def _accuracy_plot(s: dict[str, Any]) -> str | None:
     ax.set_xlabel(f"measured latency on {s['config']['device']} (ms, median)")
     ax.set_ylabel("held-out top-1")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
+    ax.margins(x=0.15, y=0.15)
     fig.tight_layout()
     return _png(fig)
 
@@ -138,6 +139,8 @@ def render(s: dict[str, Any]) -> str:
                  f"deployed as {_e(prec.upper())}; {s['seconds']:.0f} s in all</p>")  # fmt: skip
     if s.get("error"):
         parts.append(f'<p class="bad">Stopped: {_e(s["error"])}</p>')
+    for note in s.get("notes") or []:
+        parts.append(f'<p class="bad">Note: {_e(note)}</p>')
     if "met" in budget:
         got = (f"{budget['measured_ms']:.3f} ms measured" if budget.get("measured_ms") is not None
                else f"{budget.get('macs_ratio', 0):.1%} of MACs")  # fmt: skip
