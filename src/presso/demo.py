@@ -19,7 +19,7 @@ def main(out_dir: str = "demo-out") -> int:
 
     console = Console(stderr=True)
     args = ["run", "--data", "digits", "--model", "presso:resnet8", "--target-macs", "0.5", "--precision", "int8",
-            "--train-epochs", "10", "--recover-epochs", "10", "-o", out_dir]  # fmt: skip
+            "--train-epochs", "10", "--recover-epochs", "5", "-o", out_dir]  # fmt: skip
     console.print(f"[bold]presso {' '.join(args)}[/bold]", highlight=False)
     t0 = time.perf_counter()
     try:
