@@ -53,18 +53,9 @@ def _model_kwargs(items: list[str] | None) -> dict[str, Any]:
 
 def _input_spec(source: str, model, given: str | None):
     """The input spec: given, else recorded in the model card, else the model's own default (timm)."""
-    from presso.errors import InputSpecError
-    from presso.models import InputSpec, get_card
+    from presso.models.spec import input_spec_for
 
-    if given:
-        return InputSpec.parse(given)
-    card = get_card(model)
-    if card is not None and card.input_spec:
-        return InputSpec.parse(card.input_spec)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return InputSpec.parse((1, *cfg["input_size"]))
-    raise InputSpecError(f"Give the input shape of '{source}', e.g. --input-shape 1,3,224,224.")
+    return input_spec_for(model, given, source)
 
 
 def _load(source: str, trust: bool, model_arg: list[str] | None, teacher: str | None = None, show: bool = True):

@@ -39,13 +39,14 @@ class _Onnx:
                 raise ConfigError(f"ONNX file '{model}' does not exist.")
         else:
             from presso.bench.runner import export_with_feed
+            from presso.models.spec import input_spec_for
 
             module = model
             if isinstance(model, (str, Path)):
                 import presso
 
                 module = presso.load_model(model)
-            spec = _spec_for(module, input_shape)
+            spec = input_spec_for(module, input_shape)
             self.example_inputs = spec.example_inputs(batch=batch)
             self.torch_model = module
             self.path, self.feed = export_with_feed(module, self.example_inputs, tmp / "model.onnx")
@@ -59,20 +60,6 @@ class _Onnx:
 
             self.feed = input_feed(ort_session(self.path, 1), self.shapes)
         return self.feed
-
-
-def _spec_for(module, input_shape):
-    from presso.models import InputSpec, get_card
-
-    if input_shape is not None:
-        return InputSpec.parse(input_shape)
-    card = get_card(module)
-    if card is not None and card.input_spec:
-        return InputSpec.parse(card.input_spec)
-    cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return InputSpec.parse((1, *cfg["input_size"]))
-    raise ConfigError(f"Give the input shape of {type(module).__name__}, e.g. input_shape='1,3,224,224'.")
 
 
 def _input_shapes(proto, input_shape, batch) -> list[tuple[int, ...]]:

@@ -93,3 +93,20 @@ class InputSpec:
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
         return cls(tuple(TensorSpec(tuple(x.shape), str(x.dtype).replace("torch.", "")) for x in inputs))
+
+
+def input_spec_for(model, given: str | InputSpec | None = None, name: str | None = None) -> InputSpec:
+    """A model's input spec: ``given``, else the one in its model card, else its own default (timm's
+    ``pretrained_cfg``); otherwise an error asking for it."""
+    if given:
+        return InputSpec.parse(given)
+    card = getattr(model, "presso_card", None)
+    if card is not None and card.input_spec:
+        return InputSpec.parse(card.input_spec)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return InputSpec.parse((1, *cfg["input_size"]))
+    raise InputSpecError(
+        f"Give the input shape of '{name or type(model).__name__}', e.g. --input-shape 1,3,224,224 "
+        "(input_shape='1,3,224,224' in Python)."
+    )
