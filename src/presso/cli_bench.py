@@ -31,6 +31,16 @@ def _bar(label: str):
     )
 
 
+def _model_and_spec(source: str, trust: bool, model_arg, input_shape: str | None) -> tuple[Any, str | None]:
+    """An .onnx path as it is (its own input shapes, unless given), or the loaded model and its input spec."""
+    from presso import cli
+
+    if source.endswith(".onnx"):
+        return source, input_shape
+    model, _ = cli._load(source, trust, model_arg)
+    return model, str(cli._input_spec(source, model, input_shape))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
     cli = _cli()
@@ -67,12 +77,7 @@ def register(app: typer.Typer) -> None:
         def body():
             from presso.bench.api import benchmark as run
 
-            model: Any = source
-            if not source.endswith(".onnx"):
-                model, _ = cli._load(source, trust, model_arg)
-                spec = cli._input_spec(source, model, input_shape)
-            else:
-                spec = input_shape
+            model, spec = _model_and_spec(source, trust, model_arg, input_shape)
             with _bar(f"benchmark on {device}") as bar:
                 task = bar.add_task("run", total=None)
                 result = run(
@@ -321,11 +326,7 @@ def register(app: typer.Typer) -> None:
         def body():
             from presso.bench.api import predict_latency
 
-            model: Any = source
-            spec = input_shape
-            if not source.endswith(".onnx"):
-                model, _ = cli._load(source, trust, model_arg)
-                spec = str(cli._input_spec(source, model, input_shape))
+            model, spec = _model_and_spec(source, trust, model_arg, input_shape)
             with cli.err.status("Predicting ..."):
                 pred = predict_latency(model, device, input_shape=spec, threads=threads, db=db_url)
             payload = {"model": source, **pred.to_json()}
