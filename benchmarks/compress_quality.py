@@ -8,9 +8,10 @@ side by side.
 
 Part B (speed, ONNX Runtime on this CPU): MobileNetV2, EfficientNet-B0, RegNetX-400MF and ResNet-18 at 224x224
 (random init), compressed to ~1/4 of their MACs by uniform L2 pruning (Torch-Pruning's recipe: no channel rounding;
-and rounded to 8), by the recommended ratios (LAMP per MAC, or latency-aware: per millisecond measured per layer
-with ONNX Runtime's profiler), and under a latency target of 1/4 of the original's measured time
-(``Target(latency_ms=..., device="local")``). Every variant is exported to ONNX and timed with --threads intra-op
+and rounded to 8), by latency-aware ratios (``Target(macs=..., device="local")``: of allocations weighted by
+measured time per MAC, the fastest here), and under a latency target of 1/4 of the original's measured time
+(``Target(latency_ms=..., device="local")``; uniform ratio, or latency-aware: the allocation keeping the most MACs
+within the budget). Every variant is exported to ONNX and timed with --threads intra-op
 threads in interleaved rounds next to its original (median of --repeat rounds), and speedup / MACs-reduction is
 printed.
 
@@ -84,7 +85,8 @@ def part_accuracy(args, log) -> list[dict]:
             tuned = presso.evaluate(student, data)["val_top1"]
             row = {"part": "accuracy", "target": share, "method": name, "macs_kept": round(r.after["macs"] /
                    r.before["macs"], 4), "top1_original": top1, "top1_compressed": after, "top1_finetuned": tuned,
-                   "compress_seconds": round(seconds, 1), "ft_epochs": args.ft_epochs}  # fmt: skip
+                   "compress_seconds": round(seconds, 1), "ft_epochs": args.ft_epochs,
+                   "chosen": r.extra["target"]["search"][0]["why"].split(":")[0]}  # fmt: skip
             print(json.dumps(row), flush=True)
             log(row)
             rows.append(row)
@@ -103,7 +105,7 @@ def part_speed(args, log) -> list[dict]:
     x = presso.InputSpec.parse(shape).example_inputs()
     for source in args.models or SPEED_MODELS:
         model = presso.load_model(source)
-        variants = {"original": (model, 1.0, None)}
+        variants = {"original": (model, 1.0, None, None)}
         base_ms = measure_model(model, x, threads=args.threads, repeat=args.repeat, warmup=args.warmup).median_ms
         budget = base_ms * args.share
         candidates = {
@@ -111,14 +113,12 @@ def part_speed(args, log) -> list[dict]:
                 PruneConfig(round_to=None), dict(target=Target(macs=args.share), recommend=False)),
             "uniform L2, channels rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=False)),
-            "recommended (LAMP per MAC), rounded to 8": (
-                PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=True)),
-            "recommended, latency-aware (LAMP per measured ms), rounded to 8": (
+            "MACs target, latency-aware (time per MAC), rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(macs=args.share, device="local"), recommend=True)),
             f"latency target {args.share:g} x original, uniform ratio, rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, device="local", tolerance=0.05),
                                               recommend=False)),
-            f"latency target {args.share:g} x original, LAMP per measured ms, rounded to 8": (
+            f"latency target {args.share:g} x original, latency-aware (time per MAC), rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, device="local", tolerance=0.05),
                                               recommend=True)),
         }  # fmt: skip
@@ -128,20 +128,21 @@ def part_speed(args, log) -> list[dict]:
             t0 = time.perf_counter()
             try:
                 r = presso.compress(model, shape, config, **kwargs)
-                variants[name] = (r.model, r.after["macs"] / r.before["macs"], round(time.perf_counter() - t0, 1))
+                why = r.extra["target"]["search"][-1]["why"].split(":")[0]
+                variants[name] = (r.model, r.after["macs"] / r.before["macs"], round(time.perf_counter() - t0, 1), why)
             except presso.PressoError as e:
                 row = {"part": "speed", "model": source, "method": name, "error": str(e)}
                 print(json.dumps(row), flush=True)
                 log(row)
         times = _interleaved_ms({k: v[0] for k, v in variants.items()}, x, args)
-        for name, (_, kept, seconds) in variants.items():
+        for name, (_, kept, seconds, why) in variants.items():
             if name == "original":
                 continue
             speedup = times["original"] / times[name]
             row = {"part": "speed", "model": source, "method": name, "macs_kept": round(kept, 4),
                    "ms_original": round(times["original"], 2), "ms": round(times[name], 2),
                    "speedup": round(speedup, 3), "macs_reduction": round(1 / kept, 3),
-                   "speedup_over_macs_reduction": round(speedup * kept, 3), "compress_seconds": seconds,
+                   "speedup_over_macs_reduction": round(speedup * kept, 3), "compress_seconds": seconds, "chosen": why,
                    "ort_threads": args.threads}  # fmt: skip
             print(json.dumps(row), flush=True)
             log(row)

@@ -150,9 +150,9 @@ def compress(
         bool | None,
         typer.Option(
             "--recommend/--uniform",
-            help="Per-layer ratios by LAMP scores (the ratio is then the share of all channels), or one uniform "
-            "ratio. Default: recommended under a MACs/params target, uniform under --target-latency-ms and without "
-            "a target.",
+            help="Per-layer ratios chosen by Presso (LAMP scores; with --calib under a target, the best of several "
+            "allocations judged on that data; under --target-latency-ms, allocations weighted by measured time per "
+            "MAC), or one uniform ratio. Default: recommended under a target, uniform without one.",
         ),
     ] = None,
     decompose: Annotated[str | None, typer.Option("--decompose", help="tucker | cp | svd.")] = None,

@@ -279,12 +279,6 @@ def test_latency_cost_is_measured_per_layer():
     ms = layer_latency_ms(model, inputs, runs=3)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert set(convs) <= set(ms) and all(v > 0 for v in ms.values())
-    scores = lamp_scores(model, inputs, cost="latency")
-    assert len(scores.scores) > 10 and all(np.isfinite(s).all() for s in scores.scores.values())
-    # a MACs target with a device: the same budget, spent by measured time per channel
-    r = presso.compress(model, inputs, PruneConfig(), target=Target(macs=0.5, device="local"))
-    assert abs(r.after["macs"] / r.before["macs"] / 0.5 - 1) <= 0.03
-    assert "measured with ONNX Runtime" in r.extra["target"]["search"][0]["why"]
 
 
 def test_impossible_budget_is_a_clear_error():

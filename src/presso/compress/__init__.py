@@ -116,10 +116,11 @@ def compress(
     config: a PruneConfig, a DecomposeConfig, or a list of them (applied in order).
     data: calibration batches: for ``taylor``, and for sensitivity-guided choices under a target.
     target: keep this share of MACs or parameters; the methods in `config` are searched for it (the given ratio or
-        ranks are then starting points, per-layer values set by the user are kept). ``recommend`` chooses pruning
-        ratios per layer by LAMP scores (else one uniform ratio); by default on under a MACs or parameters target,
-        off under a latency target (measured on this CPU, the uniform ratio rounded to 8 channels ran faster per MAC
-        removed than latency-weighted LAMP ratios -- docs/benchmarks.md) and without a target.
+        ranks are then starting points, per-layer values set by the user are kept). ``recommend`` (default under a
+        target) chooses the pruning ratio of each layer: by LAMP scores; with ``data``, the best of several
+        allocations judged by their output after BatchNorm re-estimation on that data (EagleEye); under a latency
+        target or ``Target(device=...)``, the best of allocations weighted by measured time per MAC.
+        ``recommend=False`` searches one uniform ratio.
         Without a target, ``recommend=True`` spreads each PruneConfig's ratio (as the share of all channels) over
         the layers by LAMP scores (weighted by measured sensitivity when ``data`` is given).
     inplace: modify `model` itself instead of a copy.

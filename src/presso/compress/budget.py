@@ -1,7 +1,9 @@
 """Compression to a budget: search the global knob(s) until the model keeps the asked share of MACs or parameters.
 
 Knobs, each monotone in what the model keeps:
-- pruning: the share of all channels removed, spread over layers by LAMP scores (sensitivity-weighted with data) --
+- pruning: the share of all channels removed, spread over layers by an allocation -- LAMP scores without data;
+  with calibration data the best of several allocations judged after BatchNorm re-estimation (EagleEye); on a
+  device (latency budget, or ``Target(device=...)``) the best of allocations weighted by measured time per MAC --
   or, with ``recommend=False``, the uniform ratio;
 - decomposition: the VBMF calibration offset (or the energy / rank ratio of the other rank rules). Its MACs and
   parameters follow from the ranks in closed form, so the search costs no factorisation; only the final choice is
@@ -21,7 +23,7 @@ from torch import nn
 from presso.compress.decompose import DecomposeConfig, cost, full_ranks, plan_layers, ranks_for
 from presso.compress.prune import PruneConfig
 from presso.compress.recommend import lamp_scores
-from presso.errors import BudgetError, ConfigError
+from presso.errors import BudgetError, ConfigError, PressoError
 from presso.models.figures import model_figures
 
 MAX_TRIES = 16
@@ -38,7 +40,7 @@ class Target:
     device: str | None = None
     tolerance: float = 0.03
     # device: where a latency target is measured ("local": this machine). With a MACs target it makes the
-    # recommended ratios latency-aware: each channel is weighed by its layer's time measured there, not its MACs.
+    # recommended ratios latency-aware: of allocations weighted by measured time per MAC, the fastest there wins.
 
     def __post_init__(self) -> None:
         given = [k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None]
@@ -133,8 +135,8 @@ def compress_to_target(
 ):
     from presso.compress import compress
 
-    # by default LAMP ratios for MACs/params budgets, one uniform ratio for a latency budget (see compress())
-    recommend = bool(recommend) if target.latency_ms is not None else recommend is not False
+    # by default the per-layer ratios are chosen (recommended); recommend=False: one uniform ratio
+    recommend = recommend is not False
 
     if prune is None and decompose is None:
         prune = PruneConfig()
@@ -203,16 +205,42 @@ def compress_to_target(
 
 
 def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bool, data, progress):
-    """Bisect the pruning knob; when channel rounding (``round_to``) makes the figures jump past the tolerance --
-    small models, few channels per layer -- search again with finer rounding (8 -> 4 -> 2 -> none) and say so."""
-    cost = {"params": "params", "latency_ms": "latency"}.get(meter.target.key, "macs")
-    if meter.target.device is not None and cost == "macs":
-        cost = "latency"  # a MACs budget spent where this device's measured time per channel is highest
+    """Prune to the meter's target.
+
+    With ``recommend``, several allocations of the cut over the layers are each brought to the target and the best
+    is kept (``_choose``): on a device (latency target, or a MACs target with ``device``) allocations weighted by
+    measured time per MAC, judged by what they keep within the time budget / how fast they run; with calibration
+    data, EagleEye-style candidates judged by their output after BatchNorm re-estimation. Otherwise one allocation
+    -- LAMP scores per unit cost (no data), or the uniform ratio -- with its knob bisected."""
+    cost = "params" if meter.target.key == "params" else "macs"
+    if recommend and (meter.latency or meter.target.device is not None):
+        found = _search_on_device(model, inputs, meter, base, data, progress)
+        if found is not None:
+            return found
+    elif recommend and data is not None:
+        found = _search_allocations(model, inputs, meter, base, cost, data, progress)
+        if found is not None:
+            return found
     scores = lamp_scores(model, inputs, data=data, cost=cost) if recommend else None
+    if not recommend:
+        why = "uniform ratio"
+    elif data is not None:
+        why = "LAMP scores per unit cost x sensitivity measured on calibration data"
+    else:
+        why = "LAMP weight scores per unit cost"
+    return _bisect(model, inputs, meter, base, scores, data, progress, why)
+
+
+def _bisect(
+    model, inputs, meter: _Meter, base: PruneConfig, allocation, data, progress, why: str, tight: float | None = None
+):
+    """Bisect the knob of one allocation (None: the uniform ratio); when channel rounding (``round_to``) makes the
+    figures jump past the tolerance -- small models, few channels per layer -- search again with finer rounding
+    (8 -> 4 -> 2 -> none) and say so."""
     round_to = base.round_to
     while True:
         cfg = dataclasses.replace(base, round_to=round_to)
-        result, chosen, search = _search_prune_once(model, inputs, meter, cfg, recommend, data, progress, scores)
+        result, chosen, search = _search_prune_once(model, inputs, meter, cfg, allocation, data, progress, why, tight)
         if meter.met(search["best"]) or not round_to:
             if round_to != base.round_to:
                 search["why"] += f"; channel rounding relaxed from {base.round_to} to {round_to} to meet the target"
@@ -220,20 +248,158 @@ def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bo
         round_to = round_to // 2 if round_to > 2 else None
 
 
-def _search_prune_once(model, inputs, meter: _Meter, base: PruneConfig, recommend: bool, data, progress, scores):
-    from presso.compress import compress
+class _Judge:
+    """Scores a compressed candidate by its outputs against the original's on calibration batches, after its
+    BatchNorm statistics are re-estimated there (presso.compress.allocate). ``ok`` is False when the outputs cannot
+    be compared (e.g. detections, whose number depends on the weights)."""
 
-    why = (
-        "uniform ratio"
-        if not recommend
-        else (
-            "LAMP scores per unit cost x sensitivity measured on calibration data"
-            if data is not None
-            else "LAMP weight scores per unit cost"
+    def __init__(self, model, data):
+        import torch
+
+        from presso.compress.allocate import batch_inputs, output_distance
+        from presso.models.figures import run_model, set_mode
+
+        self.batches = batch_inputs(data) if data is not None else []
+        self.ok = bool(self.batches)
+        if self.ok:
+            set_mode(model, False)
+            with torch.no_grad():
+                self.reference = [run_model(model, x) for x in self.batches]
+            try:
+                output_distance(model, self.batches[:1], self.reference[:1])
+            except PressoError:
+                self.ok = False
+
+    def __call__(self, compressed) -> float:
+        from presso.compress.allocate import adapt_batchnorm, output_distance
+
+        adapt_batchnorm(compressed, self.batches)
+        return round(output_distance(compressed, self.batches, self.reference), 5)
+
+
+def _choose(model, inputs, meter: _Meter, base: PruneConfig, data, progress, candidates, score, total: int, done=0):
+    """Bring each (name, allocation) candidate to the target and keep the lowest ``score(result, search, entry)``
+    (None: the candidate is out). Returns (best, tried) with best = (entry, result, config, search) or None."""
+    tried: list[dict] = []
+    best = None
+    for name, allocation in candidates:
+        result, cfg, search = _bisect(model, inputs, meter, base, allocation, data, None, name,
+                                      tight=meter.target.tolerance / 4)  # fmt: skip
+        entry = {"allocation": name, "kept": search["best"]}
+        value = score(result, search, entry)
+        if value is not None and (best is None or value < best[0]["score"]):
+            entry["score"] = value
+            best = (entry, result, cfg, search)
+        tried.append(entry)
+        if progress:
+            progress(done + len(tried), total)
+    return best, tried
+
+
+def _search_allocations(model, inputs, meter: _Meter, base: PruneConfig, cost: str, data, progress):
+    """EagleEye-style choice among allocations (presso.compress.allocate): the uniform ratio, LAMP per unit cost,
+    LAMP x measured sensitivity, and random per-group perturbations -- each brought to the target by its own knob,
+    its BatchNorm statistics re-estimated on the calibration batches, and scored by the distillation loss of its
+    outputs against the original's there; then a second, narrower round around the best. Returns None (and the
+    caller falls back to LAMP x sensitivity) when the outputs cannot be compared (e.g. data-dependent shapes)."""
+    import numpy as np
+
+    from presso.compress.allocate import N_RANDOM, N_REFINE, SPREAD, ScaledAllocation
+    from presso.compress.recommend import ChannelScores, group_sensitivity
+
+    judge = _Judge(model, data)
+    lamp = lamp_scores(model, inputs, cost=cost)
+    if not judge.ok or not lamp.scores:
+        return None
+    sens = group_sensitivity(model, data, lamp.scores, lamp.members, dict(model.named_modules()))
+    mean = float(np.mean([v for v in sens.values() if v > 0] or [1.0]))
+    weighted = ChannelScores({k: v * (sens[k] / mean) for k, v in lamp.scores.items()}, lamp.members, sens)
+    uniform = ScaledAllocation(lamp.members, {k: 1.0 for k in lamp.members})
+    rng = np.random.default_rng(base.seed)
+    first = [("uniform", None), ("LAMP per unit cost", lamp), ("LAMP x sensitivity", weighted)]
+    first += [(f"random {i + 1}", uniform.perturbed(rng, SPREAD)) for i in range(N_RANDOM)]
+    total = len(first) + N_REFINE
+
+    def score(result, search, entry):
+        if not meter.met(search["best"]):
+            return None
+        entry["distance"] = judge(result.model)
+        return entry["distance"]
+
+    best, tried = _choose(model, inputs, meter, base, data, progress, first, score, total)
+    if best is None:
+        return None
+    # second round: narrower perturbations of the winner's per-group ratios
+    around = ScaledAllocation.from_config(lamp.members, best[2])
+    winner = best[0]["allocation"]
+    second = [(f"around {winner} {i + 1}", around.perturbed(rng, SPREAD / 2)) for i in range(N_REFINE)]
+    more, tried_more = _choose(model, inputs, meter, base, data, progress, second, score, total, done=len(tried))
+    tried += tried_more
+    if more is not None and more[0]["score"] < best[0]["score"]:
+        best = more
+    entry, result, cfg, search = best
+    result.extra["batchnorm_adapted"] = True
+    search = {**search, "why": (
+        f"{entry['allocation']}: the lowest output distance from the original (distillation loss after BatchNorm "
+        f"statistics were re-estimated on the {len(judge.batches)} calibration batches) among {len(tried)} "
+        "allocations brought to the same target"), "candidates": tried}  # fmt: skip
+    return result, cfg, search
+
+
+def _search_on_device(model, inputs, meter: _Meter, base: PruneConfig, data, progress):
+    """Latency-aware allocations (presso.compress.allocate.time_per_mac_allocations): each group's share of the cut
+    weighted by (its measured time per MAC)^alpha, alpha = 0 being the uniform ratio. Under a latency budget the
+    winner keeps the most MACs within the budget -- the most capacity for the time -- or, with calibration data,
+    the lowest output distance after BatchNorm re-estimation; under a MACs budget on a device it runs fastest."""
+    from presso.compress.allocate import time_per_mac_allocations
+    from presso.compress.recommend import channel_groups
+
+    members = channel_groups(model, inputs)
+    if not members:
+        return None
+    candidates = time_per_mac_allocations(model, inputs, members)
+    judge = _Judge(model, data) if data is not None else None
+    macs = model_figures(model, inputs)["macs"]
+    limit = meter.share * (1 + meter.target.tolerance)
+
+    def score(result, search, entry):
+        entry["macs_kept"] = round(result.after["macs"] / macs, 4)
+        if meter.latency:
+            if search["best"] > limit:
+                return None
+            if judge is not None and judge.ok:
+                entry["distance"] = judge(result.model)
+                return entry["distance"]
+            return -entry["macs_kept"]
+        if not meter.met(search["best"]):
+            return None
+        entry["ms"] = round(meter._ms(result.model), 3)
+        return entry["ms"]
+
+    best, tried = _choose(model, inputs, meter, base, data, progress, candidates, score, len(candidates))
+    if best is None:
+        return None
+    entry, result, cfg, search = best
+    if meter.latency:
+        rule = (
+            "the lowest output distance from the original within the time budget"
+            if "distance" in entry
+            else "the most MACs kept within the time budget"
         )
-    )
-    if recommend and meter.target.device is not None:
-        why += " (cost: time per layer measured with ONNX Runtime here)"
+    else:
+        rule = "the fastest measured here at the same MACs"
+    search = {**search, "why": f"{entry['allocation']}: {rule}, among {len(tried)} allocations weighted by measured "
+              "time per MAC (ONNX Runtime here)", "candidates": tried}  # fmt: skip
+    return result, cfg, search
+
+
+def _search_prune_once(
+    model, inputs, meter: _Meter, base: PruneConfig, scores, data, progress, why: str, tight: float | None = None
+):
+    """Bisect one allocation's knob until the target is met -- and, with ``tight``, until within that relative
+    distance of it when the channel granularity allows (allocations compared with each other must keep the same
+    MACs, not merely any share inside the tolerance)."""
+    from presso.compress import compress
 
     def config(knob: float) -> PruneConfig:
         if scores is None:
@@ -260,7 +426,8 @@ def _search_prune_once(model, inputs, meter: _Meter, base: PruneConfig, recommen
             progress(k + 1, MAX_TRIES)
         if meter.better(kept, best[1] if best else None):
             best = (result, kept, knob)
-        if meter.met(kept) or (meter.latency and k + 1 >= LATENCY_TRIES):
+        close = tight is None or meter.latency or abs(kept / meter.share - 1) <= tight
+        if (meter.met(kept) and close) or (meter.latency and k + 1 >= LATENCY_TRIES):
             break
         if kept > meter.share:
             lo, lo_kept = knob, kept
@@ -268,8 +435,8 @@ def _search_prune_once(model, inputs, meter: _Meter, base: PruneConfig, recommen
             hi, hi_kept = knob, kept
     assert best is not None
     result, kept, knob = best
-    search = {"method": "prune", "knob": "channel_share" if recommend else "ratio", "best_knob": round(knob, 4),
-              "best": round(kept, 4), "why": why, "tries": tries}  # fmt: skip
+    search = {"method": "prune", "knob": "channel_share" if scores is not None else "ratio",
+              "best_knob": round(knob, 4), "best": round(kept, 4), "why": why, "tries": tries}  # fmt: skip
     return result, config(knob), search
 
 

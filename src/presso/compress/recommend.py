@@ -62,42 +62,48 @@ class ChannelScores:
         return out
 
 
-def lamp_scores(model: nn.Module, inputs: tuple, data=None, cost: str | None = "macs") -> ChannelScores:
-    """LAMP scores of the output channels of every coupled channel group the pruner would touch.
-
-    cost: "macs", "params" or "latency" divides each group's scores by what one of its channels costs (relative to
-    the average), so a budget is met by removing the channels that matter least *per MAC (parameter, millisecond)
-    saved*; plain LAMP (None) would spend the budget on late, low-resolution layers whose channels are numerous but
-    cheap, and need a far larger share of channels to reach a MACs target. "latency" times each layer with ONNX
-    Runtime's profiler on this machine (one export and a few runs).
-    """
-    from presso.compress.decompose import _layer_sizes
+def channel_groups(model: nn.Module, inputs: tuple) -> dict[str, list[str]]:
+    """The prunable coupled channel groups (output-producing ones left out), keyed by their first layer: the
+    convolution / linear layers of each, all of the same width."""
     from presso.compress.prune import GraphPruner, PruneConfig
 
     modules = dict(model.named_modules())
-    layer_macs = {n: v[2] for n, v in _layer_sizes(model, inputs).items()} if cost == "macs" else {}
-    if cost == "latency":  # measured per layer with ONNX Runtime on this machine (presso.compress.latency)
-        from presso.compress.latency import layer_latency_ms
-
-        layer_macs = layer_latency_ms(model, inputs)
-    unit_cost: dict[str, float] = {}
-    scores, members = {}, {}
+    out = {}
     for names in GraphPruner(model, inputs, PruneConfig()).coupled_groups():
         layers = [n for n in names if isinstance(modules[n], (nn.Conv2d, nn.Linear))]
-        widths = {_out(modules[n]) for n in layers}
-        if not layers or len(widths) != 1:
-            continue
+        if layers and len({_out(modules[n]) for n in layers}) == 1:
+            out[layers[0]] = layers
+    return out
+
+
+def lamp_scores(model: nn.Module, inputs: tuple, data=None, cost: str | None = "macs") -> ChannelScores:
+    """LAMP scores of the output channels of every coupled channel group the pruner would touch.
+
+    cost: "macs" or "params" divides each group's scores by what one of its channels costs (relative to the
+    average), so a budget is met by removing the channels that matter least *per MAC (parameter) saved*; plain LAMP
+    (None) would spend the budget on late, low-resolution layers whose channels are numerous but cheap, and need a
+    far larger share of channels to reach a MACs target. (Time on a device is handled by
+    ``allocate.time_per_mac_allocations``: weighting LAMP scores by measured time per layer ran slower per MAC
+    removed than the uniform ratio, docs/benchmarks.md.)
+    """
+    from presso.compress.decompose import _layer_sizes
+
+    modules = dict(model.named_modules())
+    layer_macs = {n: v[2] for n, v in _layer_sizes(model, inputs).items()} if cost == "macs" else {}
+    unit_cost: dict[str, float] = {}
+    scores, members = {}, {}
+    for key, layers in channel_groups(model, inputs).items():
         energy = sum(_channel_energy(modules[n]) for n in layers)
         order = np.argsort(energy)
         sorted_e = energy[order]
         tail = np.cumsum(sorted_e[::-1])[::-1]  # sum over the channels at least as large as each one
         lamp = np.empty_like(energy)
         lamp[order] = sorted_e / np.maximum(tail, 1e-30)
-        scores[layers[0]], members[layers[0]] = lamp, layers
-        if cost in ("macs", "latency"):
-            unit_cost[layers[0]] = sum(layer_macs.get(n, 0) for n in layers) / len(energy)
+        scores[key], members[key] = lamp, layers
+        if cost == "macs":
+            unit_cost[key] = sum(layer_macs.get(n, 0) for n in layers) / len(energy)
         elif cost == "params":
-            unit_cost[layers[0]] = sum(modules[n].weight.numel() for n in layers) / len(energy)
+            unit_cost[key] = sum(modules[n].weight.numel() for n in layers) / len(energy)
     if unit_cost:
         mean_cost = float(np.mean([c for c in unit_cost.values() if c > 0] or [1.0]))
         scores = {k: v / max(unit_cost[k] / mean_cost, 1e-6) for k, v in scores.items()}
