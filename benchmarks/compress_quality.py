@@ -12,8 +12,8 @@ and rounded to 8), by latency-aware ratios (``Target(macs=..., device="local")``
 measured time per MAC, the fastest here), and under a latency target of 1/4 of the original's measured time
 (``Target(latency_ms=..., device="local")``; uniform ratio, or latency-aware: the allocation keeping the most MACs
 within the budget). Every variant is exported to ONNX and timed with --threads intra-op
-threads in interleaved rounds next to its original (median of --repeat rounds), and speedup / MACs-reduction is
-printed.
+threads in interleaved rounds next to its original (--repeat rounds of 10 back-to-back runs each, medians), and
+speedup / MACs-reduction is printed.
 
     python benchmarks/compress_quality.py                       # both parts
     python benchmarks/compress_quality.py --part speed --repeat 30
@@ -108,18 +108,19 @@ def part_speed(args, log) -> list[dict]:
         variants = {"original": (model, 1.0, None, None)}
         base_ms = measure_model(model, x, threads=args.threads, repeat=args.repeat, warmup=args.warmup).median_ms
         budget = base_ms * args.share
+        here = dict(device="local", threads=args.threads)
         candidates = {
             "uniform L2, no rounding (Torch-Pruning's recipe)": (
                 PruneConfig(round_to=None), dict(target=Target(macs=args.share), recommend=False)),
             "uniform L2, channels rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=False)),
             "MACs target, latency-aware (time per MAC), rounded to 8": (
-                PruneConfig(round_to=8), dict(target=Target(macs=args.share, device="local"), recommend=True)),
+                PruneConfig(round_to=8), dict(target=Target(macs=args.share, **here), recommend=True)),
             f"latency target {args.share:g} x original, uniform ratio, rounded to 8": (
-                PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, device="local", tolerance=0.05),
+                PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, tolerance=0.05, **here),
                                               recommend=False)),
             f"latency target {args.share:g} x original, latency-aware (time per MAC), rounded to 8": (
-                PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, device="local", tolerance=0.05),
+                PruneConfig(round_to=8), dict(target=Target(latency_ms=budget, tolerance=0.05, **here),
                                               recommend=True)),
         }  # fmt: skip
         for name, (config, kwargs) in candidates.items():
@@ -150,9 +151,18 @@ def part_speed(args, log) -> list[dict]:
     return rows
 
 
-def _interleaved_ms(models: dict, x: tuple, args) -> dict[str, float]:
-    """Median ONNX Runtime latency of each model, timed in interleaved rounds (one run of each model per round), so
-    that load from other processes on a shared machine falls on all of them alike."""
+def _interleaved_ms(models: dict, x: tuple, args, block: int = 10) -> dict[str, float]:
+    """Median ONNX Runtime latency of each model, timed in interleaved rounds, so that load from other processes on
+    a shared machine falls on all of them alike. In each round every model runs a block of ``block`` back-to-back
+    runs in its own session (ONNX Runtime's defaults, as deployed) after two discarded ones; a model's figure is
+    the median over rounds of its block medians.
+
+    Why blocks and not one run per model per round (as before 2026-11-29 06:20 UTC): after a run ONNX Runtime's
+    intra-op threads spin waiting for more work, and with several sessions alive in one process the spinning
+    threads of the session that just ran steal the cores from the next one (MobileNetV2, 2 threads: 5.3 ms back to
+    back, 25.8 ms when each run follows another session's). Turning spinning off instead removes that, but also
+    adds a thread wake-up to every node, which is not how the model runs deployed (2.5 ms vs ~1.4 ms for a
+    quarter-MACs MobileNetV2). The two discarded runs let the previous session's threads go quiet."""
     import onnxruntime as ort
 
     from presso.convert.onnx import export_onnx
@@ -169,13 +179,18 @@ def _interleaved_ms(models: dict, x: tuple, args) -> dict[str, float]:
         for _ in range(args.warmup):
             for sess, feed in sessions.values():
                 sess.run(None, feed)
-        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        medians: dict[str, list[float]] = {name: [] for name in sessions}
         for _ in range(args.repeat):
             for name, (sess, feed) in sessions.items():
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) * 1000 for name, v in samples.items()}
+                for _ in range(2):
+                    sess.run(None, feed)
+                samples = []
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    sess.run(None, feed)
+                    samples.append(time.perf_counter() - t0)
+                medians[name].append(statistics.median(samples))
+    return {name: statistics.median(v) * 1000 for name, v in medians.items()}
 
 
 def _epochs(tag):

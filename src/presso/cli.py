@@ -144,7 +144,11 @@ def compress(
     ] = "head_dim",
     calib: Annotated[
         str | None,
-        typer.Option("--calib", help="Calibration data (any --data spec, or 'random'): taylor, sensitivity."),
+        typer.Option(
+            "--calib",
+            help="Calibration data (any --data spec, or 'random'; 128 images are used): "
+            "taylor, and the choice of per-layer ratios under a target.",
+        ),
     ] = None,
     recommend: Annotated[
         bool | None,
@@ -152,7 +156,7 @@ def compress(
             "--recommend/--uniform",
             help="Per-layer ratios chosen by Presso (LAMP scores; with --calib under a target, the best of several "
             "allocations judged on that data; under --target-latency-ms, allocations weighted by measured time per "
-            "MAC), or one uniform ratio. Default: recommended under a target, uniform without one.",
+            "MAC), or one uniform ratio. Default: recommended under a target with --calib or --device, else uniform.",
         ),
     ] = None,
     decompose: Annotated[str | None, typer.Option("--decompose", help="tucker | cp | svd.")] = None,
@@ -172,9 +176,12 @@ def compress(
         str | None,
         typer.Option(
             "--device",
-            help="Device for --target-latency-ms; with --target-macs, 'local' weighs each channel by its layer's "
-            "measured time here instead of its MACs.",
+            help="Device for --target-latency-ms; with --target-macs, 'local' picks, among allocations weighted by "
+            "measured time per MAC, the one that runs fastest here.",
         ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Intra-op threads latency is measured with (default: all cores).")
     ] = None,
     tolerance: Annotated[float, typer.Option(help="Relative tolerance of a target.")] = 0.03,
     trust: TrustOpt = False,
@@ -201,7 +208,7 @@ def compress(
         target = None
         if wants_target:
             target = Target(macs=target_macs, params=target_params, latency_ms=target_latency_ms, device=device,
-                            tolerance=tolerance)  # fmt: skip
+                            tolerance=tolerance, threads=threads)  # fmt: skip
         wants_prune = prune_ratio is not None or per or idx or recommend or not decompose
         configs: list = []
         if wants_prune:
@@ -243,7 +250,7 @@ def compress(
 
             recorded = getattr(get_card(model), "preprocess", None)
             pp = Preprocess.from_json(recorded) if recorded else None
-            data = calibration_batches(calib, spec, preprocess=pp)
+            data = calibration_batches(calib, spec, batches=4, batch_size=32, preprocess=pp)
         label = "searching" if target else "compressing"
         with Progress(
             TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err

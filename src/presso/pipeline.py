@@ -258,8 +258,14 @@ class _Job:
                                    f"the {cfg.latency_ms:g} ms budget"}  # fmt: skip
             if cfg.target_macs is not None and cfg.target_macs >= 1.0:
                 return {"skipped": "a MACs target of 1.0 keeps the whole model"}
+            from presso.data import Preprocess, calibration_batches
+
             model = presso.load_model(str(self.out / "original" / "model"))
             spec = model.presso_card.input_spec
+            pp = model.presso_card.preprocess
+            # the per-layer ratios are chosen by how each allocation's outputs hold up on the user's images
+            calib = calibration_batches(self.data, presso.InputSpec.parse(spec), batches=4, batch_size=32,
+                                        preprocess=Preprocess.from_json(pp) if pp else None)  # fmt: skip
             if cfg.latency_ms is not None:
                 # the budget is for the deployed precision: scale it to FP32 by the measured speed ratio
                 ratio = baseline["fp32"]["latency_ms"] / deployed
@@ -275,11 +281,12 @@ class _Job:
                 why = (f"{cfg.precision.upper()} runs {ratio:.2f}x faster than FP32 here, so the FP32 target is "
                        f"{target.latency_ms:.3f} ms")  # fmt: skip
                 command = (f"presso compress original/model --target-latency-ms {target.latency_ms:.3f} --device local "
-                           "-o compress/model")  # fmt: skip
+                           f"--calib {self.data} -o compress/model")  # fmt: skip
             else:
                 target, why = Target(macs=cfg.target_macs), f"keep {cfg.target_macs:.0%} of MACs"
-                command = f"presso compress original/model --target-macs {cfg.target_macs} -o compress/model"
-            result = presso.compress(model, spec, PruneConfig(ratio=0.3), target=target)
+                command = (f"presso compress original/model --target-macs {cfg.target_macs} --calib {self.data} "
+                           "-o compress/model")  # fmt: skip
+            result = presso.compress(model, spec, PruneConfig(ratio=0.3), target=target, data=calib)
             presso.save_model_dir(result.model, work / "model")
             s = result.summary()
             changed = {n: v for n, v in s["per_layer"].items() if v.get("before") != v.get("after") or "ranks" in v}

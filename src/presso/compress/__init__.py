@@ -114,15 +114,15 @@ def compress(
 
     example_inputs: a tensor, a tuple of tensors, or an input spec such as ``"1,3,224,224"``.
     config: a PruneConfig, a DecomposeConfig, or a list of them (applied in order).
-    data: calibration batches: for ``taylor``, and for sensitivity-guided choices under a target.
-    target: keep this share of MACs or parameters; the methods in `config` are searched for it (the given ratio or
-        ranks are then starting points, per-layer values set by the user are kept). ``recommend`` (default under a
-        target) chooses the pruning ratio of each layer: by LAMP scores; with ``data``, the best of several
+    data: calibration batches: for ``taylor``, and for choosing per-layer ratios under a target.
+    target: keep this share of MACs or parameters (or a latency); the methods in `config` are searched for it (the
+        given ratio or ranks are then starting points, per-layer values set by the user are kept).
+    recommend: under a target, choose the pruning ratio of each layer: with ``data``, the best of several
         allocations judged by their output after BatchNorm re-estimation on that data (EagleEye); under a latency
-        target or ``Target(device=...)``, the best of allocations weighted by measured time per MAC.
-        ``recommend=False`` searches one uniform ratio.
-        Without a target, ``recommend=True`` spreads each PruneConfig's ratio (as the share of all channels) over
-        the layers by LAMP scores (weighted by measured sensitivity when ``data`` is given).
+        target or ``Target(device=...)``, the best of allocations weighted by measured time per MAC; otherwise by
+        LAMP scores. Default: on given ``data`` or a device, else off (one uniform ratio: LAMP alone lost to it,
+        docs/benchmarks.md). Without a target, ``recommend=True`` spreads each PruneConfig's ratio (as the share
+        of all channels) over the layers by LAMP scores (weighted by measured sensitivity when ``data`` is given).
     inplace: modify `model` itself instead of a copy.
     """
     if target is not None:

@@ -113,7 +113,7 @@ def output_distance(model: nn.Module, batches: list[tuple], reference: list) -> 
 
 
 def time_per_mac_allocations(
-    model: nn.Module, inputs: tuple, members: dict[str, list[str]], alphas=LATENCY_ALPHAS
+    model: nn.Module, inputs: tuple, members: dict[str, list[str]], alphas=LATENCY_ALPHAS, threads: int | None = None
 ) -> list[tuple[str, ScaledAllocation]]:
     """Allocations that cut the groups costing the most *time per MAC* here harder: group weight
     ``(ms_g / MACs_g / geometric mean)^alpha``, from one ONNX Runtime profile of the model on this machine.
@@ -126,7 +126,7 @@ def time_per_mac_allocations(
     from presso.compress.decompose import _layer_sizes
     from presso.compress.latency import layer_latency_ms
 
-    ms = layer_latency_ms(model, inputs)
+    ms = layer_latency_ms(model, inputs, threads=threads)
     macs = {n: v[2] for n, v in _layer_sizes(model, inputs).items()}
     per_mac = {}
     for key, layers in members.items():

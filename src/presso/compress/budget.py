@@ -39,6 +39,7 @@ class Target:
     latency_ms: float | None = None
     device: str | None = None
     tolerance: float = 0.03
+    threads: int | None = None  # intra-op threads a latency is measured with here (None: ONNX Runtime's default)
     # device: where a latency target is measured ("local": this machine). With a MACs target it makes the
     # recommended ratios latency-aware: of allocations weighted by measured time per MAC, the fastest there wins.
 
@@ -51,6 +52,8 @@ class Target:
                 f"Device '{self.device}': latency is measured on this machine (--device local) in this version; "
                 "remote devices come with the benchmarker's agent."
             )
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"--threads must be a positive number of threads, not {self.threads}.")
         if self.latency_ms is not None:
             if self.latency_ms <= 0:
                 raise BudgetError(f"A latency budget must be positive, not {self.latency_ms} ms.")
@@ -98,7 +101,7 @@ class _Meter:
     def _ms(self, model: nn.Module) -> float:
         from presso.bench.runner import measure_model
 
-        return measure_model(model, self.inputs, repeat=40, warmup=10).median_ms
+        return measure_model(model, self.inputs, repeat=40, warmup=10, threads=self.target.threads).median_ms
 
     def kept(self, result) -> float:
         if self.latency:
@@ -135,8 +138,11 @@ def compress_to_target(
 ):
     from presso.compress import compress
 
-    # by default the per-layer ratios are chosen (recommended); recommend=False: one uniform ratio
-    recommend = recommend is not False
+    if recommend is None:
+        # choose per layer where there is evidence to choose by: calibration data, or a device to measure on.
+        # Without either, LAMP weight scores lost to the uniform ratio after the same fine-tune (0.6 and 2.1 points
+        # at 50% and 25% of MACs, docs/benchmarks.md), so the uniform ratio is the default there.
+        recommend = data is not None or target.latency_ms is not None or target.device is not None
 
     if prune is None and decompose is None:
         prune = PruneConfig()
@@ -241,7 +247,8 @@ def _bisect(
     while True:
         cfg = dataclasses.replace(base, round_to=round_to)
         result, chosen, search = _search_prune_once(model, inputs, meter, cfg, allocation, data, progress, why, tight)
-        if meter.met(search["best"]) or not round_to:
+        # a latency target keeps the rounding: finer channel counts run slower per MAC on CPUs (docs/benchmarks.md)
+        if meter.met(search["best"]) or not round_to or meter.latency:
             if round_to != base.round_to:
                 search["why"] += f"; channel rounding relaxed from {base.round_to} to {round_to} to meet the target"
             return result, chosen, search
@@ -357,7 +364,7 @@ def _search_on_device(model, inputs, meter: _Meter, base: PruneConfig, data, pro
     members = channel_groups(model, inputs)
     if not members:
         return None
-    candidates = time_per_mac_allocations(model, inputs, members)
+    candidates = time_per_mac_allocations(model, inputs, members, threads=meter.target.threads)
     judge = _Judge(model, data) if data is not None else None
     macs = model_figures(model, inputs)["macs"]
     limit = meter.share * (1 + meter.target.tolerance)
