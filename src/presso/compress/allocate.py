@@ -126,7 +126,7 @@ def time_per_mac_allocations(
     from presso.compress.decompose import _layer_sizes
     from presso.compress.latency import layer_latency_ms
 
-    ms = layer_latency_ms(model, inputs, threads=threads)
+    ms = layer_latency_ms(model, inputs, threads=threads, elementwise=True)
     macs = {n: v[2] for n, v in _layer_sizes(model, inputs).items()}
     per_mac = {}
     for key, layers in members.items():

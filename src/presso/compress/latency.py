@@ -21,10 +21,15 @@ _KERNELS = ("Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedGemm", "Fu
 
 
 def layer_latency_ms(
-    model: nn.Module, inputs: tuple, *, threads: int | None = None, runs: int = 10
+    model: nn.Module, inputs: tuple, *, threads: int | None = None, runs: int = 10, elementwise: bool = False
 ) -> dict[str, float]:
     """Median milliseconds per run of every Conv2d / Linear layer (by name) in an ONNX Runtime profile of the
-    model on this machine's CPU. Layers whose kernel was not found in the profile are left out."""
+    model on this machine's CPU. Layers whose kernel was not found in the profile are left out.
+
+    elementwise: also charge each other node (activations, squeeze-excitation products, layout reorders...) to the
+    convolutions whose output has its channels and size -- the layers whose width decides its cost. Their time
+    falls only linearly with the channels (EfficientNet-B0: SiLU alone is 20% of the time), so a group that carries
+    a lot of it is worth cutting for time (docs/benchmarks.md)."""
     import onnxruntime as ort
 
     from presso.compress.decompose import _layer_sizes
@@ -52,13 +57,27 @@ def layer_latency_ms(
         for _ in range(3 + runs):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
+    by_output: dict[tuple, list[str]] = defaultdict(list)  # (channels, height, width) -> convolutions
+    for name, (_in_hw, out_hw, _macs) in sizes.items():
+        if isinstance(modules[name], nn.Conv2d):
+            by_output[(modules[name].out_channels, *tuple(out_hw))].append(name)
     durations: dict[str, list[float]] = defaultdict(list)  # node -> one duration per run
     shapes: dict[str, tuple] = {}
+    extra: dict[str, list[float]] = defaultdict(list)  # element-wise node -> durations
+    extra_key: dict[str, tuple] = {}
     for ev in events:
         args = ev.get("args", {})
         if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
             continue
         if args.get("op_name") not in _KERNELS or len(args.get("input_type_shape", [])) < 2:
+            if elementwise and args.get("output_type_shape"):
+                out = tuple(next(iter(args["output_type_shape"][0].values())))
+                # NCHW, or ONNX Runtime's blocked NCHWc layout (N, C/8, H, W, 8)
+                key = (out[1], out[2], out[3]) if len(out) == 4 else (out[1] * out[4], out[2], out[3]) \
+                    if len(out) == 5 else None  # fmt: skip
+                if key in by_output:
+                    extra[ev["name"]].append(ev.get("dur", 0) / 1000)
+                    extra_key[ev["name"]] = key
             continue
         node = ev["name"]
         durations[node].append(ev.get("dur", 0) / 1000)
@@ -76,4 +95,8 @@ def layer_latency_ms(
     for sig, ms in per_signature.items():
         for name in by_signature.get(sig, []):
             out[name] = ms / len(by_signature[sig])
+    for node, durs in extra.items():
+        names = [n for n in by_output[extra_key[node]] if n in out]
+        for name in names:
+            out[name] += statistics.median(durs[3:] or durs) / len(names)
     return out
