@@ -223,6 +223,7 @@ def _search_prune(model, inputs, meter: _Meter, base: PruneConfig, recommend: bo
         found = _search_on_device(model, inputs, meter, base, data, progress)
         if found is not None:
             return found
+        recommend = False  # no allocation met the budget: the uniform ratio's search reports the closest
     elif recommend and data is not None:
         found = _search_allocations(model, inputs, meter, base, cost, data, progress)
         if found is not None:
