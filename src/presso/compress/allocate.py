@@ -1,6 +1,9 @@
-"""Per-layer pruning ratios chosen on calibration data: candidate allocations, each judged after re-estimating the
-BatchNorm statistics (adaptive BatchNorm, Li et al., "EagleEye: Fast Sub-net Evaluation for Efficient Neural
-Network Pruning", ECCV 2020).
+"""Candidate allocations of a pruning budget over the layers, and how the best is told apart.
+
+- On calibration data: each candidate judged after re-estimating its BatchNorm statistics (adaptive BatchNorm,
+  Li et al., "EagleEye: Fast Sub-net Evaluation for Efficient Neural Network Pruning", ECCV 2020).
+- On a device: candidates weighted by each group's measured time per MAC (``time_per_mac_allocations``), judged by
+  measured latency (``presso.compress.budget``).
 
 Why a search and not a score: weight criteria (LAMP) and one-shot sensitivity probes rank layers by how much the
 *unrepaired* output moves, and right after pruning every allocation is near chance because the BatchNorm statistics
