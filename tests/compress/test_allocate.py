@@ -50,6 +50,8 @@ def test_scaled_allocation_scales_and_caps_ratios():
     alloc = ScaledAllocation({"a": ["a", "a2"], "b": ["b"]}, {"a": 0.5, "b": 3.0})
     assert alloc.ratios(0.2) == {"a": 0.1, "a2": 0.1, "b": 0.6}
     assert alloc.ratios(0.5)["b"] == 0.9  # capped
+    # a search must be able to cut every group to the cap: group "a" (multiplier 0.5) needs a knob of 1.8
+    assert alloc.knob_max == pytest.approx(1.8) and alloc.ratios(alloc.knob_max)["a"] == 0.9
     moved = alloc.perturbed(np.random.default_rng(0), 0.5)
     assert np.mean(list(moved.weights.values())) == pytest.approx(1.0)
     back = ScaledAllocation.from_config(alloc.members, PruneConfig(ratio=None, per_layer=alloc.ratios(0.2)))
@@ -107,5 +109,8 @@ def test_macs_target_on_a_device_picks_the_fastest_allocation():
     search = r.extra["target"]["search"][0]
     assert abs(r.after["macs"] / r.before["macs"] / 0.5 - 1) <= 0.03
     assert "fastest measured here" in search["why"]
+    # every allocation reaches the budget (the knob's range covers groups with small weights) and is timed
+    assert all(abs(c["kept"] / 0.5 - 1) <= 0.03 for c in search["candidates"])
     timed = [c for c in search["candidates"] if "ms" in c]
-    assert len(timed) >= 2 and search["why"].startswith(min(timed, key=lambda c: c["ms"])["allocation"])
+    assert len(timed) == len(search["candidates"]) >= 4
+    assert search["why"].startswith(min(timed, key=lambda c: c["ms"])["allocation"])

@@ -33,6 +33,7 @@ from presso.models.figures import run_model
 N_RANDOM = 8  # random allocations around the uniform one
 N_REFINE = 4  # random allocations around the best of the first round
 LATENCY_ALPHAS = (0.0, 0.5, 1.0, 1.5)  # exponents of the time-per-MAC weights tried on a device
+WEIGHT_CLIP = 8.0  # time-per-MAC weights stay within [1/8, 8] of the geometric mean
 SPREAD = 0.5  # log-normal spread of a random allocation's per-group multipliers (first round; half when refining)
 
 
@@ -43,6 +44,12 @@ class ScaledAllocation:
     members: dict[str, list[str]]
     weights: dict[str, float]
     max_ratio: float = 0.9
+
+    @property
+    def knob_max(self) -> float:
+        """The knob at which every group reaches ``max_ratio``: the end of the range a search must cover (a group
+        with a small multiplier needs a knob above 1 before it is cut much)."""
+        return self.max_ratio / max(min(self.weights.values(), default=1.0), 1e-6)
 
     def ratios(self, knob: float) -> dict[str, float]:
         out = {}
@@ -139,8 +146,9 @@ def time_per_mac_allocations(
     mean = math.exp(float(np.mean(np.log(list(per_mac.values()))))) if per_mac else 1.0
     out = []
     for alpha in alphas:
-        w = {k: (per_mac.get(k, mean) / mean) ** alpha for k in members}
-        level = float(np.mean(list(w.values())))
+        # relative to the geometric mean and clipped: a few groups with extreme time per MAC (squeeze-excitation
+        # layers at 1x1, charged with their element-wise time) must not flatten every other group's weight
+        w = {k: min(WEIGHT_CLIP, max(1 / WEIGHT_CLIP, (per_mac.get(k, mean) / mean) ** alpha)) for k in members}
         name = "uniform" if alpha == 0 else f"time per MAC ^ {alpha:g}"
-        out.append((name, ScaledAllocation(members, {k: v / level for k, v in w.items()})))
+        out.append((name, ScaledAllocation(members, w)))
     return out

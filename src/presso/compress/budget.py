@@ -419,7 +419,7 @@ def _search_prune_once(
         result = compress(model, inputs, config(knob), data=data if base.criterion == "taylor" else None)
         return result, meter.kept(result)
 
-    lo, hi = 0.0, 0.95
+    lo, hi = 0.0, getattr(scores, "knob_max", 0.95)
     best = None
     tries = []
     if meter.latency:
