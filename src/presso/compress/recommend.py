@@ -130,12 +130,13 @@ def group_sensitivity(model, data, scores, members, modules, probe: float = 0.5)
     """Output change (MSE normalised by the output's variance) when a group's weakest ``probe`` share of channels
     is zeroed at every layer of the group, averaged over the calibration batches. Masks, not removals: the model is
     left as it was."""
+    from presso.compress.allocate import batch_inputs
     from presso.models.figures import run_model
 
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+    batches = batch_inputs(data)
     if not batches:
         return {k: 1.0 for k in scores}
-    reference = [_first_tensor(run_model(model, (b,))) for b in batches]
+    reference = [_first_tensor(run_model(model, x)) for x in batches]
     out = {}
     for key, layers in members.items():
         energy = sum(_channel_energy(modules[n]) for n in layers)
@@ -150,8 +151,8 @@ def group_sensitivity(model, data, scores, members, modules, probe: float = 0.5)
         hooks = [modules[n].register_forward_hook(hook) for n in layers]
         try:
             change = []
-            for b, ref in zip(batches, reference, strict=True):
-                y = _first_tensor(run_model(model, (b,)))
+            for x, ref in zip(batches, reference, strict=True):
+                y = _first_tensor(run_model(model, x))
                 change.append(float(((y - ref) ** 2).mean() / (ref.var() + 1e-12)))
         finally:
             for h in hooks:
