@@ -112,6 +112,8 @@ def part_speed(args, log) -> list[dict]:
         candidates = {
             "uniform L2, no rounding (Torch-Pruning's recipe)": (
                 PruneConfig(round_to=None), dict(target=Target(macs=args.share), recommend=False)),
+            "uniform L2, channels rounded to 8, grouped convs thinned per group (grouped=width)": (
+                PruneConfig(round_to=8, grouped="width"), dict(target=Target(macs=args.share), recommend=False)),
             "uniform L2, channels rounded to 8": (
                 PruneConfig(round_to=8), dict(target=Target(macs=args.share), recommend=False)),
             "MACs target, latency-aware (time per MAC), rounded to 8": (

@@ -142,6 +142,10 @@ def compress(
     attention: Annotated[
         str, typer.Option(help="head_dim: same dims from every head; heads: whole heads.")
     ] = "head_dim",
+    grouped: Annotated[
+        str,
+        typer.Option(help="Grouped convolutions: groups: remove whole groups (faster); width: thin every group."),
+    ] = "groups",
     calib: Annotated[
         str | None,
         typer.Option(
@@ -223,6 +227,7 @@ def compress(
                     ignore=list(ignore or []),
                     round_to=round_to or None,
                     attention=attention,
+                    grouped=grouped,
                 )
             )
         if decompose:

@@ -196,3 +196,95 @@ def test_removing_dead_channels_keeps_the_function():
     assert r.model.stem[0].out_channels == 29 and r.model.block[3].out_channels == 29
     assert r.model.branch_b[0].groups == 29
     assert torch.allclose(r.model(x), ref, atol=1e-5)
+
+
+class _GroupedBlock(nn.Module):
+    """ResNeXt/RegNet bottleneck: 1x1 -> grouped 3x3 (4 groups of 8) -> 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_grouped_conv_loses_a_whole_group_without_changing_the_function():
+    """Group 2 of the grouped convolution is weak and feeds nothing (its columns in the next 1x1 are zero): removing
+    it as a whole -- the inputs feeding it, its filters, and the next layer's columns -- must leave the output
+    unchanged, which holds only if the kept groups' weights stay aligned with their inputs."""
+    torch.manual_seed(0)
+    model = _GroupedBlock().eval()
+    dead = slice(16, 24)
+    with torch.no_grad():
+        model.a.weight[dead] *= 1e-3
+        model.b.weight[dead] *= 1e-3
+        model.c.weight[:, dead] = 0.0
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    r = presso.compress(model, (x,), PruneConfig(ratio=0.25, round_to=None))
+    b = r.model.b
+    assert (b.groups, b.in_channels, b.out_channels) == (3, 24, 24)
+    assert r.model.a.out_channels == 24 and r.model.c.in_channels == 24
+    assert torch.allclose(r.model(x), ref, atol=1e-5)
+
+
+def test_grouped_width_mode_keeps_the_group_count():
+    model = _GroupedBlock().eval()
+    r = presso.compress(model, "2,3,8,8", PruneConfig(ratio=0.5, round_to=None, grouped="width"))
+    b = r.model.b
+    assert (b.groups, b.in_channels, b.out_channels) == (4, 16, 16)
+    with pytest.raises(ConfigError, match="grouped mode"):
+        PruneConfig(grouped="rows")
+
+
+@pytest.mark.parametrize(
+    "source", ["torchvision:regnet_x_400mf", "torchvision:resnext50_32x4d", "timm:regnety_002", "timm:resnext26ts"]
+)
+def test_grouped_convs_of_real_models_keep_their_group_width(source, tmp_path):
+    """RegNet and ResNeXt thinned by whole groups: every grouped convolution keeps its group width, most lose groups,
+    and the model directory reloads to identical outputs."""
+    model = presso.load_model(source).eval()
+    before = {n: (m.in_channels // m.groups, m.out_channels // m.groups, m.groups) for n, m in model.named_modules()
+              if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels}  # fmt: skip
+    r = presso.compress(model, "1,3,64,64", PruneConfig(ratio=0.5, round_to=None))
+    after = {n: m for n, m in r.model.named_modules() if n in before}
+    assert [n for n, m in after.items() if (m.in_channels // m.groups, m.out_channels // m.groups) != before[n][:2]] == []
+    thinned = [n for n, m in after.items() if m.groups < before[n][2]]
+    assert len(thinned) >= 0.9 * len(before)
+    x = torch.randn(1, 3, 64, 64)
+    presso.save_model_dir(r.model, tmp_path / "m", input_spec="1,3,64,64")
+    with torch.no_grad():
+        assert torch.equal(presso.load_model(tmp_path / "m").eval()(x), r.model(x))
+
+
+class _RadixBlock(nn.Module):
+    """A grouped convolution whose output is viewed by radix and summed (ResNeSt's split attention, reduced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.relu(self.a(x))))
+        n, ch, h, w = y.shape
+        return self.c(y.view(n, 2, ch // 2, h, w).sum(1))
+
+
+def test_grouped_conv_behind_a_channel_reshape_keeps_per_group_pruning():
+    """Removing a whole group here would remove a radix split: such convolutions are not paired with their input
+    group, which is then still thinned the same way in every group."""
+    r = presso.compress(_RadixBlock().eval(), "1,3,8,8", PruneConfig(ratio=0.5, round_to=None))
+    assert (r.model.b.groups, r.model.b.in_channels, r.model.a.out_channels) == (2, 8, 8)
+    assert r.model(torch.randn(1, 3, 8, 8)).shape == (1, 4, 8, 8)
+
+
+def test_grouped_conv_unit_is_one_recommendation_group():
+    from presso.compress.recommend import channel_groups
+
+    units = channel_groups(_GroupedBlock().eval(), (torch.randn(1, 3, 8, 8),))
+    assert list(units.values()) == [["b", "a"]]

@@ -8,6 +8,10 @@ DepGraph recipe lacks for models it has never seen:
   breaks the model is left unpruned and reported with the reason. Rollback restores the touched modules' attribute
   dictionaries, so it costs no tensor copies;
 * **errors contained per group** -- an index error in one concat/split/reshape mapping skips that group only;
+* **grouped convolutions thinned by whole groups** -- a grouped convolution (ResNeXt, RegNet) loses whole groups
+  (its ``groups`` falls, each group keeps its width) together with the matching input channels, instead of the same
+  channels of every group: narrower groups cut MACs but barely time, since a grouped convolution's speed is set by
+  its group width (``grouped="width"`` keeps the old way);
 * **attention heads kept consistent** -- groups inside a module with ``num_heads`` are re-rooted on the attention's
   output projection and pruned per head (same head-dims in every head, or whole heads), and the module's
   ``head_dim``/``attn_dim``/``num_heads``/``scale`` are updated;
@@ -36,6 +40,7 @@ from presso.models.figures import run_model, set_mode
 
 CRITERIA = ("l1", "l2", "gm", "taylor", "random", "index")
 ATTENTION_MODES = ("head_dim", "heads")
+GROUPED_MODES = ("groups", "width")
 _CHECK_CHUNK = 16  # groups applied between two forward checks
 
 
@@ -52,6 +57,8 @@ class PruneConfig:
         detection/segmentation heads) are never pruned, since that would change the output shapes.
     round_to: keep a multiple of this many channels in layers with at least twice as many (hardware-friendly).
     attention: "head_dim" removes the same dimensions from every head; "heads" removes whole heads.
+    grouped: "groups" thins a grouped convolution by removing whole groups (with their input channels); "width"
+        removes the same channels from every group.
     """
 
     ratio: float | None = 0.5
@@ -61,6 +68,7 @@ class PruneConfig:
     ignore: list[str] = field(default_factory=list)
     round_to: int | None = 8
     attention: str = "head_dim"
+    grouped: str = "groups"
     seed: int = 0
     version: int = 1
 
@@ -85,6 +93,8 @@ class PruneConfig:
             raise ConfigError(f"round_to must be a positive integer or None, got {self.round_to}.")
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"Unknown attention mode '{self.attention}': use one of {', '.join(ATTENTION_MODES)}.")
+        if self.grouped not in GROUPED_MODES:
+            raise ConfigError(f"Unknown grouped mode '{self.grouped}': use one of {', '.join(GROUPED_MODES)}.")
         self.ignore = list(self.ignore)
 
     def to_json(self) -> dict[str, Any]:
@@ -171,6 +181,10 @@ class _Plan:
     fn: Any
     idxs: list[int]
     fixups: list[tuple[nn.Module, str, Any]]  # (module, attribute, new value) applied with the group
+    # a second coupled group pruned in the same step -- (root, fn, idxs) -- and the module whose in-channel entry in
+    # it is left out (a grouped convolution losing whole groups keeps its per-group weights; fixups set its sizes)
+    also: tuple[Any, Any, list[int]] | None = None
+    spare: nn.Module | None = None
 
 
 # --------------------------------------------------------------------------- output signature / forward check
@@ -396,10 +410,19 @@ class GraphPruner:
     def _plan(self, importance) -> tuple[list[_Plan], int]:
         plans: list[_Plan] = []
         total = 0
-        for m, name, full, members in self._groups():
+        entries = list(self._groups())
+        pairs = self._whole_group_pairs(entries)
+        partners = {y for y, _ in pairs.values()}
+        for i, (m, name, full, members) in enumerate(entries):
+            if i in partners:  # pruned with the grouped convolution it feeds
+                continue
             total += 1
             try:
-                plan = self._plan_group(m, name, full, members, importance)
+                if i in pairs:
+                    y, conv = pairs[i]
+                    plan = self._plan_whole_groups(conv, entries[i], entries[y], importance)
+                else:
+                    plan = self._plan_group(m, name, full, members, importance)
             except PressoError:
                 raise
             except Exception as e:  # a broken mapping inside TP for this group only
@@ -409,20 +432,113 @@ class GraphPruner:
                 plans.append(plan)
         return plans, total
 
+    @staticmethod
+    def _grouped_conv(mod) -> bool:
+        """A grouped convolution that is not depthwise (ResNeXt, RegNet): 1 < groups < channels."""
+        return isinstance(mod, tp.ops.TORCH_CONV) and 1 < mod.groups < mod.out_channels
+
+    def _whole_group_pairs(self, entries) -> dict[int, tuple[int, nn.Module]]:
+        """With ``grouped="groups"``: entry index of a grouped convolution's output group -> (entry index of the
+        group feeding its input, the convolution). Paired only when both groups are prunable and neither involves
+        another grouping (a second grouped convolution, a GroupNorm, attention heads) that whole-group removal would
+        have to respect too; everything else keeps per-group channel removal."""
+        if self.cfg.grouped != "groups" or self.cfg.criterion == "index":
+            return {}
+        DG = self.DG
+        kinds = tp.ops.OPTYPE
+        relayout = {kinds.RESHAPE, kinds.SPLIT, kinds.UNBIND, kinds.EXPAND, kinds.SLICE}
+        feeds: dict[nn.Module, int] = {}  # grouped conv -> entry holding its input channels
+        for i, (_m, _n, full, _members) in enumerate(entries):
+            for d, _ in full:
+                if self._grouped_conv(d.target.module) and DG.is_in_channel_pruning_fn(d.handler):
+                    feeds[d.target.module] = i
+
+        def others(full, conv) -> bool:  # any grouping besides `conv` itself, or a node re-laying channels out
+            for d, _ in full:
+                mod = d.target.module
+                if d.target.type in relayout:  # e.g. ResNeSt's view by radix: whole groups would mix its splits
+                    return True
+                if mod is conv:
+                    continue
+                if isinstance(mod, (nn.GroupNorm, nn.MultiheadAttention)) or mod in self.attn_parent:
+                    return True
+                if isinstance(mod, tp.ops.TORCH_CONV) and mod.groups > 1:
+                    return True
+            return False
+
+        pairs: dict[int, tuple[int, nn.Module]] = {}
+        used: set[int] = set()
+        for i, (_m, _n, full, members) in enumerate(entries):
+            convs = [mod for mod in members if self._grouped_conv(mod)]
+            if len(convs) != 1:
+                continue
+            conv = convs[0]
+            y = feeds.get(conv)
+            if y is None or y == i or y in used or y in pairs or i in used:
+                continue
+            coupled = any(d.target.module is conv and DG.is_in_channel_pruning_fn(d.handler) for d, _ in full)
+            if coupled or others(full, conv) or others(entries[y][2], conv):
+                continue
+            if self._unprunable(full, members) or self._unprunable(entries[y][2], entries[y][3]):
+                continue
+            pairs[i] = (y, conv)
+            used.update((i, y))
+        return pairs
+
+    def _plan_whole_groups(self, conv, out_entry, in_entry, importance) -> _Plan | None:
+        """Remove whole groups of a grouped convolution: its output channels of those groups (with their coupled
+        layers) and the input channels feeding them (with theirs), and lower ``groups``; the kept groups' weights are
+        untouched. Groups are ranked by the mean importance of their output plus input channels."""
+        DG = self.DG
+        _m, name, out_full, out_members = out_entry
+        _, _, in_full, in_members = in_entry
+        name = self.names.get(conv, name)
+        ratio = self._ratio_for(out_members + in_members)
+        if not ratio or importance is None:
+            return None
+        G = conv.groups
+        wo, wi = conv.out_channels // G, conv.in_channels // G
+        imp_out, imp_in = importance(out_full), importance(in_full)
+        if imp_out is None or imp_in is None or len(imp_out) != conv.out_channels or len(imp_in) != conv.in_channels:
+            self._skip(name, "no importance scores for this group (no weights to rank)")
+            return None
+        score = imp_out.detach().float().cpu().view(G, wo).mean(1) + imp_in.detach().float().cpu().view(G, wi).mean(1)
+        keep = G - round(ratio * G)
+        r = self.cfg.round_to
+        if r and min(conv.out_channels, conv.in_channels) >= 2 * r:
+            step = math.lcm(r // math.gcd(r, wo), r // math.gcd(r, wi))
+            keep = max(step, int(round(keep / step)) * step)
+        keep = min(max(keep, 1), G)
+        if keep == G:
+            return None
+        drop = torch.argsort(score)[: G - keep].tolist()
+        pruner = DG.get_pruner_of_module(conv)
+        out_idxs = sorted(g * wo + j for g in drop for j in range(wo))
+        in_idxs = sorted(g * wi + j for g in drop for j in range(wi))
+        fixups = [(conv, "in_channels", keep * wi), (conv, "groups", keep)]
+        return _Plan(name, conv, pruner.prune_out_channels, out_idxs, fixups,
+                     also=(conv, pruner.prune_in_channels, in_idxs), spare=conv)  # fmt: skip
+
     def coupled_groups(self) -> list[list[str]]:
         """Names of the layers whose output channels are pruned together, per prunable group (groups producing
-        the model's outputs left out) -- what per-layer recommendations must treat as one unit."""
+        the model's outputs left out) -- what per-layer recommendations must treat as one unit. A grouped
+        convolution thinned by whole groups forms one unit with the group feeding it, its own layers first."""
         set_mode(self.model, False)
         with self._robust_index_mapping(), _bounded_traversal(max_indices=1 << 20, limits={}):
             try:
                 self.DG = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.inputs, verbose=False)
             except Exception as e:
                 raise UnsupportedLayerError(f"Torch-Pruning could not trace this model's graph ({e!s:.300})") from None
+            entries = list(self._groups())
+            pairs = self._whole_group_pairs(entries)
+            partners = {y for y, _ in pairs.values()}
             out = []
-            for _m, _name, full, members in self._groups():
-                if any(d.target.type == tp.ops.OPTYPE.OUTPUT or (self.DG.is_out_channel_pruning_fn(d.handler)
-                       and not d.target.outputs) for d, _ in full):  # fmt: skip
+            for i, (_m, _name, full, members) in enumerate(entries):
+                if i in partners or any(d.target.type == tp.ops.OPTYPE.OUTPUT or (self.DG.is_out_channel_pruning_fn(
+                        d.handler) and not d.target.outputs) for d, _ in full):  # fmt: skip
                     continue
+                if i in pairs:  # a grouped convolution's output group and the group feeding it: one unit
+                    members = members + entries[pairs[i][0]][3]
                 names = [self.names[x] for x in members if x in self.names and hasattr(x, "weight")]
                 if names:
                     out.append(names)
@@ -435,21 +551,27 @@ class GraphPruner:
                 return float(self.cfg.per_layer[n])
         return self.cfg.ratio
 
-    def _plan_group(self, root, name, full, members, importance) -> _Plan | None:
+    def _unprunable(self, full, members) -> str | None:
+        """Why a coupled group may not be pruned at all, if it may not."""
         DG = self.DG
         if any(
             d.target.type == tp.ops.OPTYPE.OUTPUT or (DG.is_out_channel_pruning_fn(d.handler) and not d.target.outputs)
             for d, _ in full
         ):
-            self._skip(name, "produces the model's output; pruning it would change the output shape")
-            return None
+            return "produces the model's output; pruning it would change the output shape"
         blocked = [self.blocked[d.target] for d, _ in full if d.target in self.blocked]
         if blocked:
-            self._skip(name, f"channels pass through a node whose index mapping failed ({blocked[0]})")
-            return None
+            return f"channels pass through a node whose index mapping failed ({blocked[0]})"
         hit = [self.names[mod] for mod in members if mod in self.ignored and mod in self.names]
         if hit:
-            self._skip(name, f"coupled with ignored layer {hit[0]}")
+            return f"coupled with ignored layer {hit[0]}"
+        return None
+
+    def _plan_group(self, root, name, full, members, importance) -> _Plan | None:
+        DG = self.DG
+        reason = self._unprunable(full, members)
+        if reason:
+            self._skip(name, reason)
             return None
 
         # criterion "index": the user names a layer and its output channels
@@ -643,6 +765,10 @@ class GraphPruner:
     def _apply_one(self, plan: _Plan):
         """Apply a plan; return (snapshot, ops) or raise with the reason it could not be applied."""
         group = self.DG.get_pruning_group(plan.root, plan.fn, plan.idxs)
+        if plan.also is not None:
+            for d, idxs in self.DG.get_pruning_group(*plan.also):
+                if not (d.target.module is plan.spare and self.DG.is_in_channel_pruning_fn(d.handler)):
+                    group.add_dep(d, idxs)
         if not self.DG.check_pruning_group(group):
             raise _Skip("would remove every channel of a coupled layer")
         snap = self._snapshot(group, [mod for mod, _, _ in plan.fixups])

@@ -64,15 +64,16 @@ class ChannelScores:
 
 def channel_groups(model: nn.Module, inputs: tuple) -> dict[str, list[str]]:
     """The prunable coupled channel groups (output-producing ones left out), keyed by their first layer: the
-    convolution / linear layers of each, all of the same width."""
+    convolution / linear layers of each with that layer's width (a grouped convolution's unit also holds the
+    layers feeding it, which may be of another width; they follow its ratio)."""
     from presso.compress.prune import GraphPruner, PruneConfig
 
     modules = dict(model.named_modules())
     out = {}
     for names in GraphPruner(model, inputs, PruneConfig()).coupled_groups():
         layers = [n for n in names if isinstance(modules[n], (nn.Conv2d, nn.Linear))]
-        if layers and len({_out(modules[n]) for n in layers}) == 1:
-            out[layers[0]] = layers
+        if layers:
+            out[layers[0]] = [n for n in layers if _out(modules[n]) == _out(modules[layers[0]])]
     return out
 
 
