@@ -1,7 +1,8 @@
 """Compression quality at equal MACs, and whether fewer MACs means faster.
 
-Part A (accuracy, Fashion-MNIST): a small ResNet is trained (or loaded with --original), then compressed to 50% and
-25% of its MACs by (a) uniform L2 pruning, (b) recommended per-layer ratios (LAMP x sensitivity on calibration
+Part A (accuracy, Fashion-MNIST): a small ResNet (or --arch) is trained (or loaded with --original), then compressed
+to 50% and 25% of its MACs by (a) uniform L2 pruning (grouped convolutions losing whole groups; or, "uniform,
+grouped=width", the same channels of every group), (b) recommended per-layer ratios (LAMP x sensitivity on calibration
 data; and without data, LAMP per MAC alone), (c) Tucker-2 decomposition (VBMF ranks, offset searched), (d) both;
 accuracy right after compression and after the same short fine-tune (KD from the original, with labels) is printed
 side by side.
@@ -40,6 +41,7 @@ from presso.train import TrainConfig
 
 METHODS = {
     "uniform": lambda: dict(config=PruneConfig(criterion="l2"), recommend=False),
+    "uniform, grouped=width": lambda: dict(config=PruneConfig(criterion="l2", grouped="width"), recommend=False),
     "recommended": lambda: dict(config=PruneConfig(criterion="l2"), recommend=True, calib=True),
     "recommended, no data": lambda: dict(config=PruneConfig(criterion="l2"), recommend=True),
     "decompose": lambda: dict(config=DecomposeConfig("tucker", rank="vbmf")),
@@ -53,7 +55,8 @@ def part_accuracy(args, log) -> list[dict]:
         original = presso.load_model(args.original)
     else:
         torch.manual_seed(0)
-        model = presso.load_model("presso:small_resnet", num_classes=10, in_chans=1, widths=[16, 32, 64])
+        extra = {"widths": [16, 32, 64]} if args.arch == "presso:small_resnet" else {}
+        model = presso.load_model(args.arch, num_classes=10, in_chans=1, **extra)
         original = presso.train(model, data, TrainConfig(epochs=args.epochs), progress=_epochs("train")).model
         if args.save_original:
             presso.save_model_dir(original, args.save_original)
@@ -111,7 +114,7 @@ def part_speed(args, log) -> list[dict]:
         here = dict(device="local", threads=args.threads)
         candidates = {
             "uniform L2, no rounding (Torch-Pruning's recipe)": (
-                PruneConfig(round_to=None), dict(target=Target(macs=args.share), recommend=False)),
+                PruneConfig(round_to=None, grouped="width"), dict(target=Target(macs=args.share), recommend=False)),
             "uniform L2, channels rounded to 8, grouped convs thinned per group (grouped=width)": (
                 PruneConfig(round_to=8, grouped="width"), dict(target=Target(macs=args.share), recommend=False)),
             "uniform L2, channels rounded to 8": (
@@ -207,6 +210,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["accuracy", "speed", "all"], default="all")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--arch", default="presso:small_resnet", help="part A: the network trained (any model source "
+                    "taking num_classes and in_chans, e.g. timm:regnetx_002 for grouped convolutions)")
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--original", help="a trained Fashion-MNIST model directory to reuse")
     ap.add_argument("--save-original", help="where to keep the model trained here")

@@ -7,6 +7,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+import presso
 from presso.cli import app
 
 runner = CliRunner()
@@ -58,6 +59,19 @@ def test_compress_table_output(tmp_path):
 def _compress_r18(out, *extra):
     return _json(runner.invoke(app, ["compress", "torchvision:resnet18", "-s", "1,3,32,32", "-o", str(out), "--json",
                                      *extra]))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode,groups", [("groups", 5), ("width", 10)])
+def test_grouped_option_chooses_how_grouped_convolutions_are_thinned(tmp_path, mode, groups):
+    out = tmp_path / mode
+    res = runner.invoke(app, ["compress", "torchvision:regnet_x_400mf", "-s", "1,3,32,32", "-r", "0.5", "--grouped",
+                              mode, "-o", str(out), "--json"])  # fmt: skip
+    _json(res)
+    conv = presso.load_model(out).trunk_output.block3[1].f.b[0]  # 160 channels in 10 groups of 16
+    assert (conv.groups, conv.out_channels // conv.groups) == (groups, 16 if mode == "groups" else 8)
+    bad = runner.invoke(app, ["compress", "torchvision:regnet_x_400mf", "-s", "1,3,32,32", "--grouped", "rows", "-o",
+                              str(tmp_path / "bad")])  # fmt: skip
+    assert bad.exit_code != 0 and "grouped mode" in bad.output
 
 
 def test_per_layer_and_index_files(tmp_path):
