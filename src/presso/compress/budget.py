@@ -86,7 +86,7 @@ class _Meter:
         self.target, self.inputs = target, inputs
         self.latency = target.latency_ms is not None
         if self.latency:
-            self.base = self._ms(model)
+            self.base = self.ms(model)
             self.share = target.latency_ms / self.base  # type: ignore[operator]
             if self.share >= 1.0:
                 raise BudgetError(
@@ -98,14 +98,15 @@ class _Meter:
         # what a measured search aims at: the middle of the window it accepts
         self.aim = self.share * (1 - self.LATENCY_WINDOW / 2 + target.tolerance / 2) if self.latency else self.share
 
-    def _ms(self, model: nn.Module) -> float:
+    def ms(self, model: nn.Module) -> float:
+        """Median ONNX Runtime latency of `model` here, with the target's threads."""
         from presso.bench.runner import measure_model
 
         return measure_model(model, self.inputs, repeat=40, warmup=10, threads=self.target.threads).median_ms
 
     def kept(self, result) -> float:
         if self.latency:
-            return self._ms(result.model) / self.base
+            return self.ms(result.model) / self.base
         return result.after[self.target.key] / self.base
 
     def met(self, kept: float) -> bool:
@@ -381,7 +382,7 @@ def _search_on_device(model, inputs, meter: _Meter, base: PruneConfig, data, pro
             return -entry["macs_kept"]
         if not meter.met(search["best"]):
             return None
-        entry["ms"] = round(meter._ms(result.model), 3)
+        entry["ms"] = round(meter.ms(result.model), 3)
         return entry["ms"]
 
     best, tried = _choose(model, inputs, meter, base, data, progress, candidates, score, len(candidates))
