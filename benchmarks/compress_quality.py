@@ -210,8 +210,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["accuracy", "speed", "all"], default="all")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--arch", default="presso:small_resnet", help="part A: the network trained (any model source "
-                    "taking num_classes and in_chans, e.g. timm:regnetx_002 for grouped convolutions)")
+    ap.add_argument(
+        "--arch",
+        default="presso:small_resnet",
+        help="part A: the network trained (any model source "
+        "taking num_classes and in_chans, e.g. timm:regnetx_002 for grouped convolutions)",
+    )
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--original", help="a trained Fashion-MNIST model directory to reuse")
     ap.add_argument("--save-original", help="where to keep the model trained here")
