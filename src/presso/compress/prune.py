@@ -534,8 +534,7 @@ class GraphPruner:
             partners = {y for y, _ in pairs.values()}
             out = []
             for i, (_m, _name, full, members) in enumerate(entries):
-                if i in partners or any(d.target.type == tp.ops.OPTYPE.OUTPUT or (self.DG.is_out_channel_pruning_fn(
-                        d.handler) and not d.target.outputs) for d, _ in full):  # fmt: skip
+                if i in partners or self._feeds_output(full):
                     continue
                 if i in pairs:  # a grouped convolution's output group and the group feeding it: one unit
                     members = members + entries[pairs[i][0]][3]
@@ -551,13 +550,17 @@ class GraphPruner:
                 return float(self.cfg.per_layer[n])
         return self.cfg.ratio
 
-    def _unprunable(self, full, members) -> str | None:
-        """Why a coupled group may not be pruned at all, if it may not."""
+    def _feeds_output(self, full) -> bool:
+        """Whether a coupled group produces (part of) the model's output: a layer whose output has no consumer."""
         DG = self.DG
-        if any(
+        return any(
             d.target.type == tp.ops.OPTYPE.OUTPUT or (DG.is_out_channel_pruning_fn(d.handler) and not d.target.outputs)
             for d, _ in full
-        ):
+        )
+
+    def _unprunable(self, full, members) -> str | None:
+        """Why a coupled group may not be pruned at all, if it may not."""
+        if self._feeds_output(full):
             return "produces the model's output; pruning it would change the output shape"
         blocked = [self.blocked[d.target] for d, _ in full if d.target in self.blocked]
         if blocked:
