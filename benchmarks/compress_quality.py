@@ -170,7 +170,7 @@ def _interleaved_ms(models: dict, x: tuple, args, block: int = 10) -> dict[str, 
     quarter-MACs MobileNetV2). The two discarded runs let the previous session's threads go quiet."""
     import onnxruntime as ort
 
-    from presso.convert.onnx import export_onnx
+    from presso.models.onnx import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}

@@ -41,7 +41,7 @@ def _one(source: str, shape: str, kwargs: dict, method: str) -> dict:
     import torch
 
     import presso
-    from presso.compress.prune import _signature
+    from presso.compress.prune.pruner import _signature
     from presso.models.figures import count_macs, run_model
 
     torch.set_num_threads(1)

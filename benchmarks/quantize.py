@@ -49,7 +49,7 @@ def ort_default(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
 
 
 def time_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, runs: int, threads: int) -> dict:
-    from presso.convert.onnx import session
+    from presso.models.onnx import session
 
     sessions = {k: session(p, threads=threads) for k, p in paths.items()}
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}

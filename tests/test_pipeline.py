@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -104,13 +105,22 @@ def test_impossible_budget_ends_early_and_keeps_finished_stages(model_run, tmp_p
     assert s["error"] and s["stages"]["original"]["cached"]
 
 
+def _find_chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
 def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    raise AssertionError("Chromium not found: install Debian's chromium package (.ci/run does).")
+    found = _find_chromium()
+    if found is None:  # reached only in CI (see the skipif below), where a missing browser is a failure
+        raise AssertionError("Chromium not found: install Debian's chromium package (.ci/run does).")
+    return found
 
 
+# Outside CI a machine without Chromium skips this one test with the reason; in CI (CI=true) it must run.
+@pytest.mark.skipif(
+    _find_chromium() is None and not os.environ.get("CI"),
+    reason="Chromium is not installed (apt-get install chromium); CI installs it and runs this test",
+)
 def test_report_renders_in_headless_chromium(model_run, tmp_path):
     out, _, _, _ = model_run
     report = out / "report.html"

@@ -120,19 +120,21 @@ class _Job:
 
     # ------------------------------------------------------------------ helpers
     def evaluate(self, model_dir: Path, teacher: Path | None = None) -> dict[str, Any]:
-        import presso
+        from presso.models.sources import load_model
+        from presso.train import evaluate
 
-        model = presso.load_model(str(model_dir))
-        t = presso.load_model(str(teacher)) if teacher is not None else None
-        row = presso.train.evaluate(model, self.bundle, teacher=t, seed=self.cfg.seed)
+        model = load_model(str(model_dir))
+        t = load_model(str(teacher)) if teacher is not None else None
+        row = evaluate(model, self.bundle, teacher=t, seed=self.cfg.seed)
         return {k: row.get(k) for k in ("val_top1", "val_loss", "agreement") if row.get(k) is not None}
 
     def figures(self, model_dir: Path) -> dict[str, Any]:
-        import presso
         from presso.models.figures import model_figures
+        from presso.models.sources import load_model
+        from presso.models.spec import InputSpec
 
-        model = presso.load_model(str(model_dir))
-        spec = presso.InputSpec.parse(model.presso_card.input_spec)
+        model = load_model(str(model_dir))
+        spec = InputSpec.parse(model.presso_card.input_spec)
         return {**model_figures(model, spec.example_inputs()), "input_shape": str(spec)}
 
     def measure(self, onnx_path: Path, profile: bool = False) -> dict[str, Any]:
@@ -146,12 +148,12 @@ class _Job:
         return out
 
     def convert(self, model_dir: Path, dest: Path, precision: str) -> dict[str, Any]:
-        import presso
-        from presso.convert import ConvertConfig
+        from presso.convert import ConvertConfig, convert
+        from presso.models.sources import load_model
 
-        model = presso.load_model(str(model_dir))
+        model = load_model(str(model_dir))
         cfg = ConvertConfig(precision=precision, eval_samples=1000)
-        result = presso.convert(model, model.presso_card.input_spec, cfg, output=dest,
+        result = convert(model, model.presso_card.input_spec, cfg, output=dest,
                                 calib=self.data if precision == "int8" else None, eval_data=self.data)  # fmt: skip
         s = result.summary()
         return {
@@ -176,24 +178,25 @@ class _Job:
         return self.stages.run("original", _key("search", *settings), self._original_from_search)
 
     def _original_from_model(self, work: Path) -> dict[str, Any]:
-        import presso
-        from presso.train import TrainConfig
+        from presso.models.directory import save_model_dir
+        from presso.models.sources import load_model
+        from presso.train import TrainConfig, train
 
-        model = presso.load_model(self.cfg.model)
+        model = load_model(self.cfg.model)
         card = model.presso_card
         trained_here = bool(card.preprocess) and card.labels == self.bundle.classes and "val_top1" in card.figures
         dest = work / "model"
         if trained_here:
             how = "given model, already trained on this data: evaluated as is"
             if not dest.exists():
-                presso.save_model_dir(model, dest)
+                save_model_dir(model, dest)
         else:
             how = ("given model fine-tuned on the data (it was trained elsewhere)" if card.figures.get("val_top1")
                    else "given model trained on the data (it was not trained)")  # fmt: skip
             from presso.train import partial_dir
 
             if not dest.exists():
-                presso.train(model, self.bundle, TrainConfig(epochs=self.cfg.train_epochs, seed=self.cfg.seed),
+                train(model, self.bundle, TrainConfig(epochs=self.cfg.train_epochs, seed=self.cfg.seed),
                              output_dir=dest, resume=partial_dir(dest).exists(), progress=None)  # fmt: skip
         commands = [] if trained_here else [
             f"presso train {self.cfg.model} --data {self.data} --epochs {self.cfg.train_epochs} -o original/model"
@@ -202,14 +205,14 @@ class _Job:
                 **self.evaluate(dest)}  # fmt: skip
 
     def _original_from_search(self, work: Path) -> dict[str, Any]:
-        import presso
+        from presso.search import search
         from presso.search.nas import SearchConfig
 
         cfg = self.cfg
         scfg = SearchConfig(latency_ms=cfg.latency_ms, device=cfg.device, trials=cfg.search_trials,
                             proxy_epochs=cfg.search_proxy_epochs, final_epochs=cfg.train_epochs, threads=cfg.threads,
                             seed=cfg.seed)  # fmt: skip
-        result = presso.search(self.bundle, scfg, output=work / "search", db=cfg.db,
+        result = search(self.bundle, scfg, output=work / "search", db=cfg.db,
                                progress=lambda st, info: self.report("search", {"stage": st, **info}))  # fmt: skip
         shutil.move(str(work / "search" / "model"), str(work / "model"))
         best = result.best
@@ -250,22 +253,22 @@ class _Job:
         key = _key("compress", upstream, cfg.latency_ms, cfg.target_macs)
 
         def fn(work: Path) -> dict[str, Any]:
-            import presso
-            from presso.compress import PruneConfig, Target
+            from presso.compress import PruneConfig, Target, compress
+            from presso.models.directory import save_model_dir
+            from presso.models.sources import load_model
+            from presso.models.spec import InputSpec
 
             if cfg.latency_ms is not None and deployed <= cfg.latency_ms:
                 return {"skipped": f"the {cfg.precision.upper()} original already runs in {deployed:.3f} ms, within "
                                    f"the {cfg.latency_ms:g} ms budget"}  # fmt: skip
             if cfg.target_macs is not None and cfg.target_macs >= 1.0:
                 return {"skipped": "a MACs target of 1.0 keeps the whole model"}
-            from presso.data import Preprocess, calibration_batches
+            from presso.data import model_calibration_batches
 
-            model = presso.load_model(str(self.out / "original" / "model"))
+            model = load_model(str(self.out / "original" / "model"))
             spec = model.presso_card.input_spec
-            pp = model.presso_card.preprocess
             # the per-layer ratios are chosen by how each allocation's outputs hold up on the user's images
-            calib = calibration_batches(self.data, presso.InputSpec.parse(spec), batches=4, batch_size=32,
-                                        preprocess=Preprocess.from_json(pp) if pp else None)  # fmt: skip
+            calib = model_calibration_batches(model, self.data, InputSpec.parse(spec), batches=4, batch_size=32)
             if cfg.latency_ms is not None:
                 # the budget is for the deployed precision: scale it to FP32 by the measured speed ratio
                 ratio = baseline["fp32"]["latency_ms"] / deployed
@@ -286,8 +289,8 @@ class _Job:
                 target, why = Target(macs=cfg.target_macs), f"keep {cfg.target_macs:.0%} of MACs"
                 command = (f"presso compress original/model --target-macs {cfg.target_macs} --calib {self.data} "
                            "-o compress/model")  # fmt: skip
-            result = presso.compress(model, spec, PruneConfig(ratio=0.3), target=target, data=calib)
-            presso.save_model_dir(result.model, work / "model")
+            result = compress(model, spec, PruneConfig(ratio=0.3), target=target, data=calib)
+            save_model_dir(result.model, work / "model")
             s = result.summary()
             changed = {n: v for n, v in s["per_layer"].items() if v.get("before") != v.get("after") or "ranks" in v}
             return {"model_dir": "compress/model", "why": why, "commands": [command], "method": s["method"],
@@ -298,12 +301,12 @@ class _Job:
 
     def _latency_floor(self, model, spec: str, work: Path) -> float:
         """FP32 latency of the model with 90% of its channels pruned: about as fast as compressing it can make it."""
-        import presso
-        from presso.compress import PruneConfig
-        from presso.convert.onnx import export_onnx
+        from presso.compress import PruneConfig, compress
+        from presso.models.onnx import export_onnx
+        from presso.models.spec import InputSpec
 
-        small = presso.compress(model, spec, PruneConfig(ratio=0.9, round_to=1)).model
-        path = export_onnx(small, presso.InputSpec.parse(spec).example_inputs(), work / "floor.onnx")
+        small = compress(model, spec, PruneConfig(ratio=0.9, round_to=1)).model
+        path = export_onnx(small, InputSpec.parse(spec).example_inputs(), work / "floor.onnx")
         try:
             return float(self.measure(path)["latency_ms"])
         finally:
@@ -313,16 +316,16 @@ class _Job:
         key = _key("recover", self.stages.records["compress"]["key"], self.cfg.recover_epochs)
 
         def fn(work: Path) -> dict[str, Any]:
-            import presso
-            from presso.train import TrainConfig, partial_dir
+            from presso.models.sources import load_model
+            from presso.train import TrainConfig, partial_dir, train
 
             if compressed.get("skipped"):
                 return {"skipped": "nothing was compressed"}
-            student = presso.load_model(str(self.out / "compress" / "model"))
-            teacher = presso.load_model(str(self.out / "original" / "model"))
+            student = load_model(str(self.out / "compress" / "model"))
+            teacher = load_model(str(self.out / "original" / "model"))
             dest = work / "model"
             if not dest.exists():
-                presso.train(student, self.bundle, TrainConfig(epochs=self.cfg.recover_epochs, seed=self.cfg.seed,
+                train(student, self.bundle, TrainConfig(epochs=self.cfg.recover_epochs, seed=self.cfg.seed,
                              lr=1e-3), teacher=teacher, output_dir=dest, resume=partial_dir(dest).exists())  # fmt: skip
             command = (f"presso train compress/model --teacher original/model --data {self.data} "
                        f"--epochs {self.cfg.recover_epochs} --lr 1e-3 -o recover/model")  # fmt: skip
@@ -363,8 +366,8 @@ class _Job:
         """The bundle's predictor gives the classes ONNX Runtime gives on held-out images."""
         import numpy as np
 
-        from presso.convert.onnx import session
         from presso.convert.predict import Predictor, normalize
+        from presso.models.onnx import session
 
         pred = Predictor(bundle)
         size = tuple(int(v) for v in pred.pp["size"])

@@ -57,7 +57,7 @@ def _tiny_onnx(path, width: int = 8, size: int = 16):
     import torch
     from torch import nn
 
-    from presso.convert.onnx import export_onnx
+    from presso.models.onnx import export_onnx
 
     model = nn.Sequential(
         nn.Conv2d(3, width, 3, padding=1),

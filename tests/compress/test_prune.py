@@ -161,7 +161,7 @@ def test_group_that_breaks_the_model_is_rolled_back_and_reported():
 
 
 def test_recipe_replays_exactly(tmp_path):
-    from presso.compress.recipe import replay
+    from presso.models.recipe import replay
 
     model = TinyCNN().eval()
     r = presso.compress(model, SHAPE, PruneConfig(ratio=0.5, criterion="gm"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import presso
-from presso.compress.prune import _signature
+from presso.compress.prune.pruner import _signature
 from presso.models.figures import run_model
 from presso.testing.zoo import TIMM_TEST, timm_entries, torchvision_classification, torchvision_dense
 

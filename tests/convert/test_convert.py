@@ -62,7 +62,7 @@ def test_compressed_models_export_and_match_pytorch(name, tmp_path):
     assert result.path.is_file() and result.size_bytes == result.path.stat().st_size
     # the file runs on its own and reproduces PyTorch on fresh inputs
     x = torch.randn(*[int(v) for v in shape.split(",")])
-    from presso.convert.onnx import run_onnx, session
+    from presso.models.onnx import run_onnx, session
 
     with torch.no_grad():
         ref = model(x)
@@ -75,7 +75,7 @@ def test_compressed_models_export_and_match_pytorch(name, tmp_path):
 def test_dynamic_batch(tmp_path):
     model = presso.load_model("presso:resnet8", num_classes=10)
     result = _convert(model, "1,3,32,32", tmp_path, dynamic_batch=True)
-    from presso.convert.onnx import run_onnx, session
+    from presso.models.onnx import run_onnx, session
 
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

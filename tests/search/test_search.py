@@ -51,7 +51,7 @@ def test_every_candidate_builds_runs_exports_and_prunes(name, arch, tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
-    from presso.convert.onnx import export_onnx, run_onnx, session
+    from presso.models.onnx import export_onnx, run_onnx, session
 
     path = export_onnx(model, (x,), tmp_path / "m.onnx")
     with torch.no_grad():

@@ -12,8 +12,9 @@ import presso
 from presso.compress import PruneConfig
 from presso.data import load_data
 from presso.errors import ConfigError, DataError
+from presso.models.outputs import leaves, match_loss
 from presso.train import TrainConfig, partial_dir
-from presso.train.distill import FeatureTaps, leaves, match_loss
+from presso.train.distill import FeatureTaps
 
 DIGITS = "digits:size=12"
 FAST = dict(batch_size=64, workers=0)

@@ -43,9 +43,9 @@ class _Onnx:
 
             module = model
             if isinstance(model, (str, Path)):
-                import presso
+                from presso.models.sources import load_model
 
-                module = presso.load_model(model)
+                module = load_model(model)
             spec = input_spec_for(module, input_shape)
             self.example_inputs = spec.example_inputs(batch=batch)
             self.torch_model = module

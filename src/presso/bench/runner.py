@@ -419,7 +419,7 @@ def export_with_feed(model, example_inputs: tuple, path: Path) -> tuple[Path, di
     """Export through the project's one ONNX path and pair the example inputs with the graph's input names."""
     import onnx
 
-    from presso.convert.onnx import export_onnx
+    from presso.models.onnx import export_onnx
 
     path = export_onnx(model, example_inputs, path)
     graph = onnx.load(str(path), load_external_data=False).graph

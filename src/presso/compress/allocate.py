@@ -111,7 +111,7 @@ def adapt_batchnorm(model: nn.Module, batches: list[tuple]) -> int:
 def output_distance(model: nn.Module, batches: list[tuple], reference: list) -> float:
     """Mean distillation loss (KL on class scores, normalised MSE elsewhere) of ``model``'s outputs against the
     original's ``reference`` outputs on the same batches."""
-    from presso.train.distill import match_loss
+    from presso.models.outputs import match_loss
 
     was_training = model.training
     model.eval()

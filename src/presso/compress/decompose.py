@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from presso.compress.recipe import register_replay, resolve
 from presso.compress.vbmf import apply_offset, energy_rank
 from presso.errors import ConfigError
+from presso.models.recipe import build, resolve
 
 METHODS = ("tucker", "cp", "svd")
 RANK_RULES = ("vbmf", "energy", "ratio")
@@ -186,40 +186,6 @@ def cost(module: nn.Module, method: str, ranks: tuple[int, ...], in_hw: tuple[in
     return (i * r * hi * wi + r * kh * ho * wi + r * kw * ho * wo + r * o * ho * wo) / base
 
 
-# --------------------------------------------------------------------------- building the replacements
-def build(module: nn.Module, method: str, ranks: tuple[int, ...]) -> nn.Sequential:
-    """The replacement's structure (weights uninitialised: set by ``factorize`` or loaded from a model directory)."""
-    dev, dtype = module.weight.device, module.weight.dtype
-    has_bias = module.bias is not None
-    if isinstance(module, nn.Linear):
-        (r,) = ranks
-        seq = nn.Sequential(nn.Linear(module.in_features, r, bias=False), nn.Linear(r, module.out_features, has_bias))
-        return seq.to(dev, dtype)
-    o, i, kh, kw = module.weight.shape
-    stride, padding, dilation = module.stride, module.padding, module.dilation
-    if method == "svd":
-        (r,) = ranks
-        seq = nn.Sequential(nn.Conv2d(i, r, 1, stride=stride, bias=False), nn.Conv2d(r, o, 1, bias=has_bias))
-    elif method == "tucker":
-        ro, ri = ranks
-        seq = nn.Sequential(
-            nn.Conv2d(i, ri, 1, bias=False),
-            nn.Conv2d(ri, ro, (kh, kw), stride=stride, padding=padding, dilation=dilation, bias=False),
-            nn.Conv2d(ro, o, 1, bias=has_bias),
-        )
-    else:
-        (r,) = ranks
-        seq = nn.Sequential(
-            nn.Conv2d(i, r, 1, bias=False),
-            nn.Conv2d(r, r, (kh, 1), stride=(stride[0], 1), padding=(padding[0], 0), dilation=(dilation[0], 1),
-                      groups=r, bias=False),
-            nn.Conv2d(r, r, (1, kw), stride=(1, stride[1]), padding=(0, padding[1]), dilation=(1, dilation[1]),
-                      groups=r, bias=False),
-            nn.Conv2d(r, o, 1, bias=has_bias),
-        )  # fmt: skip
-    return seq.to(dev, dtype)
-
-
 @torch.no_grad()
 def factorize(module: nn.Module, method: str, ranks: tuple[int, ...], *, iterations: int = 30, seed: int = 0):
     """The replacement with weights from the decomposition of ``module``'s weight."""
@@ -361,11 +327,3 @@ def _layer_sizes(model: nn.Module, inputs: tuple) -> dict[str, tuple[tuple[int, 
         for h in hooks:
             h.remove()
     return sizes
-
-
-@register_replay("decompose")
-def replay_decompose(model: nn.Module, step: dict[str, Any]) -> None:
-    """Rebuild each decomposed layer's structure (the weights come from the model directory)."""
-    for name, info in step["layers"].items():
-        parent, attr, module = resolve(model, name)
-        setattr(parent, attr, build(module, info["method"], tuple(info["ranks"])))

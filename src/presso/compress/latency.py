@@ -33,7 +33,7 @@ def layer_latency_ms(
     import onnxruntime as ort
 
     from presso.compress.decompose import _layer_sizes
-    from presso.convert.onnx import export_onnx
+    from presso.models.onnx import export_onnx
 
     sizes = _layer_sizes(model, inputs)
     modules = dict(model.named_modules())

@@ -163,6 +163,6 @@ def group_sensitivity(model, data, scores, members, modules, probe: float = 0.5)
 
 
 def _first_tensor(out) -> torch.Tensor:
-    from presso.train.distill import leaves
+    from presso.models.outputs import leaves
 
     return leaves(out)[0].float()

@@ -15,7 +15,7 @@ _LAZY = {
     "ConvertConfig": "presso.convert.launcher",
     "ConvertResult": "presso.convert.launcher",
     "Int8Config": "presso.convert.quantize",
-    "export_onnx": "presso.convert.onnx",
+    "export_onnx": "presso.models.onnx",
     "package": "presso.convert.package",
     "Predictor": "presso.convert.predict",
     "open_bundle": "presso.convert.predict",

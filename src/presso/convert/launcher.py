@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from presso.convert.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
 from presso.convert.quantize import Int8Config, Int8Result, quantize_int8, to_fp16
 from presso.errors import ConfigError, ConversionError
 from presso.models.card import ensure_card
+from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
 from presso.models.spec import InputSpec
 
 FORMATS = ("onnx", "openvino")
@@ -114,7 +114,7 @@ def _file_size(path: Path) -> int:
 
 
 def _ort_runner(path: Path) -> Callable[[tuple], list[np.ndarray]]:
-    from presso.convert.onnx import run_onnx
+    from presso.models.onnx import run_onnx
 
     sess = session(path)
     return lambda inputs: run_onnx(sess, inputs)

@@ -231,7 +231,7 @@ class _Quantizer:
         self.count = 0
 
     def _run(self, path: Path, feeds: list[dict]) -> list[np.ndarray]:
-        from presso.convert.onnx import session
+        from presso.models.onnx import session
 
         sess = session(path)
         return [o for feed in feeds for o in sess.run(None, feed)]

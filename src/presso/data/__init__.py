@@ -33,6 +33,7 @@ from presso.data.images import (
     _TensorImages,
     augment,
     collate,
+    parse_image_size,
 )
 from presso.errors import ConfigError, DataError, closest
 from presso.models.spec import InputSpec
@@ -45,7 +46,9 @@ __all__ = [
     "batches",
     "calibration_batches",
     "load_data",
+    "model_calibration_batches",
     "model_channels",
+    "parse_image_size",
     "preprocess_for",
 ]
 
@@ -277,6 +280,22 @@ def calibration_batches(
         preprocess = preprocess_for(bundle, image_size=(height, width), channels=channels, stats_sample=256)
     x = preprocess.normalize(bundle.train.sample(batches * batch_size, channels, (height, width)))
     return list(torch.split(x, batch_size))
+
+
+def model_calibration_batches(
+    model: nn.Module, source: str | Path, spec: InputSpec | str, *, batches: int = 4, batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Calibration batches for compressing ``model``: ``calibration_batches`` normalised by the preprocessing
+    recorded in the model's card (the inputs it was trained on), else by statistics of the data.
+
+    The default, 4 batches of 32 (128 images), is what ``presso compress --calib`` and ``presso run`` use to score
+    channels and to judge allocations under a target.
+    """
+    from presso.models.card import get_card
+
+    recorded = getattr(get_card(model), "preprocess", None)
+    pp = Preprocess.from_json(recorded) if recorded else None
+    return calibration_batches(source, InputSpec.parse(spec), batches=batches, batch_size=batch_size, preprocess=pp)
 
 
 # ArrayImages is part of the public surface for users who hold pixels in memory already.

@@ -73,6 +73,20 @@ class Preprocess:
         return (1, self.channels, *self.size)
 
 
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """``"32"`` -> (32, 32), ``"224,160"`` or ``"224x160"`` -> (224, 160) (height, width); empty -> None (the
+    size is then chosen by ``preprocess_for``). The text of ``--image-size``."""
+    if not text:
+        return None
+    try:
+        parts = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--image-size '{text}' must be H or H,W (e.g. 32 or 224,224).") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise ConfigError(f"--image-size '{text}' must be H or H,W with positive sizes.")
+    return (parts[0], parts[-1])
+
+
 def augment(batch: torch.Tensor, gen: torch.Generator, *, flip: bool, pad: int | None = None) -> torch.Tensor:
     """Light, seeded augmentation of a uint8 batch: random crop after zero padding (1/8 of the side), and a
     horizontal flip when the data allows it (not for digits or text)."""

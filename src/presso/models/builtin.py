@@ -6,7 +6,9 @@ They are ordinary ``nn.Module`` code built from standard layers, so every verb t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -72,11 +74,106 @@ def resnet14(**kwargs) -> SmallResNet:
     return SmallResNet(**{"widths": (32, 64, 128), "blocks": (2, 2, 2), **kwargs})
 
 
-def mbnet(**kwargs) -> nn.Module:
-    """A member of the searcher's MobileNet-style space (``arch``: the search's parameters)."""
-    from presso.search.mobilenet import mbnet as build
+# --------------------------------------------------------------------------- the searcher's MobileNet-style networks
+# They live here, not in search/, because a searched model is loaded (``presso:mbnet``) by every verb: loading a model
+# must not import the searcher. The search space (search/mobilenet.py) only samples their ``arch`` dicts.
+MBNET_STAGES = 4
 
-    return build(**kwargs)
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of ``divisor`` without losing more than 10% (MobileNet's rule)."""
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+def _act(name: str) -> nn.Module:
+    return nn.Hardswish() if name == "hswish" else nn.ReLU()
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        squeeze = make_divisible(channels / 4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, squeeze, 1)
+        self.act = nn.ReLU()
+        self.expand = nn.Conv2d(squeeze, channels, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand -> k x k depthwise -> (SE) -> 1x1 project, with a residual add when the shape allows."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, se: bool, act: str):
+        super().__init__()
+        hidden = make_divisible(cin * expand)
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), _act(act))
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            _act(act),
+        )
+        self.se = SqueezeExcite(hidden) if se else nn.Identity()
+        self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.project(self.se(self.depthwise(self.expand(x))))
+        return x + y if self.residual else y
+
+
+class MBNet(nn.Module):
+    """A network of the space, from its architecture dict (the search's parameters)."""
+
+    def __init__(self, arch: dict[str, Any], num_classes: int = 10, in_chans: int = 3, small_input: bool = True):
+        super().__init__()
+        base = (16, 24, 48, 96) if small_input else (16, 24, 40, 80)
+        strides = (1, 2, 2, 2) if small_input else (2, 2, 2, 2)
+        stem = int(arch["stem"])
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem, 3, 1 if small_input else 2, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            _act(arch["s0_act"]),
+        )
+        blocks, cin = [], stem
+        for i in range(MBNET_STAGES):
+            cout = make_divisible(base[i] * float(arch[f"s{i}_width"]))
+            for j in range(int(arch[f"s{i}_depth"])):
+                blocks.append(
+                    InvertedResidual(
+                        cin,
+                        cout,
+                        int(arch[f"s{i}_kernel"]),
+                        strides[i] if j == 0 else 1,
+                        int(arch[f"s{i}_expand"]),
+                        bool(arch[f"s{i}_se"]),
+                        arch[f"s{i}_act"],
+                    )
+                )
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        head = int(arch["head"])
+        self.head = nn.Sequential(nn.Conv2d(cin, head, 1, bias=False), nn.BatchNorm2d(head), _act(arch["s3_act"]))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Linear(head, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.head(self.blocks(self.stem(x)))).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+def mbnet(arch: dict[str, Any], num_classes: int = 10, in_chans: int = 3, small_input: bool = True) -> MBNet:
+    return MBNet(arch, num_classes=num_classes, in_chans=in_chans, small_input=small_input)
 
 
 BUILDERS = {"small_resnet": small_resnet, "resnet8": resnet8, "resnet14": resnet14, "mbnet": mbnet}

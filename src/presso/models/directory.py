@@ -106,7 +106,7 @@ def load_model_dir(path: str | Path, *, build: Callable[[], nn.Module] | None = 
     """Rebuild a saved model: source architecture -> replay recipe -> load weights (strict)."""
     from safetensors import SafetensorError
 
-    from presso.compress.recipe import replay
+    from presso.models.recipe import replay
     from presso.models.sources import build_from_card
 
     path = Path(path)

@@ -294,8 +294,7 @@ class _Search:
     def objective(self, trial) -> tuple[float, float]:
         import optuna
 
-        import presso
-        from presso.train import TrainConfig
+        from presso.train import TrainConfig, train
 
         arch = self.space.sample(trial)
         key = arch_key(arch)
@@ -324,7 +323,7 @@ class _Search:
             image_size=self.space.resolution(arch),
             workers=0,
         )
-        result = presso.train(model, self.proxy, cfg)
+        result = train(model, self.proxy, cfg)
         top1 = float(result.best.get("val_top1") or 0.0)
         trial.set_user_attr("trained", True)
         trial.set_user_attr("proxy_seconds", round(time.perf_counter() - t0, 1))
@@ -360,8 +359,8 @@ class _Search:
 
     # ------------------------------------------------------------------ the winner
     def finalize(self) -> dict[str, Any] | None:
-        import presso
-        from presso.train import TrainConfig
+        from presso.models.sources import load_model
+        from presso.train import TrainConfig, train
 
         done = [t for t in finished(self.study) if t.values and t.user_attrs.get("trained", False)]
         done += [t for t in finished(self.study) if t.values and "duplicate_of" in t.user_attrs]
@@ -398,8 +397,8 @@ class _Search:
             image_size=self.space.resolution(arch),
         )
         final_dir = self.output / "model"
-        result = presso.train(model, self.bundle, cfg, output_dir=final_dir, progress=self.train_progress)
-        final_model = presso.load_model(str(final_dir))
+        result = train(model, self.bundle, cfg, output_dir=final_dir, progress=self.train_progress)
+        final_model = load_model(str(final_dir))
         latency = self.measure_ms(arch, final_model)
         return {
             "trial": chosen.number,

@@ -1,74 +1,16 @@
-"""Distillation losses that need no knowledge of the task.
+"""Feature matching for distillation, which needs no knowledge of the task.
 
-The student learns to reproduce its teacher's outputs, whatever their structure: every floating-point tensor in the
-output (a tensor, or tensors nested in tuples, lists, dicts -- segmentation's ``{"out", "aux"}``, a detector's head
-maps) is matched with the teacher's tensor at the same place. Class scores (``[N, C]``) are matched as distributions
-(temperature-scaled KL, Hinton et al.); any other tensor by mean squared error normalised by the teacher's variance,
-so heads of different scales weigh alike. Optional feature matching adds the same normalised error at intermediate
-layers whose names and output shapes agree between teacher and student (pruning keeps names).
+Output matching (KL on class scores, normalised MSE on any other tensor) is ``presso.models.outputs.match_loss``.
+Optional feature matching here adds the same normalised error at intermediate layers whose names and output shapes
+agree between teacher and student (pruning keeps names).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from presso.errors import ConfigError
-
-
-def leaves(out: Any) -> list[torch.Tensor]:
-    """Tensors of a nested output, in a stable order (dicts by insertion order, as models build them)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in leaves(v)]
-    return []
-
-
-def is_class_scores(t: torch.Tensor) -> bool:
-    return t.ndim == 2 and t.shape[1] > 1 and t.is_floating_point()
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's soft-target loss, scaled by T^2 so its gradients keep their size as T changes."""
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student.float() / t, dim=1),
-        F.log_softmax(teacher.float() / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (t * t)
-
-
-def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(student.float(), teacher.float()) / (teacher.float().var() + 1e-6)
-
-
-def output_pairs(student_out: Any, teacher_out: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for s, t in zip(leaves(student_out), leaves(teacher_out), strict=False):
-        if s.is_floating_point() and t.is_floating_point() and s.shape == t.shape:
-            yield s, t
-
-
-def match_loss(student_out: Any, teacher_out: Any, temperature: float) -> torch.Tensor:
-    """Label-free output matching (KL on class scores, normalised MSE elsewhere), averaged over matched tensors."""
-    losses = [
-        kd_loss(s, t, temperature) if is_class_scores(t) else normalized_mse(s, t)
-        for s, t in output_pairs(student_out, teacher_out)
-    ]
-    if not losses:
-        raise ConfigError(
-            "The student's outputs share no tensor of the same shape with the teacher's, so there is nothing to "
-            "match; distil a student whose outputs keep the teacher's shapes (pruning keeps them), or use "
-            "--feature-match alone."
-        )
-    return torch.stack(losses).mean()
+from presso.models.outputs import leaves, normalized_mse
 
 
 class FeatureTaps:

@@ -4,6 +4,9 @@ launcher's quantization and packaging).
 ``export_onnx`` gives a checked file; ``optimize_onnx`` simplifies it with ONNX Runtime's provider-independent
 ("basic") optimizer -- constant folding, BatchNorm folded into convolutions, redundant nodes removed -- which keeps
 a standard ONNX file any runtime can load; ``compare_outputs`` verifies it against PyTorch.
+
+It sits on the ground floor (``models/``), not in the launcher, because the benchmarker, the compressor's latency
+targets and the searcher all export through it, and they stand below the launcher (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def run_onnx(sess, inputs: tuple) -> list[np.ndarray]:
 
 
 def torch_outputs(model: nn.Module, inputs: tuple) -> list[np.ndarray]:
-    from presso.train.distill import leaves
+    from presso.models.outputs import leaves
 
     set_mode(model, False)
     with torch.no_grad():

@@ -1,0 +1,261 @@
+"""The launcher's verbs: ``convert``, ``package`` and ``predict``.
+
+``predict`` never imports PyTorch: it runs ``presso.convert.predict``, the same file every bundle carries. Keep every
+heavy import inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from presso.cli.app import (
+    JsonOpt,
+    ModelArgOpt,
+    ShapeOpt,
+    SourceArg,
+    TrustOpt,
+    _emit,
+    _human,
+    _input_spec,
+    _load,
+    _run,
+    app,
+    err,
+)
+
+FormatOpt = Annotated[str, typer.Option("--to", help="onnx | openvino.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", "-p", help="fp32 | fp16 | int8.")]
+
+
+def _convert_options(
+    to: str,
+    precision: str,
+    calib_method: str,
+    calib_samples: int,
+    snr_db: float,
+    max_fallback: float,
+    reduce_range: str,
+    dynamic_batch: bool,
+    tolerance: float | None,
+    opset: int,
+    eval_samples: int,
+):
+    from presso.convert import ConvertConfig, Int8Config
+    from presso.errors import ConfigError
+
+    rr = {"auto": None, "on": True, "off": False}.get(reduce_range)
+    if reduce_range not in ("auto", "on", "off"):
+        raise ConfigError(f"--reduce-range is auto, on or off, not '{reduce_range}'.")
+    return ConvertConfig(
+        to=to,
+        precision=precision,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        tolerance=tolerance,
+        eval_samples=eval_samples,
+        int8=Int8Config(
+            method=calib_method,
+            samples=calib_samples,
+            snr_db=None if snr_db <= 0 else snr_db,
+            max_fallback=max_fallback,
+            reduce_range=rr,
+        ),
+    )
+
+
+class _StageBar:
+    """One Rich progress line per conversion stage (sensitivity measurement shows its layer count)."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
+        self.task = None
+        self.stage = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.task is not None and not exc[0]:
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total)
+        self.progress.stop()
+        return False
+
+    def __call__(self, stage: str, i: int, n: int) -> None:
+        if stage != self.stage:
+            if self.task is not None:
+                self.progress.update(self.task, completed=self.progress.tasks[-1].total)
+            self.stage = stage
+            self.task = self.progress.add_task(stage, total=max(n, 1))
+        self.progress.update(self.task, completed=i)
+
+
+@app.command()
+def convert(
+    source: SourceArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (created; must be new).")],
+    to: FormatOpt = "onnx",
+    precision: PrecisionOpt = "fp32",
+    calib: Annotated[
+        str | None,
+        typer.Option("--calib", help="Calibration data for INT8 (any --data spec); labelled: also accuracy."),
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option("--eval-data", help="Labelled data for FP32 vs converted accuracy.")
+    ] = None,
+    eval_samples: Annotated[int, typer.Option(help="Held-out images scored (0: skip).")] = 1000,
+    calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile.")] = "minmax",
+    calib_samples: Annotated[int, typer.Option(help="Calibration images.")] = 128,
+    snr_db: Annotated[
+        float, typer.Option(help="Output SNR vs FP32 that INT8 must keep; sensitive layers fall back (0: off).")
+    ] = 20.0,
+    max_fallback: Annotated[float, typer.Option(help="Largest share of layers allowed to fall back.")] = 0.5,
+    reduce_range: Annotated[
+        str, typer.Option(help="7-bit weights: auto (on for x86 without VNNI) | on | off.")
+    ] = "auto",
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Symbolic batch dimension.")] = False,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Largest output difference vs PyTorch, relative (fp32 1e-3, fp16 3e-2).")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
+    input_shape: ShapeOpt = None,
+    trust: TrustOpt = False,
+    model_arg: ModelArgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a model to ONNX or OpenVINO IR in FP32, FP16 or INT8, verified against PyTorch.
+
+    INT8 calibrates on --calib, checks the output SNR on held-out images, and falls back the most sensitive
+    layers to FP32 until --snr-db is met; the report lists every layer's SNR and what fell back.
+    """
+
+    def body():
+        import presso
+
+        cfg = _convert_options(
+            to, precision, calib_method, calib_samples, snr_db, max_fallback, reduce_range, dynamic_batch,
+            tolerance, opset, eval_samples,
+        )  # fmt: skip
+        model, _ = _load(source, trust, model_arg)
+        spec = _input_spec(source, model, input_shape)
+        with _StageBar(err) as bar:
+            result = presso.convert(model, spec, cfg, output=output, calib=calib, eval_data=eval_data, progress=bar)
+        summary = {"source": source, **result.summary()}
+        if result.int8 is not None and not result.int8.met:
+            err.print(
+                f"[yellow]warning:[/yellow] INT8 output SNR {result.int8.output_snr_db:.1f} dB stays below "
+                f"{snr_db:g} dB with {len(result.int8.fallback_layers)} layers in FP32 (the --max-fallback "
+                "limit); check the accuracy, or use --precision fp16.",
+                highlight=False,
+            )
+        _emit(summary, as_json, _render_convert)
+
+    _run(body)
+
+
+@app.command()
+def package(
+    source: Annotated[str, typer.Argument(help="A directory from 'presso convert', or any model to convert.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The bundle to write (.zip).")],
+    precision: PrecisionOpt = "fp32",
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration data when converting to INT8.")] = None,
+    input_shape: ShapeOpt = None,
+    trust: TrustOpt = False,
+    model_arg: ModelArgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pack a converted model (converting it first if needed) with its card and a torch-free predictor."""
+
+    def body():
+        import presso
+        from presso.convert.package import is_converted_dir
+        from presso.convert.package import package as pack
+
+        with contextlib.ExitStack() as stack:
+            converted = Path(source)
+            if not is_converted_dir(converted):
+                model, _ = _load(source, trust, model_arg)
+                spec = _input_spec(source, model, input_shape)
+                converted = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="presso-pkg-"))) / "m"
+                cfg = _convert_options("onnx", precision, "minmax", 128, 20.0, 0.5, "auto", False, None, 18, 0)
+                with _StageBar(err) as bar:
+                    presso.convert(model, spec, cfg, output=converted, calib=calib, progress=bar)
+            info = pack(converted, output)
+        _emit(info, as_json, _render_package)
+
+    _run(body)
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="A bundle from 'presso package'.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Classify images with a bundle, on ONNX Runtime only (no PyTorch)."""
+
+    def body():
+        from presso.convert.predict import Predictor
+
+        results = Predictor(bundle, threads=threads).predict(images, top_k=top_k)
+        _emit({"bundle": str(bundle), "predictions": results}, as_json, _render_predict)
+
+    _run(body)
+
+
+def _render_convert(s: dict[str, Any]) -> None:
+    out = Console()
+    t = Table(title=f"presso convert: {s['source']} -> {s['format']} {s['precision']}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("file", s["path"])
+    t.add_row("size (bytes)", f"{_human(s['size_bytes'])} (FP32 {_human(s['size_bytes_fp32'])})")
+    t.add_row("max abs diff vs PyTorch", f"{s['max_abs_diff']:.3g}")
+    t.add_row("max rel diff vs PyTorch", f"{s['max_rel_diff']:.3g}")
+    if s.get("int8"):
+        q = s["int8"]
+        t.add_row("output SNR (dB)", f"{q['output_snr_db']} (all INT8: {q['output_snr_db_all_int8']})")
+        t.add_row("fell back to FP32", ", ".join(s["fallback_layers"]) or "none")
+    if s.get("accuracy"):
+        a = s["accuracy"]
+        t.add_row(f"top-1 on {a['samples']} images", f"FP32 {a['fp32_top1']:.4f} -> {a['converted_top1']:.4f}")
+    out.print(t)
+    if s.get("int8"):
+        lt = Table(title="INT8 layers (SNR in dB against FP32)")
+        for col in ("layer", "op", "output SNR", "sensitivity", "fallback"):
+            lt.add_column(col)
+        for r in s["int8"]["layers"]:
+            lt.add_row(
+                r["layer"] or r["node"], r["op"], str(r["activation_snr_db"] or "-"), str(r["snr_db"] or "-"),
+                "FP32" if r["fallback"] else "",
+            )  # fmt: skip
+        out.print(lt)
+    out.print(f"saved to [bold]{s['output_dir']}[/bold] in {s['seconds']:.1f}s")
+
+
+def _render_package(s: dict[str, Any]) -> None:
+    Console().print(
+        f"bundle [bold]{s['path']}[/bold] ({s['size_bytes']} bytes): {', '.join(s['members'])}", highlight=False
+    )
+
+
+def _render_predict(s: dict[str, Any]) -> None:
+    t = Table(title=f"presso predict: {s['bundle']}")
+    for col in ("image", "class", "score"):
+        t.add_column(col)
+    for r in s["predictions"]:
+        t.add_row(r["image"], " | ".join(f"{x['label']}" for x in r["top"]), f"{r['score']:.4f}")
+    Console().print(t)

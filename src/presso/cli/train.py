@@ -1,0 +1,220 @@
+"""``presso train`` and ``presso eval``: train or distil a model on a dataset, and score it on the held-out split."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from presso.cli.app import (
+    DataOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    ModelArgOpt,
+    SourceArg,
+    TrustOpt,
+    _emit,
+    _load,
+    _run,
+    app,
+    err,
+)
+
+
+@app.command()
+def train(
+    source: SourceArg,
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output model directory.")],
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (split across torchrun processes).")] = 128,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 2e-3 adamw, 0.1 sgd, per 128).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Default: 0.05 adamw, 5e-4 sgd.")] = None,
+    warmup: Annotated[float, typer.Option(help="Fraction of steps warming the learning rate up.")] = 0.05,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.1,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop (and flip).")] = True,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="Distil from this model (the original of a compressed one).")
+    ] = None,
+    kd_alpha: Annotated[float, typer.Option(help="Weight of distillation vs cross-entropy when labels exist.")] = 0.7,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    feature_match: Annotated[
+        bool, typer.Option("--feature-match", help="Also match layers with the same name and shape.")
+    ] = False,
+    image_size: ImageSizeOpt = None,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share when the data has no split.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed for split, order, augmentation and init.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | on | off.")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Image decoding processes (folders).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run kept in OUTPUT.partial.")
+    ] = False,
+    trust: TrustOpt = False,
+    model_arg: ModelArgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a model on a dataset, or recover a compressed one by distilling from its original (--teacher).
+
+    Runs data-parallel under torchrun: torchrun --nproc-per-node 2 -m presso train ...
+    """
+
+    def body():
+        import torch
+
+        import presso
+        from presso.data import parse_image_size
+        from presso.train import TrainConfig, partial_dir
+        from presso.train.distributed import setup
+
+        cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            label_smoothing=label_smoothing,
+            augment=augment,
+            amp=amp,
+            device=device,
+            seed=seed,
+            val_fraction=val_fraction,
+            image_size=parse_image_size(image_size),
+            workers=workers,
+            kd_alpha=kd_alpha,
+            temperature=temperature,
+            feature_match=feature_match,
+        )
+        main = setup().is_main
+        torch.manual_seed(seed)  # the same initial weights on every torchrun process
+        model, original = _load(source, trust, model_arg, teacher, show=main)
+        bar = _TrainBar(epochs) if main else None
+        try:
+            with bar or contextlib.nullcontext():
+                result = presso.train(
+                    model,
+                    data,
+                    cfg,
+                    teacher=original,
+                    output_dir=output,
+                    resume=resume,
+                    progress=bar.update if bar else None,
+                )
+        except KeyboardInterrupt:
+            if main:
+                err.print(
+                    f"[yellow]interrupted[/yellow]: the run is kept in {partial_dir(output)}; continue it with the "
+                    "same command and --resume."
+                )
+            raise typer.Exit(130) from None
+        if main:
+            _emit(result.summary(), as_json, _render_train)
+
+    _run(body)
+
+
+@app.command(name="eval")
+def evaluate(
+    source: SourceArg,
+    data: DataOpt,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="Also measure agreement with this model.")] = None,
+    image_size: ImageSizeOpt = None,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share when the data has no split.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    trust: TrustOpt = False,
+    model_arg: ModelArgOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-1 and loss of a model on the held-out split of a dataset (and agreement with a teacher)."""
+
+    def body():
+        import presso
+        from presso.data import parse_image_size
+
+        model, original = _load(source, trust, model_arg, teacher)
+        with err.status("Evaluating ..."):
+            row = presso.train.evaluate(
+                model, data, teacher=original, image_size=parse_image_size(image_size), seed=seed,
+                val_fraction=val_fraction,
+            )  # fmt: skip
+        _emit({"source": source, **row}, as_json, _render_eval)
+
+    _run(body)
+
+
+class _TrainBar:
+    """A Rich progress bar per epoch on stderr, and one line of metrics when each epoch ends."""
+
+    def __init__(self, epochs: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.epochs = epochs
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            console=err,
+        )
+        self.task = None
+        self.epoch = 0
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False
+
+    def update(self, event: dict) -> None:
+        if event["phase"] == "train":
+            if self.task is None or event["epoch"] != self.epoch:
+                if self.task is not None:
+                    self.progress.remove_task(self.task)
+                self.epoch = event["epoch"]
+                self.task = self.progress.add_task(
+                    "train", total=event["steps"], epoch=event["epoch"], epochs=self.epochs, loss=event["loss"]
+                )
+            self.progress.update(self.task, completed=event["step"], loss=event["loss"])
+        elif event["phase"] == "epoch":
+            parts = [f"epoch {event['epoch']}/{self.epochs}", f"train loss {event['train_loss']:.4f}"]
+            for key in ("val_top1", "val_loss", "agreement"):
+                if event.get(key) is not None:
+                    parts.append(f"{key} {event[key]:.4f}")
+            self.progress.console.print("  ".join(parts), highlight=False)
+
+
+def _render_train(s: dict[str, Any]) -> None:
+    out = Console()
+    t = Table(title=f"presso train: {s['data'].get('data')}")
+    cols = [
+        k
+        for k in ("epoch", "train_loss", "val_top1", "val_loss", "agreement", "seconds")
+        if s["history"] and k in s["history"][0]
+    ]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for row in s["history"]:
+        t.add_row(*[f"{row[c]:.4f}" if isinstance(row[c], float) and c != "seconds" else str(row[c]) for c in cols])
+    out.print(t)
+    best = f"top-1 {s['val_top1']:.4f}" if s.get("val_top1") is not None else f"loss {s['val_loss']:.4f}"
+    out.print(f"best epoch {s['best_epoch']} ({best}); saved to [bold]{s['output_dir']}[/bold] in {s['seconds']:.1f}s")
+
+
+def _render_eval(s: dict[str, Any]) -> None:
+    out = Console()
+    t = Table(title=f"presso eval: {s['source']} on {s['data']['data']} ({s['val_n']} images)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for key in ("val_top1", "val_loss", "agreement", "match_loss"):
+        if s.get(key) is not None:
+            t.add_row(key, f"{s[key]:.4f}")
+    out.print(t)

@@ -1,0 +1,224 @@
+"""Every patch of Torch-Pruning, and every access to its private internals, in one place.
+
+Presso uses DepGraph's public API (``build_dependency``, ``get_pruning_group``, ``Group.prune``, the importance
+classes and pruning functions). What that API cannot do is done here, behind one context manager::
+
+    with tp_patches.patched(max_indices=...) as state:
+        DG = tp.DependencyGraph().build_dependency(...)   # both patches go in before the graph is built
+        ...                                               # state.blocked, state.mapping_dirty, state.max_items
+
+and by :func:`param_name`, :func:`snapshot_graph` and :func:`restore_graph`, which read and write DepGraph's private
+parameter/node maps for the pruner's rollback. All of it was written against the Torch-Pruning version pinned in
+pyproject.toml (:data:`REQUIRED_VERSION`); :func:`patched` refuses any other version, since the private functions
+it replaces may have changed shape or meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch_pruning as tp
+from torch import nn
+
+from presso.errors import ConfigError
+
+__all__ = [
+    "REQUIRED_VERSION",
+    "PatchState",
+    "check_version",
+    "installed_version",
+    "param_name",
+    "patched",
+    "restore_graph",
+    "snapshot_graph",
+]
+
+REQUIRED_VERSION = "1.6.1"  # the pin in pyproject.toml (tests/compress/test_tp_patches.py keeps the two equal)
+_GROUP_SECONDS = 2.0  # a dependency walk longer than this is cycling, not working (the largest real ones take <0.5 s)
+
+
+class _IndexExplosion(RuntimeError):
+    """A dependency walk exceeded its bounds; the group being built is abandoned and reported (under this class name,
+    which appears in the reasons reported for skipped layers)."""
+
+
+@dataclass
+class PatchState:
+    """What the installed patches share with the pruner."""
+
+    # placeholder node -> why its index mapping failed; every group whose channels pass through it is left unpruned
+    blocked: dict[Any, str] = field(default_factory=dict)
+    # whether index mappings must be recomputed before the next walk: set when a group through a placeholder node
+    # (concat, split, reshape, ...) is pruned or rolled back
+    mapping_dirty: bool = True
+    # most items a group may hold before its walk counts as not converging (set once the graph is built)
+    max_items: int = 1 << 62
+
+
+# --------------------------------------------------------------------------- version
+@functools.cache
+def installed_version() -> str:
+    """The installed Torch-Pruning's version, from its distribution metadata: the release that pip installed.
+
+    Not ``torch_pruning.__version__``: the 1.6.1 release still says "1.6.0" there."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")
+    except PackageNotFoundError:  # imported from a source tree, not installed
+        return str(getattr(tp, "__version__", "unknown"))
+
+
+def check_version() -> None:
+    """Refuse a Torch-Pruning other than the one the patches below were written for."""
+    found = installed_version()
+    if found != REQUIRED_VERSION:
+        raise ConfigError(
+            f"Torch-Pruning {found} is installed, but Presso's pruning is written against Torch-Pruning "
+            f"{REQUIRED_VERSION} (it patches internals that change between releases). "
+            f"Install that version: pip install torch-pruning=={REQUIRED_VERSION}"
+        )
+
+
+# --------------------------------------------------------------------------- the patches
+@contextlib.contextmanager
+def patched(max_indices: int) -> Iterator[PatchState]:
+    """Install both patches (checking the Torch-Pruning version first) for the duration of the block.
+
+    ``max_indices`` bounds the indices one reshape may produce (a few times the widest layer); ``state.max_items``
+    bounds the items of one group once the graph's size is known. Installed only while Presso prunes."""
+    check_version()
+    state = PatchState()
+    with _robust_index_mapping(state), _bounded_traversal(max_indices, state):
+        yield state
+
+
+@contextlib.contextmanager
+def _robust_index_mapping(state: PatchState):
+    """DepGraph's index-mapping update, made robust and incremental.
+
+    Written by hand (a 10-line dispatch loop replacing Torch-Pruning's ``update_index_mapping``) because:
+
+    * one unmappable node aborts Torch-Pruning's whole graph build -- a channel shuffle's ``view`` divides by
+      zero (ShuffleNet). Here the node is recorded in ``state.blocked`` with the reason, and every group whose
+      channels pass through it is left unpruned and reported: guessing a mapping could silently permute channels;
+    * Torch-Pruning recomputes every mapping of the graph on each ``get_pruning_group`` call, which makes planning
+      O(groups x nodes) (70% of the time on DenseNet). Mappings derive from sizes held by placeholder nodes
+      (concat, split, reshape, ...), which change only when a group through such a node is pruned or rolled
+      back; ``state.mapping_dirty`` tracks exactly that.
+    """
+    from torch_pruning.dependency import index_mapping as im
+
+    original = im.update_index_mapping
+    kinds = tp.ops.OPTYPE
+    updaters = {
+        kinds.CONCAT: im.update_concat_index_mapping,
+        kinds.SPLIT: im.update_split_index_mapping,
+        kinds.RESHAPE: im.update_reshape_index_mapping,
+        kinds.UNBIND: im.update_unbind_index_mapping,
+        kinds.EXPAND: im.update_expand_index_mapping,
+        kinds.SLICE: im.update_slice_index_mapping,
+    }
+    state.mapping_dirty = True
+
+    def update(graph):
+        if not state.mapping_dirty:
+            return
+        for node in list(graph.module2node.values()):
+            fn = updaters.get(node.type)
+            if fn is None:
+                continue
+            try:
+                fn(graph, node)
+            except Exception as e:
+                state.blocked[node] = f"{node.type.name.lower()} node: {type(e).__name__}: {e}"[:160]
+        state.mapping_dirty = False
+
+    im.update_index_mapping = update
+    try:
+        yield
+    finally:
+        im.update_index_mapping = original
+
+
+@contextlib.contextmanager
+def _bounded_traversal(max_indices: int, state: PatchState):
+    """Bound the dependency walks Torch-Pruning makes to build a group.
+
+    Written by hand because no library option exists. DepGraph guesses reshape semantics from inferred channel
+    counts; on channels-last window reshapes (Swin, MaxViT) it guesses a flatten on one side of a residual loop only,
+    and indices are multiplied by the stride on every trip around the loop until memory runs out; on detection heads
+    shared across feature levels the walk revisits the same layers with ever new index sets and never ends. A real
+    walk cannot yield more indices than the widest layer has channels, nor more items than the graph has
+    dependencies, nor take minutes: past those bounds the group is abandoned and reported, instead of exhausting
+    memory or time. Installed only while Presso prunes.
+    """
+    from torch_pruning.dependency import index_mapping
+    from torch_pruning.dependency.group import Group
+
+    original_flatten = index_mapping._FlattenIndexMapping
+    original_add = Group.add_dep
+
+    walk = {"t0": time.perf_counter()}  # start of the current walk: get_pruning_group adds its root first
+
+    def check_time():
+        if time.perf_counter() - walk["t0"] > _GROUP_SECONDS:
+            raise _IndexExplosion("the dependency walk does not converge (layers revisited with ever new indices)")
+
+    class Bounded(original_flatten):
+        def __call__(self, idxs):
+            if not self.reverse and len(idxs) * self._stride > max_indices:  # refuse before building the list
+                raise _IndexExplosion(
+                    "channel indices explode through a reshape (Torch-Pruning cannot map channels through it)"
+                )
+            check_time()
+            return super().__call__(idxs)
+
+    def add_dep(self, dep, idxs):
+        if not self._group:
+            walk["t0"] = time.perf_counter()
+        elif len(self._group) > state.max_items:
+            raise _IndexExplosion("the dependency walk does not converge (layers revisited with ever new indices)")
+        else:
+            check_time()
+        original_add(self, dep, idxs)
+
+    index_mapping._FlattenIndexMapping = Bounded
+    Group.add_dep = add_dep
+    try:
+        yield
+    finally:
+        index_mapping._FlattenIndexMapping = original_flatten
+        Group.add_dep = original_add
+
+
+# --------------------------------------------------------------------------- DepGraph's private maps (rollback)
+def param_name(DG: tp.DependencyGraph, param: nn.Parameter) -> str | None:
+    """The qualified name DepGraph knows a bare parameter by (a class token, a layer-scale gamma), or None."""
+    return DG._param_to_name.get(param)
+
+
+def snapshot_graph(DG: tp.DependencyGraph, group) -> tuple:
+    """DepGraph's own state that pruning ``group`` changes, for :func:`restore_graph`.
+
+    Pruning a bare parameter replaces it with a new ``nn.Parameter``, and ``Group.prune`` re-points the parameter's
+    node and DepGraph's private parameter -> name and module -> node maps at the new object; rolling back must
+    point them at the old one again."""
+    nodes = [(d.target, d.target.module) for d, _ in group if isinstance(d.target.module, nn.Parameter)]
+    return nodes, dict(DG._param_to_name), dict(DG.module2node)
+
+
+def restore_graph(DG: tp.DependencyGraph, snap: tuple) -> None:
+    """Put back what :func:`snapshot_graph` saved."""
+    nodes, p2n, m2n = snap
+    for node, module in nodes:
+        node.module = module
+    DG._param_to_name.clear()
+    DG._param_to_name.update(p2n)
+    DG.module2node.clear()
+    DG.module2node.update(m2n)
