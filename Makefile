@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.presso-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint coverage clean
+.PHONY: demo test test-fast lint coverage clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --durations=15 -m "not timing" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -p no:xdist -m timing $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Everyday tier, under 3 minutes on 2 cores: everything but the zoo sweeps, the timing tests and the slow tests
+# listed in tests/conftest.py.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto -m "not timing and not zoo and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

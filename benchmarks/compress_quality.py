@@ -60,7 +60,7 @@ def part_accuracy(args, log) -> list[dict]:
         original = presso.train(model, data, TrainConfig(epochs=args.epochs), progress=_epochs("train")).model
         if args.save_original:
             presso.save_model_dir(original, args.save_original)
-    top1 = presso.evaluate(original, data)["val_top1"]
+    top1 = presso.evaluate(original, data).val_top1
     spec = presso.InputSpec.parse("1,1,28,28")
     pp = presso.data.Preprocess.from_json(original.presso_card.preprocess)
     calib = calibration_batches("fashion-mnist", spec, batches=4, batch_size=32, preprocess=pp)
@@ -73,7 +73,7 @@ def part_accuracy(args, log) -> list[dict]:
             m = make()
             t0 = time.perf_counter()
             try:
-                kwargs = dict(recommend=m.get("recommend", True), data=calib if m.get("calib") else None)
+                kwargs = dict(recommend=m.get("recommend", True), calib=calib if m.get("calib") else None)
                 r = presso.compress(original, spec, m["config"], target=Target(macs=share), **kwargs)
             except presso.PressoError as e:
                 row = {"part": "accuracy", "target": share, "method": name, "error": str(e)}
@@ -81,11 +81,11 @@ def part_accuracy(args, log) -> list[dict]:
                 log(row)
                 continue
             seconds = time.perf_counter() - t0
-            after = presso.evaluate(r.model, data)["val_top1"]
+            after = presso.evaluate(r.model, data).val_top1
             student = copy.deepcopy(r.model)
             ft = TrainConfig(epochs=args.ft_epochs, lr=1e-3, warmup=0.0)
             presso.train(student, data, ft, teacher=original)
-            tuned = presso.evaluate(student, data)["val_top1"]
+            tuned = presso.evaluate(student, data).val_top1
             row = {"part": "accuracy", "target": share, "method": name, "macs_kept": round(r.after["macs"] /
                    r.before["macs"], 4), "top1_original": top1, "top1_compressed": after, "top1_finetuned": tuned,
                    "compress_seconds": round(seconds, 1), "ft_epochs": args.ft_epochs,
@@ -200,8 +200,8 @@ def _interleaved_ms(models: dict, x: tuple, args, block: int = 10) -> dict[str, 
 
 def _epochs(tag):
     def show(e):
-        if e["phase"] == "epoch":
-            print(f"  [{tag}] epoch {e['epoch']} val_top1 {e.get('val_top1')}", flush=True)
+        if e.stage == "epoch":
+            print(f"  [{tag}] epoch {e.info['epoch']} val_top1 {e.info.get('val_top1')}", flush=True)
 
     return show
 

@@ -1,7 +1,8 @@
-"""Latency predictor accuracy on this machine: calibrate, then predict and measure models it was not calibrated on.
+"""Latency predictor accuracy on this machine: profile it, then predict and measure models it was not profiled on.
 
-1. Calibrate: the full calibration kernel set (single-kernel ONNX models built with onnx.helper; no network below is
-   part of it) is measured with ONNX Runtime on this CPU and stored in a fresh latency database.
+1. Profile (``presso.profile_device``): the full calibration kernel set (single-kernel ONNX models built with
+   onnx.helper; no network below is part of it) is measured with ONNX Runtime on this CPU and stored in a fresh
+   latency database.
 2. For each model -- torchvision and timm networks at several resolutions, pruned variants (Presso's L2 pruning),
    and samples of a MobileNetV2/MNASNet width x resolution space -- export it through the project's ONNX path,
    predict it from the database (no run), and measure it in --rounds rounds (median of --repeat runs each). The
@@ -131,9 +132,11 @@ def models(seed: int = 0) -> list[Entry]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (calibration and runs)")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (profiling and runs)")
     ap.add_argument("--db", default="/tmp/presso-latency-bench/latency.db", help="latency database file")
-    ap.add_argument("--reuse-calibration", action="store_true", help="keep the database's calibration")
+    ap.add_argument(
+        "--reuse-profile", "--reuse-calibration", action="store_true", help="keep the database's profiled kernels"
+    )
     ap.add_argument("--repeat", type=int, default=40, help="timed runs per measurement round")
     ap.add_argument("--rounds", type=int, default=3, help="measurement rounds per model")
     ap.add_argument("--quiet", type=float, default=1.1, help="a round counts when the probe is within this factor")
@@ -149,31 +152,31 @@ def main() -> None:
         print(json.dumps(summarize(last_run(Path(args.summarize)), remembered_reference(args.threads)), indent=1))
         return
 
-    from presso.bench.api import calibrate, device_env
     from presso.bench.calibration import QuietProbe
     from presso.bench.env import device_fingerprint
     from presso.bench.kernels import decompose
     from presso.bench.latency_db import LatencyDB
     from presso.bench.predictor import LatencyPredictor
+    from presso.bench.profile import device_env, profile_device
     from presso.bench.runner import export_with_feed
     from presso.models import InputSpec
 
-    probe = QuietProbe(args.threads)  # one reference for calibration and measurements alike
+    probe = QuietProbe(args.threads)  # one reference for profiling and measurements alike
     db_path = Path(args.db)
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    if not args.reuse_calibration:
+    if not args.reuse_profile:
         for suffix in ("", "-wal", "-shm"):
             Path(str(db_path) + suffix).unlink(missing_ok=True)
         t0 = time.time()
-        cal = calibrate(
+        cal = profile_device(
             threads=args.threads,
             size="full",
             db=str(db_path),
             quiet=probe,
-            progress=lambda d, t: print(f"  calibrated {d}/{t} kernel models", flush=True) if d % 200 == 0 else None,
+            progress=lambda d, t: print(f"  profiled {d}/{t} kernel models", flush=True) if d % 200 == 0 else None,
         )
         print(
-            f"calibrated {cal['kernels']} kernels in {time.time() - t0:.0f}s ({args.threads} threads; "
+            f"profiled {cal['kernels']} kernels in {time.time() - t0:.0f}s ({args.threads} threads; "
             f"{cal['windows_redone']} of {cal['windows']} windows measured again, {cal['windows_busy']} still "
             "taken on a busy machine)",
             flush=True,

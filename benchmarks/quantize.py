@@ -83,10 +83,10 @@ def run_model(name, model, shape, calib, args, out_rows, fashion=False):
         eval_samples = 10000 if fashion else 0
         t0 = time.perf_counter()
         fp32 = presso.convert(
-            model, shape, ConvertConfig(eval_samples=0), output=tmp / "fp32", calib=calib if fashion else None
+            model, shape, ConvertConfig(eval_samples=0), output_dir=tmp / "fp32", calib=calib if fashion else None
         )
         cfg = ConvertConfig(precision="int8", eval_samples=eval_samples, int8=Int8Config(samples=args.samples))
-        int8 = presso.convert(model, shape, cfg, output=tmp / "int8", calib=calib)
+        int8 = presso.convert(model, shape, cfg, output_dir=tmp / "int8", calib=calib)
         seconds = time.perf_counter() - t0
         from presso.data import calibration_batches
         from presso.data.images import Preprocess

@@ -61,10 +61,10 @@ def run_dataset(name, data, model_kwargs, epochs, ft_epochs, subset, log, keep: 
                             progress=_epoch_printer("train"))  # fmt: skip
         original = base.model
     train_s = time.perf_counter() - t0
-    acc0 = presso.train.evaluate(original, bundle)["val_top1"]
+    acc0 = presso.train.evaluate(original, bundle).val_top1
     spec = presso.InputSpec.parse(original.presso_card.input_spec)
     pruned, kept, ratio = prune_to(original, spec, 0.5)
-    acc_pruned = presso.train.evaluate(pruned.model, bundle)["val_top1"]
+    acc_pruned = presso.train.evaluate(pruned.model, bundle).val_top1
     row = {
         "dataset": name,
         "data": data,
@@ -87,20 +87,18 @@ def run_dataset(name, data, model_kwargs, epochs, ft_epochs, subset, log, keep: 
         presso.train(student, data_for, ft_cfg, teacher=teacher, progress=_epoch_printer(mode))
         seconds = time.perf_counter() - t0
         acc = presso.train.evaluate(student, bundle, teacher=original)
-        row[f"{mode}_top1"] = acc["val_top1"]
-        row[f"{mode}_agreement"] = acc["agreement"]
+        row[f"{mode}_top1"] = acc.val_top1
+        row[f"{mode}_agreement"] = acc.agreement
         row[f"{mode}_seconds"] = round(seconds, 1)
-        print(
-            f"  {mode:10s} top-1 {acc['val_top1']:.4f} (agreement {acc['agreement']:.4f}) in {seconds:.0f}s", flush=True
-        )
+        print(f"  {mode:10s} top-1 {acc.val_top1:.4f} (agreement {acc.agreement:.4f}) in {seconds:.0f}s", flush=True)
     log(row)
     return row
 
 
 def _epoch_printer(tag: str):
     def show(event):
-        if event["phase"] == "epoch":
-            shown = {k: event.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss", "seconds")}
+        if event.stage == "epoch":
+            shown = {k: event.info.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss", "seconds")}
             print(f"  [{tag}] {shown}", flush=True)
 
     return show

@@ -5,7 +5,7 @@
 1. Baselines (hand-picked models of similar latency): timm's MobileNetV3-Small at 0.5 width and Presso's ResNet-8,
    both for 1x28x28 inputs. Their ONNX Runtime latency on this machine sets the budget (the larger of the two), so the
    searched model must be at equal or lower measured latency.
-2. ``presso.search`` on Fashion-MNIST at that budget (calibrating this machine's kernels first when the latency
+2. ``presso.search`` on Fashion-MNIST at that budget (profiling this machine's kernels first when the latency
    database has none): trials trained vs skipped by the predictor, wall time, the winner trained for ``--epochs``.
 3. The baselines trained with the same recipe and epochs; every model measured side by side at the end.
 The searched model is placed against Fashion-MNIST's published table (accuracy vs parameters).
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import presso
-    from presso.bench.api import benchmark, calibrate, predict_latency
+    from presso.bench import benchmark, predict_latency, profile_device
     from presso.errors import ConfigError
     from presso.models.figures import model_figures
     from presso.search.nas import SearchConfig
@@ -52,7 +52,7 @@ def main() -> None:
     def latency(model, input_shape=shape) -> float:
         r = benchmark(model, "local", input_shape=input_shape, threads=args.threads, repeat=200, max_seconds=20,
                       db=args.db)  # fmt: skip
-        return float(r["latency_ms"]["median"])
+        return float(r.latency_ms["median"])
 
     def figures(model, input_shape=shape):
         import torch
@@ -69,8 +69,8 @@ def main() -> None:
                         threads=args.threads, db=args.db)  # fmt: skip
     except ConfigError:
         t0 = time.perf_counter()
-        info = calibrate("local", threads=args.threads, db=args.db)
-        print(f"# calibrated this machine: {info['kernels']} kernels in {time.perf_counter() - t0:.0f}s", flush=True)
+        info = profile_device("local", threads=args.threads, db=args.db)
+        print(f"# profiled this machine: {info['kernels']} kernels in {time.perf_counter() - t0:.0f}s", flush=True)
 
     untrained = {name: presso.load_model(src, **kw) for name, (src, kw) in baselines.items()}
     base_ms = {name: latency(m) for name, m in untrained.items()}
@@ -81,8 +81,9 @@ def main() -> None:
     cfg = SearchConfig(latency_ms=budget, trials=args.trials, proxy_epochs=args.proxy_epochs,
                        proxy_fraction=args.proxy_fraction, final_epochs=args.epochs, threads=args.threads)  # fmt: skip
     out = args.work / f"search-{int(time.time())}"
-    result = presso.search(data, cfg, output=out, db=args.db,
-                           progress=lambda stage, info: print(f"  {stage} {info}", flush=True))  # fmt: skip
+    result = presso.search(data, cfg, output_dir=out, db=args.db,
+                           progress=lambda e: print(f"  {e.stage} {e.done:g}/{e.total} {e.info}", flush=True)
+                           if e.stage != "train" else None)  # fmt: skip
     wall = time.perf_counter() - t0
     best = result.best
     searched = presso.load_model(best["model_dir"])

@@ -21,10 +21,10 @@ def _run(*args, timeout=900):
 
 @pytest.fixture(scope="module")
 def latency_db(tmp_path_factory):
-    from presso.bench.api import calibrate
+    from presso.bench import profile_device
 
     db = str(tmp_path_factory.mktemp("lat") / "latency.db")
-    calibrate("local", size="quick", db=db)
+    profile_device("local", size="quick", db=db)
     return db
 
 

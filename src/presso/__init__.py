@@ -12,26 +12,49 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    # verbs
     "load_model": "presso.models",
     "save_model_dir": "presso.models",
     "load_model_dir": "presso.models",
-    "InputSpec": "presso.models",
-    "ModelCard": "presso.models",
     "compress": "presso.compress",
-    "CompressResult": "presso.compress",
-    "PruneConfig": "presso.compress",
-    "info": "presso.api",
     "train": "presso.train",
-    "TrainConfig": "presso.train",
-    "TrainResult": "presso.train",
     "evaluate": "presso.train",
     "load_data": "presso.data",
     "convert": "presso.convert",
+    "package": "presso.convert.package",  # not via presso.convert: its submodule of that name shadows the function
     "search": "presso.search",
     "run": "presso.pipeline",
-    "ConvertConfig": "presso.convert",
     "benchmark": "presso.bench",
     "predict_latency": "presso.bench",
+    "profile_device": "presso.bench",
+    "info": "presso.api",
+    # configs and inputs
+    "InputSpec": "presso.models",
+    "ModelCard": "presso.models",
+    "PruneConfig": "presso.compress",
+    "DecomposeConfig": "presso.compress",
+    "Target": "presso.compress",
+    "TrainConfig": "presso.train",
+    "ConvertConfig": "presso.convert",
+    "Int8Config": "presso.convert",
+    "SearchConfig": "presso.search.nas",
+    "RunConfig": "presso.pipeline",
+    "DataBundle": "presso.data",
+    # results: every verb returns one (presso.results.Result: .summary(), .output_dir, .to_json())
+    "Result": "presso.results",
+    "CompressResult": "presso.compress",
+    "TrainResult": "presso.train",
+    "EvalResult": "presso.train",
+    "ConvertResult": "presso.convert",
+    "PackageResult": "presso.convert.package",
+    "SearchResult": "presso.search.nas",
+    "RunResult": "presso.pipeline",
+    "BenchmarkResult": "presso.bench",
+    "LatencyPrediction": "presso.bench",
+    "InfoResult": "presso.api",
+    # progress: every verb's progress= takes a ProgressCallback
+    "ProgressEvent": "presso.progress",
+    "ProgressCallback": "presso.progress",
 }
 _ERRORS = [
     "PressoError",
@@ -49,14 +72,26 @@ _ERRORS = [
 __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
-    from presso.api import info  # noqa: F401
-    from presso.compress import CompressResult, PruneConfig, compress  # noqa: F401
-    from presso.convert import ConvertConfig, convert  # noqa: F401
-    from presso.data import load_data  # noqa: F401
+    from presso.api import InfoResult, info  # noqa: F401
+    from presso.bench import BenchmarkResult, LatencyPrediction, benchmark, predict_latency, profile_device  # noqa: F401
+    from presso.compress import CompressResult, DecomposeConfig, PruneConfig, Target, compress  # noqa: F401
+    from presso.convert import (  # noqa: F401
+        ConvertConfig,
+        ConvertResult,
+        Int8Config,
+        PackageResult,
+        convert,
+        package,
+    )
+    from presso.data import DataBundle, load_data  # noqa: F401
     from presso.errors import *  # noqa: F403
     from presso.models import InputSpec, ModelCard, load_model, load_model_dir, save_model_dir  # noqa: F401
+    from presso.pipeline import RunConfig, RunResult, run  # noqa: F401
+    from presso.progress import ProgressCallback, ProgressEvent  # noqa: F401
+    from presso.results import Result  # noqa: F401
     from presso.search import search  # noqa: F401
-    from presso.train import TrainConfig, TrainResult, evaluate, train  # noqa: F401
+    from presso.search.nas import SearchConfig, SearchResult  # noqa: F401
+    from presso.train import EvalResult, TrainConfig, TrainResult, evaluate, train  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from presso.errors import BudgetError, ConfigError
+from presso.progress import ProgressCallback, reporter
+from presso.results import Result
 
 PIPELINE_VERSION = 1
+STAGES = ("original", "baseline", "compress", "recover", "deploy")
 
 
 @dataclass
@@ -64,9 +67,15 @@ class RunConfig:
 
 
 @dataclass
-class RunResult:
+class RunResult(Result):
+    """``figures``: what ``OUT/summary.json`` holds (every stage's record, the budget and whether it was met, the
+    accuracy before and after, the bundle, the commands to reproduce it); ``output_dir``: ``OUT``."""
+
     output_dir: Path
-    summary: dict[str, Any]
+    figures: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.figures, "output_dir": str(self.output_dir)}
 
 
 def _key(*parts: Any) -> str:
@@ -76,8 +85,9 @@ def _key(*parts: Any) -> str:
 class _Stages:
     """Runs stages into ``OUT/<name>``, skipping those whose key is unchanged; keeps work of killed runs."""
 
-    def __init__(self, out: Path, report: Callable[[str, dict], None]):
-        self.out, self.report = out, report
+    def __init__(self, out: Path, progress: ProgressCallback | None):
+        self.out = out
+        self.report = reporter(progress, "pipeline")  # done: stages finished (or reused) before this one
         self.records: dict[str, dict[str, Any]] = {}
 
     def run(self, name: str, key: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -87,15 +97,15 @@ class _Stages:
             record = json.loads(manifest.read_text())
             if record.get("key") == key:
                 record["cached"] = True
+                self.report(len(self.records), len(STAGES), name=name, cached=True)
                 self.records[name] = record
-                self.report("stage", {"name": name, "cached": True})
                 return record
         work = self.out / ".work" / name
         if work.exists() and (work / ".key").is_file() and (work / ".key").read_text() != key:
             shutil.rmtree(work)  # settings changed since the killed run: its partial work does not apply
         work.mkdir(parents=True, exist_ok=True)
         (work / ".key").write_text(key)
-        self.report("stage", {"name": name, "cached": False})
+        self.report(len(self.records), len(STAGES), name=name, cached=False)
         t0 = time.perf_counter()
         figures = fn(work)
         record = {"stage": name, "key": key, "seconds": round(time.perf_counter() - t0, 1), **figures}
@@ -110,13 +120,16 @@ class _Stages:
 
 
 class _Job:
-    def __init__(self, data: str, cfg: RunConfig, out: Path, progress):
-        from presso.data import load_data
+    def __init__(self, data, cfg: RunConfig, out: Path, progress: ProgressCallback | None):
+        from presso.data import DataBundle, load_data
 
-        self.data, self.cfg, self.out = data, cfg, out
-        self.report = progress or (lambda _stage, _info: None)
-        self.bundle = load_data(data, seed=cfg.seed)
-        self.stages = _Stages(out, self.report)
+        # a loaded DataBundle is used as it is and named (in stage keys and commands) by its name
+        self.bundle = data if isinstance(data, DataBundle) else load_data(data, seed=cfg.seed)
+        self.source = self.bundle if isinstance(data, DataBundle) else data  # what nested verbs read data from
+        self.data = self.bundle.name if isinstance(data, DataBundle) else str(data)
+        self.cfg, self.out = cfg, out
+        self.progress = progress  # every nested verb reports through it too: training, search, conversion, ...
+        self.stages = _Stages(out, progress)
 
     # ------------------------------------------------------------------ helpers
     def evaluate(self, model_dir: Path, teacher: Path | None = None) -> dict[str, Any]:
@@ -125,8 +138,8 @@ class _Job:
 
         model = load_model(str(model_dir))
         t = load_model(str(teacher)) if teacher is not None else None
-        row = evaluate(model, self.bundle, teacher=t, seed=self.cfg.seed)
-        return {k: row.get(k) for k in ("val_top1", "val_loss", "agreement") if row.get(k) is not None}
+        scores = evaluate(model, self.bundle, teacher=t, seed=self.cfg.seed, progress=self.progress).metrics
+        return {k: scores[k] for k in ("val_top1", "val_loss", "agreement") if k in scores}
 
     def figures(self, model_dir: Path) -> dict[str, Any]:
         from presso.models.figures import model_figures
@@ -141,10 +154,10 @@ class _Job:
         from presso.bench.api import benchmark
 
         r = benchmark(str(onnx_path), self.cfg.device, threads=self.cfg.threads, repeat=100, max_seconds=15,
-                      profile=profile, db=self.cfg.db)  # fmt: skip
-        out = {"latency_ms": r["latency_ms"]["median"], "p90_ms": r["latency_ms"]["p90"], "noise_pct": r["noise_pct"]}
-        if profile and r.get("profile"):
-            out["top_ops"] = _top_ops(r["profile"])
+                      profile=profile, db=self.cfg.db, progress=self.progress)  # fmt: skip
+        out = {"latency_ms": r.latency_ms["median"], "p90_ms": r.latency_ms["p90"], "noise_pct": r.noise_pct}
+        if profile and r.profile:
+            out["top_ops"] = _top_ops(r.profile)
         return out
 
     def convert(self, model_dir: Path, dest: Path, precision: str) -> dict[str, Any]:
@@ -153,8 +166,9 @@ class _Job:
 
         model = load_model(str(model_dir))
         cfg = ConvertConfig(precision=precision, eval_samples=1000)
-        result = convert(model, model.presso_card.input_spec, cfg, output=dest,
-                                calib=self.data if precision == "int8" else None, eval_data=self.data)  # fmt: skip
+        result = convert(model, model.presso_card.input_spec, cfg, output_dir=dest,
+                         calib=self.source if precision == "int8" else None, eval_data=self.source,
+                         progress=self.progress)  # fmt: skip
         s = result.summary()
         return {
             "path": str(
@@ -197,7 +211,7 @@ class _Job:
 
             if not dest.exists():
                 train(model, self.bundle, TrainConfig(epochs=self.cfg.train_epochs, seed=self.cfg.seed),
-                             output_dir=dest, resume=partial_dir(dest).exists(), progress=None)  # fmt: skip
+                      output_dir=dest, resume=partial_dir(dest).exists(), progress=self.progress)  # fmt: skip
         commands = [] if trained_here else [
             f"presso train {self.cfg.model} --data {self.data} --epochs {self.cfg.train_epochs} -o original/model"
         ]  # fmt: skip
@@ -212,8 +226,7 @@ class _Job:
         scfg = SearchConfig(latency_ms=cfg.latency_ms, device=cfg.device, trials=cfg.search_trials,
                             proxy_epochs=cfg.search_proxy_epochs, final_epochs=cfg.train_epochs, threads=cfg.threads,
                             seed=cfg.seed)  # fmt: skip
-        result = search(self.bundle, scfg, output=work / "search", db=cfg.db,
-                               progress=lambda st, info: self.report("search", {"stage": st, **info}))  # fmt: skip
+        result = search(self.bundle, scfg, output_dir=work / "search", db=cfg.db, progress=self.progress)
         shutil.move(str(work / "search" / "model"), str(work / "model"))
         best = result.best
         command = (f"presso search --data {self.data} --device {cfg.device} --latency-ms {cfg.latency_ms:g} "
@@ -256,19 +269,14 @@ class _Job:
             from presso.compress import PruneConfig, Target, compress
             from presso.models.directory import save_model_dir
             from presso.models.sources import load_model
-            from presso.models.spec import InputSpec
 
             if cfg.latency_ms is not None and deployed <= cfg.latency_ms:
                 return {"skipped": f"the {cfg.precision.upper()} original already runs in {deployed:.3f} ms, within "
                                    f"the {cfg.latency_ms:g} ms budget"}  # fmt: skip
             if cfg.target_macs is not None and cfg.target_macs >= 1.0:
                 return {"skipped": "a MACs target of 1.0 keeps the whole model"}
-            from presso.data import model_calibration_batches
-
             model = load_model(str(self.out / "original" / "model"))
             spec = model.presso_card.input_spec
-            # the per-layer ratios are chosen by how each allocation's outputs hold up on the user's images
-            calib = model_calibration_batches(model, self.data, InputSpec.parse(spec), batches=4, batch_size=32)
             if cfg.latency_ms is not None:
                 # the budget is for the deployed precision: scale it to FP32 by the measured speed ratio
                 ratio = baseline["fp32"]["latency_ms"] / deployed
@@ -289,7 +297,9 @@ class _Job:
                 target, why = Target(macs=cfg.target_macs), f"keep {cfg.target_macs:.0%} of MACs"
                 command = (f"presso compress original/model --target-macs {cfg.target_macs} --calib {self.data} "
                            "-o compress/model")  # fmt: skip
-            result = compress(model, spec, PruneConfig(ratio=0.3), target=target, data=calib)
+            # the per-layer ratios are chosen by how each allocation's outputs hold up on the user's images
+            result = compress(model, spec, PruneConfig(ratio=0.3), target=target, calib=self.source,
+                              progress=self.progress)  # fmt: skip
             save_model_dir(result.model, work / "model")
             s = result.summary()
             changed = {n: v for n, v in s["per_layer"].items() if v.get("before") != v.get("after") or "ranks" in v}
@@ -325,8 +335,9 @@ class _Job:
             teacher = load_model(str(self.out / "original" / "model"))
             dest = work / "model"
             if not dest.exists():
-                train(student, self.bundle, TrainConfig(epochs=self.cfg.recover_epochs, seed=self.cfg.seed,
-                             lr=1e-3), teacher=teacher, output_dir=dest, resume=partial_dir(dest).exists())  # fmt: skip
+                train(student, self.bundle, TrainConfig(epochs=self.cfg.recover_epochs, seed=self.cfg.seed, lr=1e-3),
+                      teacher=teacher, output_dir=dest, resume=partial_dir(dest).exists(),
+                      progress=self.progress)  # fmt: skip
             command = (f"presso train compress/model --teacher original/model --data {self.data} "
                        f"--epochs {self.cfg.recover_epochs} --lr 1e-3 -o recover/model")  # fmt: skip
             return {"model_dir": "recover/model", "commands": [command], **self.figures(dest), **self.evaluate(dest)}
@@ -350,9 +361,9 @@ class _Job:
                 dep.update(self.measure(work / cfg.precision / "model.onnx", profile=True))
                 out[cfg.precision] = dep
                 final_dir = work / cfg.precision
-            info = package(final_dir, work / "bundle.zip")
-            predicts = self._bundle_predicts(work / "bundle.zip", final_dir / "model.onnx")
-            out["bundle"] = {"path": "deploy/bundle.zip", "size_bytes": info["size_bytes"], "predicts": predicts}
+            bundle = package(final_dir, work, name="bundle.zip", progress=self.progress)
+            predicts = self._bundle_predicts(bundle.path, final_dir / "model.onnx")
+            out["bundle"] = {"path": "deploy/bundle.zip", "size_bytes": bundle.size_bytes, "predicts": predicts}
             out["commands"] = [
                 f"presso convert {out['source']} -p {cfg.precision} --calib {self.data} -o deploy/m",
                 "presso package deploy/m -o deploy/bundle.zip",
@@ -387,12 +398,25 @@ def _top_ops(profile: dict[str, Any], n: int = 8) -> dict[str, list[dict[str, An
     }
 
 
-def run(data: str, config: RunConfig | None = None, *, output: str | Path, progress=None, **kwargs) -> RunResult:
-    """The whole job; see the module docstring. ``kwargs`` fill a ``RunConfig`` when ``config`` is not given."""
+def run(
+    data,
+    config: RunConfig | None = None,
+    *,
+    output_dir: str | Path,
+    progress: ProgressCallback | None = None,
+    **kwargs,
+) -> RunResult:
+    """The whole job into ``output_dir``; see the module docstring. ``kwargs`` fill a ``RunConfig`` when ``config``
+    is not given.
+
+    ``data``: a data spec or a ``DataBundle`` (stages are keyed by its name). ``progress`` gets stage ``pipeline``
+    events (done: stages finished before this one, of 5; info: its name and whether it was reused) and every nested
+    verb's events (training, search, compression, conversion, measurement).
+    """
     from presso.report import write_report
 
     cfg = config or RunConfig(**kwargs)
-    out = Path(output)
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     job = _Job(data, cfg, out, progress)
@@ -410,7 +434,8 @@ def run(data: str, config: RunConfig | None = None, *, output: str | Path, progr
     job.deploy(recovered)
     summary = write_summary(job, cfg, out, t0)
     write_report(out / "report.html", summary)
-    return RunResult(output_dir=out, summary=summary)
+    job.stages.report(len(STAGES), len(STAGES))
+    return RunResult(output_dir=out, figures=summary)
 
 
 def write_summary(job: _Job, cfg: RunConfig, out: Path, t0: float, error: str | None = None) -> dict[str, Any]:

@@ -21,17 +21,17 @@ def test_remote_benchmark_over_http(home, agent, tiny_onnx, tmp_path):
     assert [d.name for d in list_devices()] == ["farm-1"]
     path = tiny_onnx(tmp_path / "tiny.onnx")
     result = presso.benchmark(path, "farm-1", threads=1, warmup=2, repeat=15, max_seconds=5)
-    assert result["device"] == "farm-1" and result["runtime"] == "onnxruntime"
-    lat = result["latency_ms"]
+    assert result.device == "farm-1" and result.runtime == "onnxruntime"
+    lat = result.latency_ms
     assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"]
-    assert result["runs"] == 15 and result["threads"] == 1
-    assert result["throughput"] == pytest.approx(1000 / lat["median"], rel=1e-3)
-    assert result["environment"]["cpu"] and result["model_size_bytes"] == path.stat().st_size
+    assert result.runs == 15 and result.threads == 1
+    assert result.throughput == pytest.approx(1000 / lat["median"], rel=1e-3)
+    assert result.environment["cpu"] and result.model_size_bytes == path.stat().st_size
     # stored under the remote device's name, with its fingerprint
     from presso.bench.latency_db import LatencyDB
 
     rows = LatencyDB().rows(device="farm-1")
-    assert len(rows) == 1 and rows[0]["median_ms"] == lat["median"] and rows[0]["model_fp"] == result["model_fp"]
+    assert len(rows) == 1 and rows[0]["median_ms"] == lat["median"] and rows[0]["model_fp"] == result.model_fp
 
 
 def test_wrong_token_is_401(home, agent, tiny_onnx, tmp_path):

@@ -39,12 +39,12 @@ def test_batch_scales_throughput_inputs_and_memory(home):
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten())
     r = presso.benchmark(model, input_shape="1,3,64,64", batch=8, threads=1, repeat=10, warmup=2)
-    assert r["batch"] == 8 and r["input_shape"] == "8,3,64,64"
-    assert r["throughput"] == pytest.approx(8 * 1000 / r["latency_ms"]["median"], rel=1e-3)
+    assert r.batch == 8 and r.input_shape == "8,3,64,64"
+    assert r.throughput == pytest.approx(8 * 1000 / r.latency_ms["median"], rel=1e-3)
     # the output alone is 8 * 8 * 62 * 62 floats (~0.94 MiB): the run's peak memory cannot be below it
-    assert r["peak_memory_mb"] > 0.9
+    assert r.peak_memory_mb > 0.9
     t = presso.benchmark(model, input_shape="1,3,64,64", runtime="torch", threads=1, repeat=5, warmup=1)
-    assert t["runtime"] == "torch" and t["runtime_version"] == torch.__version__
+    assert t.runtime == "torch" and t.runtime_version == torch.__version__
 
 
 def test_measure_model_keeps_the_budget_interface():
@@ -103,7 +103,7 @@ def test_import_presso_stays_light():
     import sys
 
     code = (
-        "import sys, presso; presso.benchmark; presso.predict_latency; "
+        "import sys, presso; presso.benchmark; presso.predict_latency; presso.profile_device; "
         "heavy = [m for m in ('onnxruntime', 'fastapi', 'sqlalchemy', 'torch', 'uvicorn') if m in sys.modules]; "
         "print(heavy)"
     )

@@ -69,7 +69,7 @@ def test_target_with_data_chooses_among_allocations_by_adapted_output():
     torch.manual_seed(0)
     model = presso.load_model("presso:resnet8", num_classes=10, in_chans=1)
     calib = _digits_calibration()
-    r = presso.compress(model, "1,1,8,8", PruneConfig(), target=Target(macs=0.5), data=calib)
+    r = presso.compress(model, "1,1,8,8", PruneConfig(), target=Target(macs=0.5), calib=calib)
     search = r.extra["target"]["search"][0]
     cands = search["candidates"]
     names = [c["allocation"] for c in cands]

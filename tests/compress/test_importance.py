@@ -69,7 +69,7 @@ def test_a_criterion_that_needs_gradients_gets_them_from_data():
     with pytest.raises(ConfigError, match="criterion 'taylor-again' needs a few batches of data"):
         presso.compress(TinyCNN(), "2,3,32,32", PruneConfig(criterion="taylor-again"))
     data = [torch.randn(4, 3, 32, 32) for _ in range(2)]
-    r = presso.compress(TinyCNN().eval(), "2,3,32,32", PruneConfig(criterion="taylor-again", round_to=None), data=data)
+    r = presso.compress(TinyCNN().eval(), "2,3,32,32", PruneConfig(criterion="taylor-again", round_to=None), calib=data)
     assert r.after["macs"] < 0.8 * r.before["macs"]
 
 

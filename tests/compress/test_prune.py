@@ -25,7 +25,7 @@ def _x():
 def test_every_criterion_prunes_and_keeps_outputs(criterion, factory):
     model = factory().eval()
     data = [torch.randn(4, 3, 32, 32) for _ in range(2)] if criterion == "taylor" else None
-    result = presso.compress(model, SHAPE, PruneConfig(ratio=0.5, criterion=criterion, round_to=None), data=data)
+    result = presso.compress(model, SHAPE, PruneConfig(ratio=0.5, criterion=criterion, round_to=None), calib=data)
     out = result.model(*_x())
     assert out.shape == (2, 10)
     assert result.after["macs"] < 0.8 * result.before["macs"]

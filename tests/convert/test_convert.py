@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _convert(model, shape, tmp_path, name="out", **kw):
     calib = kw.pop("calib", None)
-    return presso.convert(model, shape, ConvertConfig(**kw), output=tmp_path / name, calib=calib)
+    return presso.convert(model, shape, ConvertConfig(**kw), output_dir=tmp_path / name, calib=calib)
 
 
 # ----------------------------------------------------------------------------- export of compressed models
@@ -130,7 +130,11 @@ def test_int8_keeps_accuracy_within_one_point(trained, tmp_path):
 def test_automatic_precision_falls_back_the_fragile_layers(tmp_path):
     cfg = Int8Config(samples=32, check_samples=16, snr_db=25.0)
     result = presso.convert(
-        FragileQuant(), "1,3,16,16", ConvertConfig(precision="int8", int8=cfg), output=tmp_path / "q", calib="random"
+        FragileQuant(),
+        "1,3,16,16",
+        ConvertConfig(precision="int8", int8=cfg),
+        output_dir=tmp_path / "q",
+        calib="random",
     )
     q = result.int8
     assert q.output_snr_db_all_int8 < 20.0  # all-INT8 is broken, as built
@@ -144,7 +148,7 @@ def test_automatic_precision_falls_back_the_fragile_layers(tmp_path):
         FragileQuant(),
         "1,3,16,16",
         ConvertConfig(precision="int8", int8=Int8Config(samples=32, check_samples=16, snr_db=None)),
-        output=tmp_path / "plain",
+        output_dir=tmp_path / "plain",
         calib="random",
     )
     assert plain.int8.fallback_layers == [] and plain.int8.output_snr_db < 20.0

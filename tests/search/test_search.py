@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,11 +76,11 @@ def test_space_resolutions_and_smallest_is_smallest():
 
 @pytest.fixture(scope="module")
 def latency_db(tmp_path_factory):
-    """A quick calibration of this machine (seconds), shared by the search tests."""
-    from presso.bench.api import calibrate
+    """This machine profiled on the quick kernel set (seconds), shared by the search tests."""
+    from presso.bench import profile_device
 
     db = str(tmp_path_factory.mktemp("lat") / "latency.db")
-    calibrate("local", size="quick", threads=1, db=db)
+    profile_device("local", size="quick", threads=1, db=db)
     return db
 
 
@@ -101,7 +102,7 @@ def test_no_candidate_predicted_over_budget_is_trained(latency_db, tmp_path):
     def run(budget: float, out: str):
         cfg = SearchConfig(latency_ms=budget, trials=8, proxy_epochs=1, final=False, threads=1, proxy_val=100,
                            warm_start=False)  # fmt: skip
-        result = presso.search(DATA, cfg, output=tmp_path / out, db=latency_db)
+        result = presso.search(DATA, cfg, output_dir=tmp_path / out, db=latency_db)
         study = optuna.load_study(study_name=result.study, storage=f"sqlite:///{tmp_path / out / 'study.db'}")
         return result, trial_rows(study)
 
@@ -125,8 +126,13 @@ def test_no_candidate_predicted_over_budget_is_trained(latency_db, tmp_path):
 def test_impossible_budget_stops_early_with_the_smallest_latency(latency_db, tmp_path):
     from presso.errors import BudgetError
 
-    with pytest.raises(BudgetError, match=r"smallest one predicts [0-9.]+ ms"):
-        presso.search(DATA, SearchConfig(latency_ms=1e-4, trials=2, threads=1), output=tmp_path / "s", db=latency_db)
+    with pytest.raises(BudgetError, match=r"smallest one predicts [0-9.]+ ms") as err:
+        presso.search(
+            DATA, SearchConfig(latency_ms=1e-4, trials=2, threads=1), output_dir=tmp_path / "s", db=latency_db
+        )
+    # The smallest candidate runs about 20 kernels in ~20 us here. It was once predicted under the 0.1 us budget (the
+    # search then ran): tiny kernels extrapolated to nothing, the profiler's per-node cost taken back from each.
+    assert float(re.search(r"predicts ([0-9.]+) ms", str(err.value)).group(1)) >= 0.002
 
 
 def _search_cmd(out, db, budget, trials, *extra):

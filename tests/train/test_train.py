@@ -55,7 +55,7 @@ def test_output_directory_holds_model_card_metrics_and_no_partial_state(trained,
     reloaded = presso.load_model(out)
     x = torch.randn(2, 3, 12, 12)
     assert torch.equal(reloaded(x), result.model(x))
-    assert presso.train.evaluate(reloaded, digits)["val_top1"] == result.best["val_top1"]
+    assert presso.train.evaluate(reloaded, digits).val_top1 == result.best["val_top1"]
 
 
 def _run(digits, out, epochs=2, interrupt_at=None, resume=False):
@@ -63,7 +63,7 @@ def _run(digits, out, epochs=2, interrupt_at=None, resume=False):
     model = presso.load_model("presso:resnet8", num_classes=10, widths=[8, 16, 16])
 
     def progress(event):
-        if interrupt_at and event["phase"] == "train" and (event["epoch"], event["step"]) == interrupt_at:
+        if interrupt_at and event.stage == "train" and (event.info["epoch"], event.info["step"]) == interrupt_at:
             raise KeyboardInterrupt
 
     cfg = TrainConfig(epochs=epochs, **FAST)
@@ -108,8 +108,8 @@ def test_label_free_distillation_brings_a_pruned_student_closer_to_its_teacher(t
     result = presso.train(student, unlabeled, TrainConfig(epochs=2, lr=1e-3, **FAST), teacher=teacher)
     after = presso.train.evaluate(result.model, digits, teacher=teacher)
     assert "val_top1" not in result.history[0]  # no labels were used
-    assert after["match_loss"] < 0.7 * before["match_loss"]
-    assert after["agreement"] > before["agreement"]
+    assert after.match_loss < 0.7 * before.match_loss
+    assert after.agreement > before.agreement
 
 
 def test_kd_with_labels_mixes_cross_entropy_and_soft_targets(trained, digits):
@@ -140,9 +140,9 @@ def test_label_free_matching_works_for_dict_outputs(digits):
     teacher, student = _Seg(16), _Seg(4)
     unlabeled = copy.copy(digits)
     unlabeled.classes = None
-    before = presso.train.evaluate(student, unlabeled, teacher=teacher)["match_loss"]
+    before = presso.train.evaluate(student, unlabeled, teacher=teacher).match_loss
     presso.train(student, unlabeled, TrainConfig(epochs=3, lr=1e-2, **FAST), teacher=teacher)
-    after = presso.train.evaluate(student, unlabeled, teacher=teacher)["match_loss"]
+    after = presso.train.evaluate(student, unlabeled, teacher=teacher).match_loss
     assert after < 0.5 * before
 
 

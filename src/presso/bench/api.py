@@ -1,14 +1,18 @@
-"""The benchmarker's public verbs: ``benchmark``, ``calibrate`` (a device's kernels) and ``predict_latency``."""
+"""The benchmarker's public verbs ``benchmark`` and ``predict_latency`` (``profile_device``: ``bench/profile.py``)."""
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from presso.bench.devices import LOCAL
+from presso.bench.results import BenchmarkResult
 from presso.errors import ConfigError
+from presso.progress import ProgressCallback, reporter
+
+if TYPE_CHECKING:
+    from presso.bench.predictor import LatencyPrediction
 
 PRECISIONS = ("fp32", "fp16", "int8")
 _INT8_OPS = {
@@ -128,14 +132,15 @@ def benchmark(
     max_seconds: float = 30.0,
     profile: bool = False,
     db: str | None | bool = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+    progress: ProgressCallback | None = None,
+) -> BenchmarkResult:
     """Measure ``model`` (an ``nn.Module``, a model source string, an ``.onnx`` path or ONNX bytes) on ``device``.
 
-    Returns the measurement as a dict: ``latency_ms`` (median, p90, p99, mean, std, min), ``throughput``,
+    Returns a ``BenchmarkResult``: ``latency_ms`` (median, p90, p99, mean, std, min), ``throughput``,
     ``peak_memory_mb``, ``model_size_bytes``, ``noise_pct``, ``environment``, ``device``, ``runtime``, and the
     fingerprints it is stored under. Every measurement is stored in the latency database (``db``: an SQLAlchemy URL
-    or path; default ``$PRESSO_HOME/latency.db``; ``False`` stores nothing).
+    or path; default ``$PRESSO_HOME/latency.db``; ``False`` stores nothing). ``progress`` gets stage ``benchmark``
+    events: runs done (warm-up included) of the most there will be.
     """
     from presso.bench.kernels import graph_fingerprint
     from presso.bench.runner import RUNTIMES, measure_onnx, measure_torch
@@ -144,6 +149,7 @@ def benchmark(
         raise ConfigError(f"Runtime '{runtime}': use one of {', '.join(RUNTIMES)}.")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch must be positive, not {batch}.")
+    report = reporter(progress, "benchmark")
     client = None
     if device != LOCAL:  # an unknown device fails before any export
         from presso.bench.client import AgentClient
@@ -164,7 +170,7 @@ def benchmark(
                     warmup=warmup,
                     repeat=repeat,
                     max_seconds=max_seconds,
-                    progress=progress,
+                    progress=report,
                 ).to_json()
                 if profile:
                     raise ConfigError("--profile uses ONNX Runtime's profiler: run it with --runtime onnxruntime.")
@@ -178,13 +184,12 @@ def benchmark(
                     max_seconds=max_seconds,
                     runtime=runtime,
                     profile=profile,
-                    progress=progress,
+                    progress=report,
                 ).to_json()
         else:
             if runtime == "torch":
                 raise ConfigError("Remote devices run ONNX models: use --runtime onnxruntime or openvino.")
-            if progress:
-                progress(0, 1)
+            report(0, 1)
             meas = client.benchmark(
                 m.path,
                 runtime=runtime,
@@ -195,8 +200,7 @@ def benchmark(
                 profile=profile,
                 input_shape=m.input_shape,
             )
-            if progress:
-                progress(1, 1)
+            report(1, 1)
     result = _result(meas, device=device, precision=prec, model_fp=fp, name=m.name, input_shape=m.input_shape)
     if db is not False:
         from presso.bench.latency_db import LatencyDB, measurement_row
@@ -211,225 +215,55 @@ def benchmark(
             input_shape=m.input_shape,
             extra={"profile": meas.get("profile")},
         )
-        result["db"] = {"url": _safe_url(store.url), "uid": store.add(row), "device_fp": row["device_fp"]}
+        result.db = {"url": _safe_url(store.url), "uid": store.add(row), "device_fp": row["device_fp"]}
     return result
 
 
 def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from presso.bench.latency_db import safe_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    return safe_url(url)
 
 
-def _result(meas: dict[str, Any], *, device: str, precision: str, model_fp: str, name: str, input_shape: str) -> dict:
+def _result(
+    meas: dict[str, Any], *, device: str, precision: str, model_fp: str, name: str, input_shape: str
+) -> BenchmarkResult:
     keys = ("median_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms")
-    return {
-        "model": name,
-        "device": device,
-        "runtime": meas["runtime"],
-        "runtime_version": meas["runtime_version"],
-        "precision": precision,
-        "threads": meas["threads"],
-        "batch": meas["batch"],
-        "input_shape": input_shape,
-        "latency_ms": {k.removesuffix("_ms"): meas[k] for k in keys},
-        "runs": meas["runs"],
-        "noise_pct": meas["noise_pct"],
-        "throughput": meas["throughput"],
-        "peak_memory_mb": meas["peak_memory_mb"],
-        "model_size_bytes": meas["model_size_bytes"],
-        "model_fp": model_fp,
-        "environment": meas["environment"],
-        "profile": meas.get("profile"),
-    }
+    return BenchmarkResult(
+        model=name,
+        device=device,
+        runtime=meas["runtime"],
+        runtime_version=meas["runtime_version"],
+        precision=precision,
+        threads=meas["threads"],
+        batch=meas["batch"],
+        input_shape=input_shape,
+        latency_ms={k.removesuffix("_ms"): meas[k] for k in keys},
+        runs=meas["runs"],
+        noise_pct=meas["noise_pct"],
+        throughput=meas["throughput"],
+        peak_memory_mb=meas["peak_memory_mb"],
+        model_size_bytes=meas["model_size_bytes"],
+        model_fp=model_fp,
+        environment=meas["environment"],
+        profile=meas.get("profile"),
+    )
 
 
-# --------------------------------------------------------------------------- calibration and prediction
-def device_env(device: str, threads: int | None) -> dict[str, Any]:
-    """The environment a device's measurements are fingerprinted with (ONNX Runtime, ``threads``, fp32)."""
-    from presso.bench.env import environment
-    from presso.bench.runner import resolve_threads
-
-    if device == LOCAL:
-        import onnxruntime as ort
-
-        return environment("onnxruntime", ort.__version__, resolve_threads(threads))
-    from presso.bench.client import AgentClient
-
-    env = dict(AgentClient.for_device(device).info()["environment"])
-    env["threads"] = threads or env.get("cores") or env["threads"]
-    return env
-
-
-WINDOW = 20  # calibration specs measured between two looks at the reference kernel
-QUIET = 1.1  # a window counts as quiet when the reference kernel is within 10% of its best time
-
-
-def calibrate(
-    device: str = LOCAL,
-    *,
-    threads: int | None = None,
-    size: str = "full",
-    runs: int = 12,
-    db: str | None = None,
-    specs: list | None = None,
-    flush_mb: float = 4.0,
-    quiet: bool | Any = True,
-    wait_seconds: float = 10.0,
-    redo_seconds: float = 120.0,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Measure the calibration kernel set on ``device`` and store every kernel in the latency database.
-
-    ``size``: ``full`` (a few minutes) or ``quick`` (seconds); ``specs``: an explicit list of
-    ``presso.bench.calibration.Spec`` instead. ``flush_mb``: buffer written between profiled runs to evict the
-    caches (local). ``quiet``: on this machine, look at a reference kernel every
-    20 specs (or pass a ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%,
-    and measure again, at the end, the windows taken while the machine was busier than it later proved to be.
-    ``wait_seconds``: longest pause per window; ``redo_seconds``: time allowed for measuring busy windows again.
-    """
-    import time
-
-    from presso.bench.calibration import CacheFlush, QuietProbe, kernel_set, measure_spec_local
-    from presso.bench.calibration import calibrate as run
-    from presso.bench.env import device_fingerprint
-    from presso.bench.latency_db import LatencyDB
-
-    if specs is None and size not in ("full", "quick"):
-        raise ConfigError(f"Calibration size '{size}': use full or quick.")
-    env = device_env(device, threads)
-    n_threads = env["threads"]
-    fp = device_fingerprint(device, env, "fp32")
-    store = LatencyDB(db)
-    if device == LOCAL:
-        flush = CacheFlush(flush_mb)
-
-        def measure(data: bytes, wall: bool):
-            return measure_spec_local(data, n_threads, runs, wall, flush)
-    else:
-        from presso.bench.client import AgentClient
-
-        client = AgentClient.for_device(device)
-
-        def measure(data: bytes, wall: bool):
-            r = client.benchmark(
-                data,
-                threads=n_threads,
-                warmup=2,
-                repeat=max(runs * 3, 30) if wall else 3,
-                max_seconds=5,
-                profile=True,
-                profile_top=0,
-            )
-            return {n["node"]: n.get("p25_ms", n["ms"]) for n in r["profile"]["nodes"]}, (
-                r["median_ms"] if wall else None
-            )
-
-    started = time.time()
-    base = {
-        "device": device,
-        "device_fp": fp,
-        "cpu": env.get("cpu"),
-        "gpu": env.get("gpu"),
-        "runtime": "onnxruntime",
-        "runtime_version": env.get("runtime_version"),
-        "threads": n_threads,
-        "precision": "fp32",
-    }
-    spec_list = specs if specs is not None else kernel_set(size)
-    probe = quiet if isinstance(quiet, QuietProbe) else (QuietProbe(n_threads) if device == LOCAL and quiet else None)
-    windows = [spec_list[k : k + WINDOW] for k in range(0, len(spec_list), WINDOW)]
-    kept: dict[int, tuple[float, list]] = {}  # window -> (reference-kernel ms while it was measured, timings)
-    done = 0
-
-    def measure_window(w: int) -> None:
-        nonlocal done
-        ref = 0.0
-        if probe is not None:
-            probe.wait(tolerance=QUIET, max_seconds=wait_seconds)
-            ref = probe.last_ms
-        timings = list(run(measure, windows[w]))
-        if probe is not None:
-            probe.factor()
-            ref = max(ref, probe.last_ms)
-        if w not in kept or ref < kept[w][0]:  # keep the quietest measurement of each window
-            kept[w] = (ref, timings)
-        done += len(windows[w])
-        if progress:
-            progress(min(done, len(spec_list)), len(spec_list))
-
-    for w in range(len(windows)):
-        measure_window(w)
-    redone = 0
-    if probe is not None:
-        # windows measured while the machine was busier than it later proved to be are measured again
-        deadline = time.time() + redo_seconds
-        while time.time() < deadline:
-            busy = sorted((w for w, (ref, _) in kept.items() if ref > QUIET * probe.best), key=lambda w: -kept[w][0])
-            if not busy:
-                break
-            for w in busy:
-                if time.time() >= deadline:
-                    break
-                measure_window(w)
-                redone += 1
-    n_kernels = 0
-    for w in sorted(kept):
-        ref, timings = kept[w]
-        rows = []
-        for timing in timings:
-            for node in timing.nodes:
-                rows.append(
-                    {
-                        **base,
-                        "kind": "kernel",
-                        "kernel_key": node["family"],
-                        "median_ms": node["ms"],
-                        "model_name": timing.spec,
-                        "features": {"signature": node["signature"], "x": node["features"]},
-                        "extra": {"reference_ms": ref},
-                    }
-                )
-            if timing.wall_ms is not None:
-                rows.append(
-                    {
-                        **base,
-                        "kind": "overhead",
-                        "median_ms": timing.wall_ms,
-                        "model_name": timing.spec,
-                        "features": {"nodes": len(timing.nodes), "kernel_ms": sum(n["ms"] for n in timing.nodes)},
-                        "extra": {"reference_ms": ref},
-                    }
-                )
-            n_kernels += len(timing.nodes)
-        store.add_many(rows)
-    busy_left = sum(ref > QUIET * probe.best for ref, _ in kept.values()) if probe is not None else None
-    return {
-        "device": device,
-        "device_fp": fp,
-        "threads": n_threads,
-        "kernels": n_kernels,
-        "windows": len(windows),
-        "windows_redone": redone,
-        "windows_busy": busy_left,
-        "seconds": round(time.time() - started, 1),
-        "db": _safe_url(store.url),
-    }
-
-
+# --------------------------------------------------------------------------- prediction
 _PREDICTORS: dict[tuple[str, str], tuple[int, Any]] = {}
 
 
-def _calibrated_fingerprint(store, device: str, threads: int | None) -> str:
-    """The fingerprint under which ``device`` was calibrated (with ``threads``, if given; the most kernels wins)."""
+def _profiled_fingerprint(store, device: str, threads: int | None) -> str:
+    """The fingerprint under which ``device`` was profiled (with ``threads``, if given; the most kernels wins)."""
     from collections import Counter
 
     rows = [r for r in store.rows(device=device, kind="kernel") if threads in (None, 0) or r["threads"] == threads]
     if not rows:
         raise ConfigError(
-            f"No calibrated kernels for device '{device}'"
+            f"No profiled kernels for device '{device}'"
             + (f" with {threads} threads" if threads else "")
-            + f" in the latency database: run 'presso db calibrate --device {device}' first."
+            + f" in the latency database: run 'presso db profile --device {device}' first."
         )
     return Counter(r["device_fp"] for r in rows).most_common(1)[0][0]
 
@@ -442,28 +276,38 @@ def predict_latency(
     threads: int | None = None,
     batch: int | None = None,
     db: str | None = None,
-):
-    """Predict ``model``'s ONNX Runtime latency on ``device`` from the kernels calibrated there (no measurement).
+    progress: ProgressCallback | None = None,
+) -> LatencyPrediction:
+    """Predict ``model``'s ONNX Runtime latency on ``device`` from the kernels profiled there (no measurement).
 
     ``model``: an ``nn.Module`` (with ``input_shape``), a model source, an ``.onnx`` path or ONNX bytes. Returns a
-    ``Prediction`` (``latency_ms``, overhead, how many kernels were looked up / estimated / unknown).
+    ``LatencyPrediction`` (``latency_ms``, overhead, how many kernels were looked up / estimated / unknown).
+    ``progress`` gets stage ``predict latency`` events: predictor fitted, model decomposed, kernels predicted.
     """
     from presso.bench.env import device_fingerprint
     from presso.bench.kernels import decompose
     from presso.bench.latency_db import LatencyDB
     from presso.bench.predictor import LatencyPredictor
+    from presso.bench.profile import device_env
 
+    report = reporter(progress, "predict latency")
+    report(0, 3)
     store = LatencyDB(db)
     if device == LOCAL:
         fp = device_fingerprint(device, device_env(device, threads), "fp32")
-    else:  # a remote device need not be reachable: its calibration is in the database
-        fp = _calibrated_fingerprint(store, device, threads)
+    else:  # a remote device need not be reachable: its profile is in the database
+        fp = _profiled_fingerprint(store, device, threads)
     count = len(store.rows(device_fp=fp, kind="kernel"))
     cached = _PREDICTORS.get((store.url, fp))
-    if cached is None or cached[0] != count:  # fitting takes seconds: reuse it until the calibration changes
+    if cached is None or cached[0] != count:  # fitting takes seconds: reuse it until the profile changes
         cached = (count, LatencyPredictor.from_db(store, device=device, device_fp=fp))
         _PREDICTORS[(store.url, fp)] = cached
     predictor = cached[1]
+    report(1, 3)
     with tempfile.TemporaryDirectory(prefix="presso-predict-") as tmp:
         m = _Onnx(model, input_shape, batch, Path(tmp))
-        return predictor.predict_kernels(decompose(m.path, m.shapes))
+        kernels = decompose(m.path, m.shapes)
+        report(2, 3)
+        prediction = predictor.predict_kernels(kernels)
+    report(3, 3)
+    return prediction

@@ -1,4 +1,6 @@
-"""Calibration: measure the kernels a device needs, as single-kernel ONNX models built with ``onnx.helper``.
+"""The calibration kernel set: the kernels a device is profiled on, as single-kernel ONNX models built with
+``onnx.helper``, and how one of them is timed on this machine (``presso.bench.profile.profile_device`` drives a device
+through the set).
 
 Each calibration model is one standard-ONNX pattern (``Conv [+ residual Add] [+ activation]``, ``Gemm``, pooling,
 elementwise, ...). ONNX Runtime optimizes it exactly as it would inside a network (fusions, NCHWc layout), the
@@ -16,7 +18,6 @@ import math
 import random
 import statistics
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,13 +309,6 @@ def kernel_set(size: str = "full", seed: int = 0) -> list[Spec]:
 
 
 # --------------------------------------------------------------------------- measuring
-@dataclass
-class KernelTiming:
-    spec: str
-    wall_ms: float | None  # whole-model wall time (chains only)
-    nodes: list[dict[str, Any]]  # one per node run: kernel family/signature/features and its median time
-
-
 class CacheFlush:
     """Writes a buffer between two profiled runs so an isolated kernel does not find its weights and inputs in
     cache -- inside a network, the layers before it have evicted them."""
@@ -345,29 +339,6 @@ def measure_spec_local(
             samples = time_loop(lambda: plain.run(None, feed), warmup=3, repeat=max(runs * 3, 30), max_seconds=5)
             wall_ms = statistics.median(samples)
     return times, wall_ms
-
-
-def calibrate(
-    measure: Callable[[bytes, bool], tuple[dict[str, float], float | None]],
-    specs: list[Spec],
-    progress: Callable[[int, int], None] | None = None,
-) -> Iterator[KernelTiming]:
-    """Measure each spec with ``measure(model_bytes, want_wall)``; yield its kernels with their times."""
-    from presso.bench.kernels import kernels_of, optimized_model
-
-    for i, spec in enumerate(specs):
-        data = build(spec)
-        kernels = {k.name: k for k in kernels_of(optimized_model(data))}
-        times, wall_ms = measure(data, spec.kind == "chain")
-        nodes = []
-        for name, ms in times.items():
-            k = kernels.get(name)
-            if k is None:  # a node the local optimizer did not produce (a different runtime on the device)
-                continue
-            nodes.append({"name": name, "family": k.family, "signature": k.signature, "features": k.features, "ms": ms})
-        if progress:
-            progress(i + 1, len(specs))
-        yield KernelTiming(spec.label(), wall_ms, nodes)
 
 
 class QuietProbe:

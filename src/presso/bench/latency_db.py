@@ -88,6 +88,13 @@ def _normalize_url(url: str | None) -> str:
     return url
 
 
+def safe_url(url: str) -> str:
+    """``url`` for showing: its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 class LatencyDB:
     """Measurements stored through SQLAlchemy; safe for several processes writing at once."""
 

@@ -9,26 +9,40 @@ Per family, the estimate is a ridge regression of log-latency on log-features (M
 channels, spatial size, kernel size, stride, fused activation/sum) -- a power law, which extrapolates -- corrected
 by extremely randomized trees fitted on its residuals, which capture the efficiency steps of real kernels (channel
 blocks, cache sizes) between measured shapes.
+
+A power law extrapolated below the profiled shapes can predict a kernel at a small fraction of a microsecond, while
+the chains' per-node overhead is negative (the profiler adds about two microseconds to every node it times): summed
+over a small network, the two cancelled to a whole-model prediction near zero. Every estimate is therefore floored
+at the fastest kernel profiled on the device -- each profiled time includes the profiler's own per-node cost, so no
+profiled kernel can take less -- and the per-node overhead cannot remove more than that floor from a node.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from presso.bench.kernels import FEATURES, Kernel
 from presso.errors import ConfigError
+from presso.results import Result
+
+logger = logging.getLogger(__name__)
 
 MIN_FOR_TREES = 15
 MIN_FOR_RIDGE = 4
 
 
 @dataclass
-class Prediction:
+class LatencyPrediction(Result):
+    """What ``presso.predict_latency`` returns: the predicted latency and how its kernels were found. Nothing is
+    written (``output_dir`` is None)."""
+
     latency_ms: float
     overhead_ms: float
     device: str
@@ -39,9 +53,13 @@ class Prediction:
     unknown: int  # kernels of a family never measured on this device (estimated from all kernels by bytes)
     by_family: dict[str, float] = field(default_factory=dict)
     unknown_families: list[str] = field(default_factory=list)
+    output_dir: Path | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def summary(self) -> dict[str, Any]:
+        return {**asdict(self), "output_dir": None if self.output_dir is None else str(self.output_dir)}
+
+
+Prediction = LatencyPrediction  # its name before every verb's result was a Result
 
 
 class _FamilyModel:
@@ -72,8 +90,8 @@ class LatencyPredictor:
     def __init__(self, kernel_rows: list[dict], overhead_rows: list[dict], *, device: str = "", device_fp: str = ""):
         if not kernel_rows:
             raise ConfigError(
-                f"No calibrated kernels for device '{device}' (fingerprint {device_fp}) in the latency database: "
-                f"run 'presso db calibrate --device {device or 'local'}' first (same threads and runtime)."
+                f"No profiled kernels for device '{device}' (fingerprint {device_fp}) in the latency database: "
+                f"run 'presso db profile --device {device or 'local'}' first (same threads and runtime)."
             )
         self.device, self.device_fp = device, device_fp
         self.table: dict[str, list[float]] = defaultdict(list)
@@ -99,7 +117,21 @@ class LatencyPredictor:
         from sklearn.linear_model import Ridge
 
         self.fallback = Ridge(alpha=1.0).fit(allX, ally)
+        # The fastest kernel profiled here (a tiny Add of the overhead chains, ~2 us): a profiled time includes the
+        # profiler's per-node cost, so it bounds every kernel from below. Not the fastest of each family: a family
+        # profiled only at large shapes (the quick set has one depthwise convolution) would floor its small
+        # kernels far above their real time. Times of 0 (under the profiler's resolution) say nothing of the bound.
+        self.floor_ms = min((ms for pts in fam.values() for _, ms in pts if ms > 5e-4), default=5e-4)
         self.per_run_ms, self.per_node_ms = _fit_overhead(overhead_rows)
+        if self.per_node_ms < -self.floor_ms:
+            # more than the profiler can have added to a node: a noisy overhead fit (the chains' wall times taken
+            # during a burst of other work), which would make each node cost negative time
+            logger.warning(
+                "Per-node overhead %.4f ms of device '%s' removes more than its fastest profiled kernel (%.4f ms); "
+                "using -%.4f ms (profile the device again on a quieter machine).",
+                self.per_node_ms, device, self.floor_ms, self.floor_ms,
+            )  # fmt: skip
+            self.per_node_ms = -self.floor_ms
 
     @classmethod
     def from_db(cls, db, *, device: str, device_fp: str) -> LatencyPredictor:
@@ -125,11 +157,19 @@ class LatencyPredictor:
                 ms, how = np.exp(self.ratio[family]) * (np.exp(X[:, 1]) + np.exp(X[:, 2])), "regression"
             else:
                 ms, how = np.exp(self.fallback.predict(X[:, [1, 2, 0]])), "unknown"
+            low = ms < self.floor_ms
+            if low.any():
+                logger.info(
+                    "%d %s kernel(s) estimated at %.2g ms, under the fastest kernel profiled on '%s' (%.4f ms): "
+                    "counted at that floor (a power law extrapolated below the profiled shapes).",
+                    int(low.sum()), family, float(ms.min()), self.device, self.floor_ms,
+                )  # fmt: skip
+                ms = np.maximum(ms, self.floor_ms)
             for j, i in enumerate(idx):
                 out[i] = (float(ms[j]), how)
         return [o for o in out if o is not None]
 
-    def predict_kernels(self, kernels: list[Kernel]) -> Prediction:
+    def predict_kernels(self, kernels: list[Kernel]) -> LatencyPrediction:
         timed = self.kernel_ms(kernels)
         by_family: dict[str, float] = defaultdict(float)
         for k, (ms, _) in zip(kernels, timed, strict=True):
@@ -137,7 +177,7 @@ class LatencyPredictor:
         overhead = self.per_run_ms + self.per_node_ms * len(kernels)
         hows = [h for _, h in timed]
         unknown = sorted({k.family for k, (_, h) in zip(kernels, timed, strict=True) if h == "unknown"})
-        return Prediction(
+        return LatencyPrediction(
             latency_ms=round(sum(ms for ms, _ in timed) + overhead, 4),
             overhead_ms=round(overhead, 4),
             device=self.device,
@@ -157,6 +197,10 @@ def _fit_overhead(rows: list[dict]) -> tuple[float, float]:
     ``per_node`` is usually negative: the profiler that timed the calibration kernels adds a few microseconds to
     every node it times, which an unprofiled run does not pay."""
     pts = [(r["features"]["nodes"], r["median_ms"] - r["features"]["kernel_ms"]) for r in rows if r.get("features")]
+    if len(pts) == 1 and pts[0][1] < 0 and pts[0][0] > 0:
+        # one chain cannot separate the two; only the profiler's per-node cost makes the difference negative, and
+        # a negative per-run overhead would be subtracted from every model whatever its size
+        return 0.0, pts[0][1] / pts[0][0]
     if len(pts) < 2:
         return (pts[0][1] if pts else 0.0), 0.0
     n = np.array([p[0] for p in pts], dtype=float)

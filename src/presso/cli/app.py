@@ -12,10 +12,14 @@ import contextlib
 import json
 import os
 import sys
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from presso.progress import ProgressEvent
 
 app = typer.Typer(
     name="presso",
@@ -110,6 +114,116 @@ def _bar(label: str):
     return Progress(
         TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     )
+
+
+class ProgressBars:
+    """The one adapter from the verbs' ``ProgressEvent``s (``presso.progress``) to Rich progress bars on stderr.
+
+    One task per stage: a bar, done/total, the time taken and the time remaining; a spinner and the time taken
+    while the total is unknown. A stage whose count starts again (a second training, the next conversion) restarts
+    its task, so its remaining time is its own. The description is the stage and its scalar figures, or what
+    ``describe[stage](event)`` says; stages in ``lines`` print one line per event above the bars instead (a
+    training epoch's metrics, a search trial's result), so nothing a verb reports is lost when the bars go. The
+    stages every verb shares (``train``, ``epoch``, ``trial``: training runs inside search and run too) are known
+    here; a command adds its own. ``prune``: drop finished bars when a new stage starts (long jobs run many stages).
+    """
+
+    def __init__(
+        self,
+        *,
+        describe: dict[str, Callable[[ProgressEvent], str]] | None = None,
+        lines: dict[str, Callable[[ProgressEvent], str | None]] | None = None,
+        prune: bool = False,
+        console: Console | None = None,
+    ):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            SpinnerColumn(finished_text="[green]✓[/green]"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console or err,
+        )
+        self.describe = {**_DESCRIBE, **(describe or {})}
+        self.lines = {**_LINES, **(lines or {})}
+        self.prune = prune
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ProgressBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.progress.stop()
+        return False
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage in self.lines:
+            text = self.lines[event.stage](event)
+            if text:
+                self.progress.console.print(text, highlight=False)
+            return
+        description = self.describe[event.stage](event) if event.stage in self.describe else _describe(event)
+        task = self.tasks.get(event.stage)
+        if task is None:
+            if self.prune:
+                for stage, t in list(self.tasks.items()):
+                    if self._task(t).finished:
+                        self.progress.remove_task(t)
+                        del self.tasks[stage]
+            task = self.tasks[event.stage] = self.progress.add_task(description, total=event.total)
+        elif event.done < self._task(task).completed:  # the stage runs again: its clock starts over
+            self.progress.reset(task, total=event.total, description=description)
+        # always an update, even for a new task: only an update marks a task finished (one event may be its last)
+        self.progress.update(task, total=event.total, completed=event.done, description=description)
+
+    def _task(self, task_id):
+        return next(t for t in self.progress.tasks if t.id == task_id)
+
+
+def _train_step(e: ProgressEvent) -> str:
+    return f"[bold]train[/bold] epoch {e.info['epoch']}/{e.info['epochs']} loss {e.info['loss']:.4f}"
+
+
+def _epoch_line(e: ProgressEvent) -> str:
+    parts = [f"epoch {e.done:g}/{e.total:g}", f"train loss {e.info['train_loss']:.4f}"]
+    for key in ("val_top1", "val_loss", "agreement"):
+        if e.info.get(key) is not None:
+            parts.append(f"{key} {e.info[key]:.4f}")
+    return "  ".join(parts)
+
+
+def _trial_line(e: ProgressEvent) -> str:
+    i = e.info
+    what = f"skipped: predicted {i['predicted_ms']:.3f} ms" if i.get("skipped") else (
+        f"top-1 {i['top1']:.4f} at {i['predicted_ms']:.3f} ms")  # fmt: skip
+    return f"trial {i['number']}: {what}"
+
+
+_DESCRIBE: dict[str, Callable[[ProgressEvent], str]] = {"train": _train_step}
+_LINES: dict[str, Callable[[ProgressEvent], str | None]] = {"epoch": _epoch_line, "trial": _trial_line}
+
+
+def _describe(event: ProgressEvent) -> str:
+    """The stage in bold and its scalar figures, e.g. ``verifying`` or ``measure warm-start name tiny``."""
+    parts = [f"[bold]{event.stage}[/bold]"]
+    for key, value in event.info.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        elif isinstance(value, (int, str)) and not isinstance(value, bool):
+            parts.append(f"{key} {value}")
+    return " ".join(parts)
 
 
 def _run(fn):

@@ -13,7 +13,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from presso.cli.app import JsonOpt, ModelArgOpt, ShapeOpt, TrustOpt, _bar, _emit, _input_spec, _load, _run, app, err
+from presso.cli.app import (
+    JsonOpt,
+    ModelArgOpt,
+    ProgressBars,
+    ShapeOpt,
+    TrustOpt,
+    _bar,
+    _emit,
+    _input_spec,
+    _load,
+    _run,
+    app,
+    err,
+)
 
 DeviceOpt = Annotated[str, typer.Option("--device", "-D", help="'local' or a device added with 'presso devices add'.")]
 DbOpt = Annotated[
@@ -32,7 +45,7 @@ def _model_and_spec(source: str, trust: bool, model_arg, input_shape: str | None
 
 devices = typer.Typer(help="Named benchmark devices (remote agents).", no_args_is_help=True)
 agent = typer.Typer(help="The benchmark agent that runs on a device.", no_args_is_help=True)
-db = typer.Typer(help="The latency database: list, export, import, calibrate.", no_args_is_help=True)
+db = typer.Typer(help="The latency database: list, export, import, profile a device.", no_args_is_help=True)
 app.add_typer(devices, name="devices")
 app.add_typer(agent, name="agent")
 app.add_typer(db, name="db")
@@ -65,8 +78,7 @@ def benchmark(
         from presso.bench.api import benchmark as run
 
         model, spec = _model_and_spec(source, trust, model_arg, input_shape)
-        with _bar(f"benchmark on {device}") as bar:
-            task = bar.add_task("run", total=None)
+        with ProgressBars(describe={"benchmark": lambda e: f"[bold]benchmark on {device}[/bold]"}) as bars:
             result = run(
                 model,
                 device,
@@ -80,10 +92,9 @@ def benchmark(
                 max_seconds=max_seconds,
                 profile=profile,
                 db=False if no_db else db_url,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=bars,
             )
-        result["model"] = source
-        _emit(result, as_json, _render_benchmark)
+        _emit({**result.summary(), "model": source}, as_json, _render_benchmark)
 
     _run(body)
 
@@ -265,22 +276,22 @@ def db_import(
     _run(body)
 
 
-@db.command("calibrate")
-def db_calibrate(
+@db.command("profile")
+def db_profile(
     device: DeviceOpt = "local",
     threads: ThreadsOpt = None,
     size: Annotated[str, typer.Option(help="full (a few minutes) | quick (seconds, a smoke test).")] = "full",
     db_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure the kernel set a device needs for the latency predictor."""
+    """Profile a device for the latency predictor: time the calibration kernel set there and store every kernel."""
 
     def body():
-        from presso.bench.api import calibrate
+        from presso.bench.profile import profile_device
 
-        with _bar(f"calibrating {device}") as bar:
-            task = bar.add_task("cal", total=None)
-            result = calibrate(
+        with _bar(f"profiling {device}") as bar:
+            task = bar.add_task("profile", total=None)
+            result = profile_device(
                 device,
                 threads=threads,
                 size=size,
@@ -291,11 +302,24 @@ def db_calibrate(
             result,
             as_json,
             lambda p: err.print(
-                f"calibrated {p['kernels']} kernels on {p['device']} ({p['threads']} threads) in {p['seconds']}s"
+                f"profiled {p['kernels']} kernels on {p['device']} ({p['threads']} threads) in {p['seconds']}s"
             ),
         )
 
     _run(body)
+
+
+@db.command("calibrate", hidden=True)
+def db_calibrate(
+    device: DeviceOpt = "local",
+    threads: ThreadsOpt = None,
+    size: Annotated[str, typer.Option(help="full | quick.")] = "full",
+    db_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deprecated: 'presso db profile'."""
+    err.print("[yellow]'presso db calibrate' is now 'presso db profile'.[/yellow]")
+    db_profile(device=device, threads=threads, size=size, db_url=db_url, as_json=as_json)
 
 
 @app.command("predict-latency")
@@ -309,15 +333,15 @@ def predict_latency(
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Predict a model's latency on a calibrated device (sum of its kernels), without running it there."""
+    """Predict a model's latency on a profiled device (sum of its kernels), without running it there."""
 
     def body():
         from presso.bench.api import predict_latency as predict
 
         model, spec = _model_and_spec(source, trust, model_arg, input_shape)
-        with err.status("Predicting ..."):
-            pred = predict(model, device, input_shape=spec, threads=threads, db=db_url)
-        payload = {"model": source, **pred.to_json()}
+        with ProgressBars() as bars:
+            pred = predict(model, device, input_shape=spec, threads=threads, db=db_url, progress=bars)
+        payload = {"model": source, **pred.summary()}
         _emit(
             payload,
             as_json,

@@ -12,17 +12,16 @@ from rich.table import Table
 from presso.cli.app import (
     JsonOpt,
     ModelArgOpt,
+    ProgressBars,
     ShapeOpt,
     SourceArg,
     TrustOpt,
-    _bar,
     _emit,
     _human,
     _input_spec,
     _load,
     _run,
     app,
-    err,
 )
 
 
@@ -34,7 +33,7 @@ def compress(
     prune_ratio: Annotated[
         float | None, typer.Option("--prune-ratio", "-r", help="Fraction of channels removed per group, in (0, 1).")
     ] = None,
-    criterion: Annotated[str, typer.Option(help="l1 | l2 | gm | taylor | random | index.")] = "l2",
+    criterion: Annotated[str, typer.Option(help="l1 | l2 | gm | taylor | random | index, or a registered one.")] = "l2",
     per_layer: Annotated[
         Path | None, typer.Option("--per-layer", help="JSON/YAML: layer name -> pruning ratio.")
     ] = None,
@@ -105,7 +104,6 @@ def compress(
     def body():
         import presso
         from presso.compress import DecomposeConfig, PruneConfig, Target, load_layer_file
-        from presso.compress.layer_files import per_layer_files
         from presso.errors import ConfigError
 
         per = load_layer_file(per_layer, "per-layer ratio") if per_layer else {}
@@ -150,26 +148,14 @@ def compress(
             raise ConfigError("--ranks is for decomposition: add --decompose tucker|cp|svd.")
         model, _ = _load(source, trust, model_arg)
         spec = _input_spec(source, model, input_shape)
-        data = None
         if criterion == "taylor" and not calib:
             raise ConfigError("criterion 'taylor' needs data: pass --calib DATA (or --calib random).")
-        if calib:
-            from presso.data import model_calibration_batches
-
-            data = model_calibration_batches(model, calib, spec, batches=4, batch_size=32)
-        label = "searching" if target else "compressing"
-        with _bar(label) as bar:
-            task = bar.add_task(label, total=None)
+        with ProgressBars() as bars:
             result = presso.compress(
-                model, spec, configs, data=data, target=target, recommend=recommend,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                model, spec, configs, calib=calib, target=target, recommend=recommend, output_dir=output,
+                progress=bars,
             )  # fmt: skip
-        files = per_layer_files(result)
-        with err.status(f"Saving {output} ..."):
-            presso.save_model_dir(result.model, output, input_spec=spec, extra_files=files)
-        summary = result.summary(str(output))
-        summary["files"] = sorted(files)
-        _emit(summary, as_json, _render_compress)
+        _emit(result.summary(), as_json, _render_compress)
 
     _run(body)
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from presso.cli.app import (
     JsonOpt,
     ModelArgOpt,
+    ProgressBars,
     ShapeOpt,
     SourceArg,
     TrustOpt,
@@ -70,37 +71,6 @@ def _convert_options(
     )
 
 
-class _StageBar:
-    """One Rich progress line per conversion stage (sensitivity measurement shows its layer count)."""
-
-    def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        )
-        self.task = None
-        self.stage = None
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.task is not None and not exc[0]:
-            self.progress.update(self.task, completed=self.progress.tasks[-1].total)
-        self.progress.stop()
-        return False
-
-    def __call__(self, stage: str, i: int, n: int) -> None:
-        if stage != self.stage:
-            if self.task is not None:
-                self.progress.update(self.task, completed=self.progress.tasks[-1].total)
-            self.stage = stage
-            self.task = self.progress.add_task(stage, total=max(n, 1))
-        self.progress.update(self.task, completed=i)
-
-
 @app.command()
 def convert(
     source: SourceArg,
@@ -149,8 +119,10 @@ def convert(
         )  # fmt: skip
         model, _ = _load(source, trust, model_arg)
         spec = _input_spec(source, model, input_shape)
-        with _StageBar(err) as bar:
-            result = presso.convert(model, spec, cfg, output=output, calib=calib, eval_data=eval_data, progress=bar)
+        with ProgressBars() as bars:
+            result = presso.convert(
+                model, spec, cfg, output_dir=output, calib=calib, eval_data=eval_data, progress=bars
+            )
         summary = {"source": source, **result.summary()}
         if result.int8 is not None and not result.int8.met:
             err.print(
@@ -180,19 +152,20 @@ def package(
     def body():
         import presso
         from presso.convert.package import is_converted_dir
-        from presso.convert.package import package as pack
 
         with contextlib.ExitStack() as stack:
-            converted = Path(source)
+            converted, model = Path(source), None
             if not is_converted_dir(converted):
-                model, _ = _load(source, trust, model_arg)
+                model, _ = _load(source, trust, model_arg)  # its status line ends before the bars start
                 spec = _input_spec(source, model, input_shape)
                 converted = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="presso-pkg-"))) / "m"
+            bars = stack.enter_context(ProgressBars())
+            if model is not None:
                 cfg = _convert_options("onnx", precision, "minmax", 128, 20.0, 0.5, "auto", False, None, 18, 0)
-                with _StageBar(err) as bar:
-                    presso.convert(model, spec, cfg, output=converted, calib=calib, progress=bar)
-            info = pack(converted, output)
-        _emit(info, as_json, _render_package)
+                presso.convert(model, spec, cfg, output_dir=converted, calib=calib, progress=bars)
+            # the bundle's path is given on the command line; the library takes its directory and file name
+            result = presso.package(converted, output.parent, name=output.name, progress=bars)
+        _emit(result.summary(), as_json, _render_package)
 
     _run(body)
 

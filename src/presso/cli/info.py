@@ -40,7 +40,7 @@ def info(
         model, _ = _load(source, trust, model_arg)
         spec = _input_spec(source, model, input_shape)
         figures = presso.info(model, spec)
-        _emit({"source": source, **figures}, as_json, _render_info)
+        _emit({"source": source, **figures.summary()}, as_json, _render_info)
 
     _run(body)
 

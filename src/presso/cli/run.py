@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from presso.cli.app import DataOpt, JsonOpt, _emit, _run, app, err
+from presso.cli.app import DataOpt, JsonOpt, ProgressBars, _emit, _run, app
 
 
 @app.command(name="run")
@@ -47,20 +47,24 @@ def run_(
             search_proxy_epochs=search_proxy_epochs,
             max_accuracy_drop=max_accuracy_drop, threads=threads, db=db, seed=seed,
         )  # fmt: skip
-        with err.status("starting ...") as status:
+        # a bar over the pipeline's stages (and a line as each starts), below it the bars of what the stage runs
+        with ProgressBars(describe={"pipeline": _stage_text}, prune=True) as bars:
 
-            def progress(stage: str, info: dict) -> None:
-                if stage == "stage":
-                    word = "reusing" if info["cached"] else "running"
-                    err.print(f"[bold]{info['name']}[/bold]: {word}", highlight=False)
-                    status.update(f"{info['name']} ...")
-                elif stage == "search" and info.get("stage") == "trial":
-                    status.update(f"search: trial {info.get('number')}")
+            def progress(event) -> None:
+                if event.stage == "pipeline" and "name" in event.info:
+                    bars.progress.console.print(_stage_text(event), highlight=False)
+                bars(event)
 
-            result = run(data, cfg, output=output, progress=progress)
-        _emit(result.summary, as_json, lambda s: _render_run(s, output))
+            result = run(data, cfg, output_dir=output, progress=progress)
+        _emit(result.summary(), as_json, lambda s: _render_run(s, output))
 
     _run(body)
+
+
+def _stage_text(event) -> str:
+    if "name" not in event.info:
+        return "[bold]pipeline[/bold]: done"
+    return f"[bold]{event.info['name']}[/bold]: {'reusing' if event.info['cached'] else 'running'}"
 
 
 def _render_run(s: dict[str, Any], output: Path) -> None:

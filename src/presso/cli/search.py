@@ -9,40 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from presso.cli.app import DataOpt, JsonOpt, _emit, _run, app, err
-
-
-class _SearchBar:
-    """A Rich progress bar over finished trials, with the stage and the last trial's outcome."""
-
-    def __init__(self, console, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        )
-        self.task = self.progress.add_task("preparing", total=total)
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-        return False
-
-    def __call__(self, stage: str, info: dict) -> None:
-        if stage == "searching":
-            self.progress.update(self.task, description="trials", completed=info["done"], total=info["total"])
-        elif stage == "trial":
-            what = (
-                f"skipped: predicted {info['predicted_ms']:.3f} ms"
-                if info.get("skipped")
-                else f"top-1 {info['top1']:.4f} at {info['predicted_ms']:.3f} ms"
-            )
-            self.progress.console.print(f"trial {info['number']}: {what}", highlight=False)
-        else:
-            self.progress.update(self.task, description=stage)
+from presso.cli.app import DataOpt, JsonOpt, ProgressBars, _emit, _run, app
 
 
 @app.command()
@@ -92,8 +59,8 @@ def search(
             proxy_epochs=proxy_epochs, proxy_fraction=proxy_fraction, final_epochs=final_epochs,
             measure_top=measure_top, threads=threads, seed=seed, final=final, heartbeat_s=heartbeat,
         )  # fmt: skip
-        with _SearchBar(err, trials) as bar:
-            result = presso.search(data, cfg, output=output, storage=storage, study=study, db=db, progress=bar)
+        with ProgressBars() as bars:  # a bar over finished trials, a line per trial, the winner's training
+            result = presso.search(data, cfg, output_dir=output, storage=storage, study=study, db=db, progress=bars)
         _emit(result.summary(), as_json, _render_search)
 
     _run(body)

@@ -15,6 +15,7 @@ from presso.cli.app import (
     ImageSizeOpt,
     JsonOpt,
     ModelArgOpt,
+    ProgressBars,
     SourceArg,
     TrustOpt,
     _emit,
@@ -94,17 +95,11 @@ def train(
         main = setup().is_main
         torch.manual_seed(seed)  # the same initial weights on every torchrun process
         model, original = _load(source, trust, model_arg, teacher, show=main)
-        bar = _TrainBar(epochs) if main else None
+        bars = ProgressBars() if main else None  # a bar over the run's steps, a line per epoch
         try:
-            with bar or contextlib.nullcontext():
+            with bars or contextlib.nullcontext():
                 result = presso.train(
-                    model,
-                    data,
-                    cfg,
-                    teacher=original,
-                    output_dir=output,
-                    resume=resume,
-                    progress=bar.update if bar else None,
+                    model, data, cfg, teacher=original, output_dir=output, resume=resume, progress=bars
                 )
         except KeyboardInterrupt:
             if main:
@@ -138,58 +133,14 @@ def evaluate(
         from presso.data import parse_image_size
 
         model, original = _load(source, trust, model_arg, teacher)
-        with err.status("Evaluating ..."):
-            row = presso.train.evaluate(
+        with ProgressBars() as bars:
+            result = presso.evaluate(
                 model, data, teacher=original, image_size=parse_image_size(image_size), seed=seed,
-                val_fraction=val_fraction,
+                val_fraction=val_fraction, progress=bars,
             )  # fmt: skip
-        _emit({"source": source, **row}, as_json, _render_eval)
+        _emit({"source": source, **result.summary()}, as_json, _render_eval)
 
     _run(body)
-
-
-class _TrainBar:
-    """A Rich progress bar per epoch on stderr, and one line of metrics when each epoch ends."""
-
-    def __init__(self, epochs: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.epochs = epochs
-        self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeElapsedColumn(),
-            console=err,
-        )
-        self.task = None
-        self.epoch = 0
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-        return False
-
-    def update(self, event: dict) -> None:
-        if event["phase"] == "train":
-            if self.task is None or event["epoch"] != self.epoch:
-                if self.task is not None:
-                    self.progress.remove_task(self.task)
-                self.epoch = event["epoch"]
-                self.task = self.progress.add_task(
-                    "train", total=event["steps"], epoch=event["epoch"], epochs=self.epochs, loss=event["loss"]
-                )
-            self.progress.update(self.task, completed=event["step"], loss=event["loss"])
-        elif event["phase"] == "epoch":
-            parts = [f"epoch {event['epoch']}/{self.epochs}", f"train loss {event['train_loss']:.4f}"]
-            for key in ("val_top1", "val_loss", "agreement"):
-                if event.get(key) is not None:
-                    parts.append(f"{key} {event[key]:.4f}")
-            self.progress.console.print("  ".join(parts), highlight=False)
 
 
 def _render_train(s: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,11 +29,16 @@ from presso.errors import ConfigError
 from presso.models.card import copy_card, ensure_card
 from presso.models.figures import model_figures, set_mode
 from presso.models.spec import InputSpec
+from presso.results import Result
 
 
 @dataclass
-class CompressResult:
-    """A compressed model and the figures that describe what was done."""
+class CompressResult(Result):
+    """A compressed model and the figures that describe what was done.
+
+    ``output_dir``: the model directory it was saved to (``compress(..., output_dir=...)``), with ``files``, the
+    per-layer files written beside it; None when it was not saved.
+    """
 
     model: nn.Module
     method: str
@@ -43,8 +49,10 @@ class CompressResult:
     skipped: list[dict[str, str]]
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    output_dir: Path | None = None
+    files: list[str] = field(default_factory=list)
 
-    def summary(self, output_dir: str | None = None) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """The flat JSON object the CLI prints with --json."""
         return {
             "method": self.method,
@@ -59,8 +67,9 @@ class CompressResult:
             "per_layer": self.per_layer,
             "skipped_layers": self.skipped,
             "seconds": round(self.seconds, 3),
-            "output_dir": output_dir,
+            "output_dir": str(self.output_dir) if self.output_dir is not None else None,
             **self.extra,
+            "files": sorted(self.files),
         }
 
 

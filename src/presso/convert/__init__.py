@@ -1,6 +1,7 @@
 """Launcher: export (ONNX, OpenVINO IR), INT8/FP16 with calibration and automatic precision, deployable bundles.
 
-``presso.convert(model, inputs, ConvertConfig(to="onnx", precision="int8"), output="OUT", calib="digits")``.
+``presso.convert(model, inputs, ConvertConfig(to="onnx", precision="int8"), output_dir="OUT", calib="digits")``;
+``presso.package("OUT", output_dir="dist", name="model.zip")``.
 Imports are lazy: ``presso.convert.predict`` (what a bundle runs on a device) must load without PyTorch.
 """
 
@@ -17,6 +18,7 @@ _LAZY = {
     "Int8Config": "presso.convert.quantize",
     "export_onnx": "presso.models.onnx",
     "package": "presso.convert.package",
+    "PackageResult": "presso.convert.package",
     "Predictor": "presso.convert.predict",
     "open_bundle": "presso.convert.predict",
 }
@@ -37,4 +39,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'presso.convert' has no attribute '{name}'")
 
 
-callable_package(__name__, convert)
+callable_package(__name__, convert, "presso.convert.launcher:convert")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,11 @@ from presso.errors import ConfigError, ConversionError
 from presso.models.card import ensure_card
 from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
 from presso.models.spec import InputSpec
+from presso.progress import ProgressCallback, reporter
+from presso.results import Result
+
+if TYPE_CHECKING:
+    from presso.data import DataBundle
 
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -75,7 +80,10 @@ class ConvertConfig:
 
 
 @dataclass
-class ConvertResult:
+class ConvertResult(Result):
+    """The converted model file (``path``) in ``output_dir``, its size, its difference from PyTorch, the INT8
+    report, FP32 vs converted accuracy, and the files written."""
+
     format: str
     precision: str
     path: Path
@@ -151,24 +159,25 @@ def convert(
     example_inputs: str | InputSpec | tuple,
     config: ConvertConfig | None = None,
     *,
-    output: str | Path,
-    calib: str | None = None,
-    eval_data: str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    output_dir: str | Path,
+    calib: str | Path | DataBundle | None = None,
+    eval_data: str | Path | DataBundle | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ConvertResult:
-    """Convert ``model`` into ``output`` (a directory) and verify it.
+    """Convert ``model`` into ``output_dir`` (a new directory) and verify it.
 
     example_inputs: an input spec (``"1,3,224,224"``) or example tensors; the export's batch size is theirs
         unless ``config.dynamic_batch``.
-    calib: any data spec (``presso.load_data``) for INT8 ranges; its held-out split, when labelled, also gives
-        FP32 vs converted accuracy (or ``eval_data`` names another labelled set).
+    calib: any data spec (``presso.load_data``) or a ``DataBundle``, for INT8 ranges; its held-out split, when
+        labelled, also gives FP32 vs converted accuracy (or ``eval_data`` names another labelled set).
+    progress: called with a ``ProgressEvent`` per step of each stage (exporting, verifying, calibrating, ...).
     """
-    from presso.data import calibration_batches, load_data, preprocess_for
+    from presso.data import DataBundle, calibration_batches, load_data, preprocess_for
     from presso.data.images import Preprocess
 
     cfg = config or ConvertConfig()
     t0 = time.perf_counter()
-    report = progress or (lambda _stage, _i, _n: None)
+    report = _Stages(progress)
     spec = InputSpec.parse(example_inputs) if isinstance(example_inputs, (str, InputSpec)) else None
     inputs = spec.example_inputs() if spec is not None else tuple(example_inputs)
     spec = spec or InputSpec.from_tensors(inputs)
@@ -177,7 +186,7 @@ def convert(
             "INT8 needs calibration data: give --calib DATA (a dataset like the deployment inputs; 'random' only "
             "checks that quantization runs, it does not keep accuracy)."
         )
-    output = Path(output)
+    output = Path(output_dir)
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"'{output}' exists and is not empty; choose a new output directory or remove it.")
     card = ensure_card(model)
@@ -254,8 +263,9 @@ def convert(
 
         accuracy = None
         labelled = eval_data or calib
-        if cfg.eval_samples and labelled and labelled != "random":
-            bundle = load_data(labelled)
+        named_random = not isinstance(labelled, DataBundle) and str(labelled) == "random"
+        if cfg.eval_samples and labelled and not named_random:
+            bundle = labelled if isinstance(labelled, DataBundle) else load_data(labelled)
             if bundle.labeled:
                 report("scoring FP32 and converted models", 0, 1)
                 eval_pp = pp or preprocess_for(bundle, model)
@@ -289,9 +299,31 @@ def convert(
             files=files,
         )
         _write_card(output, card, spec, result)
+        report.close()
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class _Stages:
+    """The conversion's stages as progress events: each stage reports where it starts (``report(stage, i, n)``,
+    as the quantizer does too), and is reported done when the next one starts, or at the end."""
+
+    def __init__(self, progress: ProgressCallback | None):
+        self.progress = progress
+        self.current: tuple[str, int] | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.current is not None and self.current[0] != stage:
+            self.close()
+        self.current = (stage, max(total, 1))
+        reporter(self.progress, stage)(done, max(total, 1))
+
+    def close(self) -> None:
+        if self.current is not None:
+            stage, total = self.current
+            reporter(self.progress, stage)(total, total)
+            self.current = None
 
 
 def _write_card(output: Path, card, spec: InputSpec, result: ConvertResult) -> None:

@@ -12,11 +12,14 @@ import hashlib
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from presso.convert.predict import BUNDLE_FORMAT, CARD_MEMBER, MODEL_MEMBER
 from presso.errors import BundleError
+from presso.progress import ProgressCallback, reporter
+from presso.results import Result
 
 README = """Presso bundle: {name}
 
@@ -38,11 +41,52 @@ def is_converted_dir(path: str | Path) -> bool:
     return (p / MODEL_MEMBER).is_file() and (p / CARD_MEMBER).is_file() and (p / "convert.json").is_file()
 
 
-def package(converted: str | Path, output: str | Path) -> dict[str, Any]:
-    """Pack a directory written by ``presso.convert`` into the bundle ``output`` (.zip)."""
+@dataclass
+class PackageResult(Result):
+    """The bundle written: ``path`` (``output_dir/name``), its size and members, the labels and precision it
+    carries, and the SHA-256 of its model."""
+
+    path: Path
+    output_dir: Path
+    size_bytes: int
+    members: list[str]
+    labels: list[str] | None
+    precision: str | None
+    model_sha256: str
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "output_dir": str(self.output_dir),
+            "size_bytes": self.size_bytes,
+            "members": self.members,
+            "labels": self.labels,
+            "precision": self.precision,
+            "model_sha256": self.model_sha256,
+        }
+
+
+def package(
+    converted: str | Path,
+    output_dir: str | Path,
+    *,
+    name: str = "bundle.zip",
+    progress: ProgressCallback | None = None,
+) -> PackageResult:
+    """Pack a directory written by ``presso.convert`` into the bundle ``output_dir/name`` (a .zip).
+
+    ``output_dir`` is created if needed; a bundle of the same name there is replaced, in one rename.
+    ``progress`` gets stage ``package`` events, one per member written.
+    """
     from presso.convert import predict
 
     src = Path(converted)
+    output_dir = Path(output_dir)
+    if output_dir.suffix == ".zip":
+        raise BundleError(
+            f"'{output_dir}' names a file: give the directory as output_dir and the bundle's file name as name "
+            f"(package(..., output_dir='{output_dir.parent}', name='{output_dir.name}'))."
+        )
     if not is_converted_dir(src):
         raise BundleError(f"'{src}' is not a converted model directory (model.onnx, presso.json, convert.json).")
     card = json.loads((src / CARD_MEMBER).read_text())
@@ -51,10 +95,10 @@ def package(converted: str | Path, output: str | Path) -> dict[str, Any]:
             "The model records no preprocessing (image size, mean, std), so a bundle could not turn images into "
             "inputs; train or fine-tune it with 'presso train' first, which records it."
         )
-    output = Path(output)
-    if output.suffix != ".zip":
-        raise BundleError(f"Name the bundle with a .zip suffix, not '{output.name}'.")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = output_dir / name
+    if output.suffix != ".zip" or Path(name).name != name:
+        raise BundleError(f"Name the bundle with a file name ending in .zip, not '{name}'.")
+    output_dir.mkdir(parents=True, exist_ok=True)
     model_bytes = (src / MODEL_MEMBER).read_bytes()
     card["bundle_format"] = BUNDLE_FORMAT
     card["bundle"] = {"model_sha256": hashlib.sha256(model_bytes).hexdigest(), "runtime": "onnxruntime"}
@@ -78,16 +122,20 @@ def package(converted: str | Path, output: str | Path) -> dict[str, Any]:
     for extra in ("model.xml", "model.bin"):
         if (src / extra).is_file():
             members[extra] = (src / extra).read_bytes()
+    report = reporter(progress, "package")
     tmp = output.with_name(f".{output.name}.partial")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
+        for k, (member, data) in enumerate(members.items()):
+            report(k, len(members))
+            zf.writestr(member, data)
     os.replace(tmp, output)
-    return {
-        "path": str(output),
-        "size_bytes": output.stat().st_size,
-        "members": sorted(members),
-        "labels": labels,
-        "precision": card.get("conversion", {}).get("precision"),
-        "model_sha256": card["bundle"]["model_sha256"],
-    }
+    report(len(members), len(members))
+    return PackageResult(
+        path=output,
+        output_dir=output_dir,
+        size_bytes=output.stat().st_size,
+        members=sorted(members),
+        labels=labels,
+        precision=card.get("conversion", {}).get("precision"),
+        model_sha256=card["bundle"]["model_sha256"],
+    )

@@ -260,21 +260,25 @@ def batches(dataset, order: np.ndarray, batch_size: int, *, workers: int = 0) ->
 
 
 def calibration_batches(
-    source: str | Path, spec: InputSpec, batches: int = 4, batch_size: int = 8, preprocess: Preprocess | None = None
+    source: str | Path | DataBundle,
+    spec: InputSpec,
+    batches: int = 4,
+    batch_size: int = 8,
+    preprocess: Preprocess | None = None,
 ) -> list[torch.Tensor]:
     """Batches shaped like the model's first input, for data-driven criteria and quantization calibration.
 
-    source: any data spec (images spread evenly over the training split, normalised by the model's recorded
-        preprocessing, or by statistics of the data), or ``random`` for seeded Gaussian inputs -- enough to rank
-        channels structurally, not to preserve accuracy.
+    source: any data spec or a loaded ``DataBundle`` (images spread evenly over the training split, normalised by
+        the model's recorded preprocessing, or by statistics of the data), or ``random`` for seeded Gaussian inputs
+        -- enough to rank channels structurally, not to preserve accuracy.
     """
     first = spec.tensors[0]
-    if str(source) == "random":
+    if not isinstance(source, DataBundle) and str(source) == "random":
         gen = torch.Generator().manual_seed(0)
         return [torch.randn((batch_size, *first.shape[1:]), generator=gen) for _ in range(batches)]
     if len(first.shape) != 4:
         raise DataError(f"Image calibration data needs a 4-D image input (N,C,H,W); the input spec is {spec}.")
-    bundle = load_data(source)
+    bundle = source if isinstance(source, DataBundle) else load_data(source)
     _, channels, height, width = first.shape
     if preprocess is None:
         preprocess = preprocess_for(bundle, image_size=(height, width), channels=channels, stats_sample=256)
@@ -283,7 +287,7 @@ def calibration_batches(
 
 
 def model_calibration_batches(
-    model: nn.Module, source: str | Path, spec: InputSpec | str, *, batches: int = 4, batch_size: int = 32
+    model: nn.Module, source: str | Path | DataBundle, spec: InputSpec | str, *, batches: int = 4, batch_size: int = 32
 ) -> list[torch.Tensor]:
     """Calibration batches for compressing ``model``: ``calibration_batches`` normalised by the preprocessing
     recorded in the model's card (the inputs it was trained on), else by statistics of the data.

@@ -1,6 +1,6 @@
 """Searcher: hardware-aware architecture search from a dataset (Optuna), cheap because latency is predicted first.
 
-``presso.search(data, device="local", latency_ms=2.0, trials=30, output="OUT")`` -- see ``nas.py``.
+``presso.search(data, device="local", latency_ms=2.0, trials=30, output_dir="OUT")`` -- see ``nas.py``.
 """
 
 from __future__ import annotations
@@ -18,4 +18,4 @@ def search(*args, **kwargs):
 
 __all__ = ["SPACES", "SearchSpace", "arch_key", "get_space", "register_space", "search"]
 
-callable_package(__name__, search)
+callable_package(__name__, search, "presso.search.nas:search")

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from presso.errors import BudgetError, ConfigError, DataError
+from presso.progress import ProgressCallback, ProgressEvent
+from presso.results import Result
 from presso.search.space import SearchSpace, arch_key, get_space
 
 SEARCH_VERSION = 1
@@ -78,7 +80,7 @@ class SearchConfig:
 
 
 @dataclass
-class SearchResult:
+class SearchResult(Result):
     output_dir: Path
     study: str
     storage: str
@@ -238,10 +240,10 @@ class _Search:
             max_seconds=10,
             db=self.db,
         )
-        return float(result["latency_ms"]["median"])
+        return float(result.latency_ms["median"])
 
-    def ensure_calibrated(self) -> None:
-        from presso.bench import api as bench
+    def ensure_profiled(self) -> None:
+        import presso.bench as bench
 
         probe = self.space.zoo()["tiny"] if "tiny" in self.space.zoo() else next(iter(self.space.zoo().values()))
         try:
@@ -250,10 +252,10 @@ class _Search:
                 threads=self.cfg.threads, db=self.db,
             )  # fmt: skip
         except ConfigError as e:
-            if "presso db calibrate" not in str(e):
+            if "presso db profile" not in str(e):
                 raise
-            self.report("calibrating the device's kernels (once per device; a few minutes)", {})
-            bench.calibrate(self.cfg.device, threads=self.cfg.threads, db=self.db)
+            self.report("profiling the device's kernels (once per device; a few minutes)", {})
+            bench.profile_device(self.cfg.device, threads=self.cfg.threads, db=self.db)
 
     def warm_start(self) -> list[dict[str, Any]]:
         """Measure the space's known-good architectures on the device: they set the predictor's correction (the
@@ -268,14 +270,15 @@ class _Search:
         if stored is not None:
             self.correction = float(self.study.user_attrs.get("latency_correction", 1.0))
             return stored
-        rows = []
+        rows, ratios = [], []
         for name, arch in self.space.zoo().items():
             self.report("measuring warm-start architectures", {"name": name})
             predicted = self.predict_ms(arch)
             measured = self.measure_ms(arch)
             rows.append({"name": name, "arch_key": arch_key(arch), "predicted_ms": round(predicted, 4),
                          "measured_ms": round(measured, 4)})  # fmt: skip
-        ratios = [r["measured_ms"] / r["predicted_ms"] for r in rows if r["predicted_ms"] > 0]
+            if predicted > 0:  # the unrounded values: a prediction of a few microseconds rounds to a coarse 4th decimal
+                ratios.append(measured / predicted)
         self.correction = float(statistics.median(ratios)) if ratios else 1.0
         self.study.set_user_attr("latency_correction", self.correction)
         self.study.set_user_attr("warm_start", rows)
@@ -500,30 +503,52 @@ def plot_pareto(path: Path, rows, pareto, best, budget: float) -> Path:
     return path
 
 
+def _as_events(progress: ProgressCallback | None) -> Callable[[str, dict], None] | None:
+    """The search's own ``(stage, info)`` reports as ``ProgressEvent``s: finished trials as stage ``trials``, each
+    candidate's outcome as stage ``trial``, and every other step as a stage of its own (done: how often it ran)."""
+    if progress is None:
+        return None
+    runs: dict[str, int] = {}
+
+    def report(stage: str, info: dict) -> None:
+        if stage == "searching":
+            progress(ProgressEvent("trials", info["done"], info["total"]))
+        elif stage == "trial":
+            progress(ProgressEvent("trial", 1, 1, info))
+        else:
+            runs[stage] = runs.get(stage, 0) + 1
+            progress(ProgressEvent(stage, runs[stage] - 1, None, info))
+
+    return report
+
+
 def search(
     data,
     config: SearchConfig | None = None,
     *,
-    output: str | Path,
+    output_dir: str | Path,
     storage: str | None = None,
     study: str | None = None,
     db: str | None = None,
-    progress: Callable[[str, dict], None] | None = None,
-    train_progress: Callable | None = None,
+    progress: ProgressCallback | None = None,
     **kwargs,
 ) -> SearchResult:
     """Search ``config.space`` for the most accurate model on ``data`` within ``config.latency_ms`` on the device.
 
+    ``output_dir``: the study (SQLite), ``search.json``, ``trials.csv``, ``pareto.png`` and the winner, ``model/``.
     ``storage``: an SQLAlchemy URL (``postgresql://user@host/db``) shared by workers, or an SQLite path; default
-    ``OUTPUT/study.db``. ``study``: the study's name (default from data, device and budget). ``db``: the latency
-    database. Keyword arguments fill a ``SearchConfig`` when ``config`` is not given.
+    ``OUTPUT_DIR/study.db``. ``study``: the study's name (default from data, device and budget). ``db``: the latency
+    database. ``progress`` gets stage ``trials`` events (finished trials of the total), one ``trial`` event per
+    candidate (info: its number, proxy top-1 or that it was skipped, predicted latency), the winner's training
+    (``train``, ``epoch``) and a stage per other step. Keyword arguments fill a ``SearchConfig`` when ``config`` is
+    not given.
     """
     cfg = config or SearchConfig(**kwargs)
     t0 = time.perf_counter()
-    output = Path(output)
-    run = _Search(data, cfg, output, storage, study, db, progress)
-    run.train_progress = train_progress
-    run.ensure_calibrated()
+    output = Path(output_dir)
+    run = _Search(data, cfg, output, storage, study, db, _as_events(progress))
+    run.train_progress = progress
+    run.ensure_profiled()
     warm = run.warm_start()
     smallest = run.smallest_ms()
     if smallest > cfg.latency_ms:

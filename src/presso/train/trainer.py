@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,25 @@ from presso.errors import ConfigError, DataError
 from presso.models.card import ensure_card, get_card
 from presso.models.figures import set_mode
 from presso.models.outputs import is_class_scores, kd_loss, leaves, match_loss
+from presso.progress import ProgressCallback, reporter
+from presso.results import Result
 from presso.train import distributed
 from presso.train.checkpoint import Position, Resumable, RunFiles
 from presso.train.config import TrainConfig
 from presso.train.distill import FeatureTaps
 from presso.train.evaluation import evaluate_dataset, same_class_scores
 
-Progress = Callable[[dict[str, Any]], None]
-
 
 @dataclass
-class TrainResult:
+class TrainResult(Result):
+    """The best model of a run, its per-epoch history and best epoch; ``output_dir``: the model directory written."""
+
     model: nn.Module
     history: list[dict[str, Any]]
     best: dict[str, Any]
     preprocess: Preprocess
     seconds: float
-    output_dir: str | None = None
+    output_dir: Path | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -57,7 +58,7 @@ class TrainResult:
             "best_epoch": self.best.get("epoch"),
             "epochs": last.get("epoch", 0),
             "seconds": round(self.seconds, 2),
-            "output_dir": self.output_dir,
+            "output_dir": str(self.output_dir) if self.output_dir is not None else None,
             "history": self.history,
             "data": self.data,
             "preprocess": self.preprocess.to_json(),
@@ -72,12 +73,15 @@ def train(
     teacher: nn.Module | None = None,
     output_dir: str | Path | None = None,
     resume: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` (supervised), or distil it from ``teacher`` (labels optional).
+    """Train ``model`` on ``data`` (a data spec or a ``DataBundle``; supervised), or distil it from ``teacher``
+    (labels optional).
 
     Returns the best model (by validation top-1, or by validation loss for unlabeled data) and its history. With
-    ``output_dir`` the run is checkpointed and the result saved there as a Presso model directory.
+    ``output_dir`` the run is checkpointed and the result saved there as a Presso model directory. ``progress``
+    gets stage ``train`` events (done/total: steps of the whole run; info: epoch, epochs, step, steps, loss) and one
+    ``epoch`` event per finished epoch (info: its metrics and the best epoch so far).
     """
     cfg = config or TrainConfig()
     return _Run(model, data, cfg, teacher, output_dir, resume, progress).execute()
@@ -94,7 +98,10 @@ class _Run:
         self.model = model
         self.teacher = teacher
         self.resume = resume
-        self.progress = progress if self.dist.is_main else None
+        # only the main process reports under torchrun; without a callback no step reads its loss back (a sync)
+        self.reports = progress is not None and self.dist.is_main
+        self.report_step = reporter(progress if self.reports else None, "train")
+        self.report_epoch = reporter(progress if self.reports else None, "epoch")
         self.ctrl_c = _CtrlC()
         if self.teacher is None and not self.bundle.labeled:
             raise DataError(
@@ -179,8 +186,7 @@ class _Run:
                     }
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                     self.files.save_best(self.best_state)
-                if self.progress:
-                    self.progress({"phase": "epoch", **row, "best_epoch": best["epoch"]})
+                self.report_epoch(epoch + 1, self.cfg.epochs, **row, best_epoch=best["epoch"])
                 self._save_checkpoint(epoch + 1, 0, history, best)
         if self.best_state is None:
             self.best_state = self.files.load_best(self.model, self.device)
@@ -197,7 +203,8 @@ class _Run:
             data=self.bundle.describe(),
         )
         self._record_on_card(result)
-        result.output_dir = self.files.finish(self.model, result.history)
+        written = self.files.finish(self.model, result.history)
+        result.output_dir = Path(written) if written is not None else None
         self.dist.close()
         return result
 
@@ -228,16 +235,15 @@ class _Run:
             self._step += 1
             self._sums[0] += float(loss.detach()) * len(x)
             self._sums[1] += len(x)
-            if self.progress:
-                self.progress(
-                    {
-                        "phase": "train",
-                        "epoch": epoch + 1,
-                        "epochs": cfg.epochs,
-                        "step": self._step,
-                        "steps": self.steps_per_epoch,
-                        "loss": float(loss.detach()),
-                    }
+            if self.reports:
+                self.report_step(
+                    epoch * self.steps_per_epoch + self._step,
+                    cfg.epochs * self.steps_per_epoch,
+                    epoch=epoch + 1,
+                    epochs=cfg.epochs,
+                    step=self._step,
+                    steps=self.steps_per_epoch,
+                    loss=float(loss.detach()),
                 )
             if self.dist.any(self.ctrl_c.pressed):
                 raise KeyboardInterrupt

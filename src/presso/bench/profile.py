@@ -1,0 +1,229 @@
+"""``profile_device``: time the calibration kernel set on a device -- this machine or a remote agent -- for the
+latency predictor.
+
+One loop for both: each spec of the kernel set (``presso.bench.calibration``) is built as a single-kernel ONNX
+model, decomposed into the kernels ONNX Runtime runs for it, timed (here: by the profiler, caches evicted between
+runs; on an agent: profiled there, answered over HTTP), and every kernel it ran becomes a row of the latency database
+(chains of tiny nodes also give an ``overhead`` row: the whole run's wall time). The specs go in windows of
+``WINDOW``; on this machine a reference kernel (``QuietProbe``) is timed around each window, and the windows taken
+while the machine was busier than it later proved to be are measured again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from presso.bench.devices import LOCAL
+from presso.errors import ConfigError
+
+WINDOW = 20  # calibration specs measured between two looks at the reference kernel
+QUIET = 1.1  # a window counts as quiet when the reference kernel is within 10% of its best time
+
+# model bytes, whether the wall time is wanted -> per-node kernel times (ms), the wall median (ms) or None
+Measure = Callable[[bytes, bool], tuple[dict[str, float], float | None]]
+
+
+@dataclass
+class KernelTiming:
+    spec: str
+    wall_ms: float | None  # whole-model wall time (chains only)
+    nodes: list[dict[str, Any]]  # one per node run: kernel family/signature/features and its time
+
+
+def device_env(device: str, threads: int | None) -> dict[str, Any]:
+    """The environment a device's kernels are fingerprinted with (ONNX Runtime, ``threads``, fp32): what
+    ``profile_device`` stores them under and ``predict_latency`` looks them up by."""
+    from presso.bench.env import environment
+    from presso.bench.runner import resolve_threads
+
+    if device == LOCAL:
+        import onnxruntime as ort
+
+        return environment("onnxruntime", ort.__version__, resolve_threads(threads))
+    from presso.bench.client import AgentClient
+
+    env = dict(AgentClient.for_device(device).info()["environment"])
+    env["threads"] = threads or env.get("cores") or env["threads"]
+    return env
+
+
+def profile_device(
+    device: str = LOCAL,
+    *,
+    threads: int | None = None,
+    size: str = "full",
+    runs: int = 12,
+    db: str | None = None,
+    specs: list | None = None,
+    flush_mb: float = 4.0,
+    quiet: bool | Any = True,
+    wait_seconds: float = 10.0,
+    redo_seconds: float = 120.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Time the calibration kernel set on ``device`` and store every kernel in the latency database, for
+    ``predict_latency``.
+
+    ``size``: ``full`` (a few minutes) or ``quick`` (seconds); ``specs``: an explicit list of
+    ``presso.bench.calibration.Spec`` instead. ``runs``: profiled runs per kernel model. ``flush_mb``: buffer written
+    between profiled runs to evict the caches (local). ``quiet``: on this machine, look at a reference kernel every
+    20 specs (or pass a ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%,
+    and measure again, at the end, the windows taken while the machine was busier than it later proved to be.
+    ``wait_seconds``: longest pause per window; ``redo_seconds``: time allowed for measuring busy windows again.
+    Returns a summary: device, fingerprint, threads, kernels stored, windows (measured again / still busy), seconds,
+    and the database's URL (password hidden).
+    """
+    from presso.bench.calibration import QuietProbe, kernel_set
+    from presso.bench.env import device_fingerprint
+    from presso.bench.latency_db import LatencyDB, safe_url
+
+    if specs is None and size not in ("full", "quick"):
+        raise ConfigError(f"Kernel set size '{size}': use full or quick.")
+    env = device_env(device, threads)
+    n_threads = env["threads"]
+    fp = device_fingerprint(device, env, "fp32")
+    store = LatencyDB(db)
+    measure = _measurer(device, n_threads, runs, flush_mb)
+    started = time.time()
+    base = {
+        "device": device,
+        "device_fp": fp,
+        "cpu": env.get("cpu"),
+        "gpu": env.get("gpu"),
+        "runtime": "onnxruntime",
+        "runtime_version": env.get("runtime_version"),
+        "threads": n_threads,
+        "precision": "fp32",
+    }
+    spec_list = specs if specs is not None else kernel_set(size)
+    probe = quiet if isinstance(quiet, QuietProbe) else (QuietProbe(n_threads) if device == LOCAL and quiet else None)
+    windows = [spec_list[k : k + WINDOW] for k in range(0, len(spec_list), WINDOW)]
+    kept: dict[int, tuple[float, list[KernelTiming]]] = {}  # window -> (reference-kernel ms meanwhile, timings)
+    done = 0
+
+    def measure_window(w: int) -> None:
+        nonlocal done
+        ref = 0.0
+        if probe is not None:
+            probe.wait(tolerance=QUIET, max_seconds=wait_seconds)
+            ref = probe.last_ms
+        timings = [time_spec(measure, spec) for spec in windows[w]]
+        if probe is not None:
+            probe.factor()
+            ref = max(ref, probe.last_ms)
+        if w not in kept or ref < kept[w][0]:  # keep the quietest measurement of each window
+            kept[w] = (ref, timings)
+        done += len(windows[w])
+        if progress:
+            progress(min(done, len(spec_list)), len(spec_list))
+
+    for w in range(len(windows)):
+        measure_window(w)
+    redone = 0
+    if probe is not None:
+        # windows measured while the machine was busier than it later proved to be are measured again
+        deadline = time.time() + redo_seconds
+        while time.time() < deadline:
+            busy = sorted((w for w, (ref, _) in kept.items() if ref > QUIET * probe.best), key=lambda w: -kept[w][0])
+            if not busy:
+                break
+            for w in busy:
+                if time.time() >= deadline:
+                    break
+                measure_window(w)
+                redone += 1
+    n_kernels = 0
+    for w in sorted(kept):
+        ref, timings = kept[w]
+        store.add_many(_rows(base, ref, timings))
+        n_kernels += sum(len(t.nodes) for t in timings)
+    busy_left = sum(ref > QUIET * probe.best for ref, _ in kept.values()) if probe is not None else None
+    return {
+        "device": device,
+        "device_fp": fp,
+        "threads": n_threads,
+        "kernels": n_kernels,
+        "windows": len(windows),
+        "windows_redone": redone,
+        "windows_busy": busy_left,
+        "seconds": round(time.time() - started, 1),
+        "db": safe_url(store.url),
+    }
+
+
+def _measurer(device: str, threads: int, runs: int, flush_mb: float) -> Measure:
+    """How ``device`` times one kernel model: this machine's profiler (caches evicted) or its agent's."""
+    if device == LOCAL:
+        from presso.bench.calibration import CacheFlush, measure_spec_local
+
+        flush = CacheFlush(flush_mb)
+        return lambda data, wall: measure_spec_local(data, threads, runs, wall, flush)
+    from presso.bench.client import AgentClient
+
+    client = AgentClient.for_device(device)
+
+    def measure(data: bytes, wall: bool) -> tuple[dict[str, float], float | None]:
+        r = client.benchmark(
+            data,
+            threads=threads,
+            warmup=2,
+            repeat=max(runs * 3, 30) if wall else 3,
+            max_seconds=5,
+            profile=True,
+            profile_top=0,
+        )
+        times = {n["node"]: n.get("p25_ms", n["ms"]) for n in r["profile"]["nodes"]}
+        return times, (r["median_ms"] if wall else None)
+
+    return measure
+
+
+def time_spec(measure: Measure, spec) -> KernelTiming:
+    """Build ``spec``'s kernel model, time it with ``measure``, and name each node it ran by its kernel (family,
+    signature, features) as this machine's ONNX Runtime optimizes the model."""
+    from presso.bench.calibration import build
+    from presso.bench.kernels import kernels_of, optimized_model
+
+    data = build(spec)
+    kernels = {k.name: k for k in kernels_of(optimized_model(data))}
+    times, wall_ms = measure(data, spec.kind == "chain")
+    nodes = []
+    for name, ms in times.items():
+        k = kernels.get(name)
+        if k is None:  # a node the local optimizer did not produce (a different runtime on the device)
+            continue
+        nodes.append({"name": name, "family": k.family, "signature": k.signature, "features": k.features, "ms": ms})
+    return KernelTiming(spec.label(), wall_ms, nodes)
+
+
+def _rows(base: dict[str, Any], ref: float, timings: list[KernelTiming]) -> list[dict[str, Any]]:
+    """The database rows of one window: a ``kernel`` row per node run, an ``overhead`` row per chain's wall time."""
+    rows = []
+    for timing in timings:
+        for node in timing.nodes:
+            rows.append(
+                {
+                    **base,
+                    "kind": "kernel",
+                    "kernel_key": node["family"],
+                    "median_ms": node["ms"],
+                    "model_name": timing.spec,
+                    "features": {"signature": node["signature"], "x": node["features"]},
+                    "extra": {"reference_ms": ref},
+                }
+            )
+        if timing.wall_ms is not None:
+            rows.append(
+                {
+                    **base,
+                    "kind": "overhead",
+                    "median_ms": timing.wall_ms,
+                    "model_name": timing.spec,
+                    "features": {"nodes": len(timing.nodes), "kernel_ms": sum(n["ms"] for n in timing.nodes)},
+                    "extra": {"reference_ms": ref},
+                }
+            )
+    return rows

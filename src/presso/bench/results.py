@@ -1,0 +1,48 @@
+"""What ``presso.benchmark`` returns (``presso.predict_latency`` returns ``predictor.LatencyPrediction``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from presso.results import Result
+
+
+@dataclass
+class BenchmarkResult(Result):
+    """One measurement of a model on a device: ``latency_ms`` (median, p90, p99, mean, std, min), throughput, peak
+    memory, model size, the run's own noise, the environment, ONNX Runtime's per-operator ``profile`` when asked
+    for, and ``db`` (where it was stored: url, uid, device fingerprint; None when not stored). Nothing is written
+    to disk besides the database (``output_dir`` is None)."""
+
+    model: str
+    device: str
+    runtime: str
+    runtime_version: str
+    precision: str
+    threads: int
+    batch: int
+    input_shape: str
+    latency_ms: dict[str, float]
+    runs: int
+    noise_pct: float
+    throughput: float
+    peak_memory_mb: float
+    model_size_bytes: int
+    model_fp: str
+    environment: dict[str, Any]
+    profile: dict[str, Any] | None = None
+    db: dict[str, Any] | None = None
+    output_dir: Path | None = None
+
+    @property
+    def median_ms(self) -> float:
+        return self.latency_ms["median"]
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.db is None:  # nothing stored: no database entry to name
+            del out["db"]
+        out["output_dir"] = None if self.output_dir is None else str(self.output_dir)
+        return out
