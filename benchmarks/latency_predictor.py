@@ -176,8 +176,8 @@ def main() -> None:
             progress=lambda d, t: print(f"  profiled {d}/{t} kernel models", flush=True) if d % 200 == 0 else None,
         )
         print(
-            f"profiled {cal['kernels']} kernels in {time.time() - t0:.0f}s ({args.threads} threads; "
-            f"{cal['windows_redone']} of {cal['windows']} windows measured again, {cal['windows_busy']} still "
+            f"profiled {cal.kernels} kernels in {time.time() - t0:.0f}s ({args.threads} threads; "
+            f"{cal.windows_redone} of {cal.windows} windows measured again, {cal.windows_busy} still "
             "taken on a busy machine)",
             flush=True,
         )

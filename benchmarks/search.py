@@ -70,7 +70,7 @@ def main() -> None:
     except ConfigError:
         t0 = time.perf_counter()
         info = profile_device("local", threads=args.threads, db=args.db)
-        print(f"# profiled this machine: {info['kernels']} kernels in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"# profiled this machine: {info.kernels} kernels in {time.perf_counter() - t0:.0f}s", flush=True)
 
     untrained = {name: presso.load_model(src, **kw) for name, (src, kw) in baselines.items()}
     base_ms = {name: latency(m) for name, m in untrained.items()}

@@ -21,7 +21,19 @@ from presso.results import Result
 
 DATA = "digits:size=16"
 SHAPE = "1,3,16,16"
-VERBS = ["compress", "train", "evaluate", "convert", "package", "search", "run", "benchmark", "predict_latency", "info"]
+VERBS = [
+    "compress",
+    "train",
+    "evaluate",
+    "convert",
+    "package",
+    "search",
+    "run",
+    "benchmark",
+    "predict_latency",
+    "profile_device",
+    "info",
+]
 WRITES = {"compress", "train", "convert", "package", "search", "run"}
 
 

@@ -50,6 +50,7 @@ _EXPORTS = {
     "SearchResult": "presso.search.nas",
     "RunResult": "presso.pipeline",
     "BenchmarkResult": "presso.bench",
+    "ProfileResult": "presso.bench",
     "LatencyPrediction": "presso.bench",
     "InfoResult": "presso.api",
     # progress: every verb's progress= takes a ProgressCallback
@@ -73,7 +74,14 @@ __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from presso.api import InfoResult, info  # noqa: F401
-    from presso.bench import BenchmarkResult, LatencyPrediction, benchmark, predict_latency, profile_device  # noqa: F401
+    from presso.bench import (  # noqa: F401
+        BenchmarkResult,
+        LatencyPrediction,
+        ProfileResult,
+        benchmark,
+        predict_latency,
+        profile_device,
+    )
     from presso.compress import CompressResult, DecomposeConfig, PruneConfig, Target, compress  # noqa: F401
     from presso.convert import (  # noqa: F401
         ConvertConfig,

@@ -82,7 +82,7 @@ def test_prediction_of_a_model_made_of_profiled_kernels_is_within_15_percent(hom
     attempts = []
     for _ in range(3):
         summary = presso.profile_device(threads=1, runs=15, specs=chain + [_spec(c) for c in CHAIN], quiet=False)
-        assert summary["kernels"] > len(CHAIN) and summary["threads"] == 1
+        assert summary.kernels > len(CHAIN) and summary.threads == 1
         pred = presso.predict_latency(path, threads=1)
         assert pred.unknown == 0 and pred.estimated == 0  # every kernel was looked up
         assert pred.looked_up == pred.kernels >= len(CHAIN)
@@ -125,9 +125,9 @@ def test_profile_device_and_the_cli_store_kernel_rows(home, tmp_path, monkeypatc
     summary = presso.profile_device(threads=1, runs=3, specs=tiny, quiet=False, db=db)
     rows = LatencyDB(db).rows(device="local")
     kernels = [r for r in rows if r["kind"] == "kernel"]
-    assert summary["kernels"] == len(kernels) >= 3 and summary["device"] == "local" and summary["threads"] == 1
+    assert summary.kernels == len(kernels) >= 3 and summary.device == "local" and summary.threads == 1
     assert [r["model_name"] for r in rows if r["kind"] == "overhead"] == [tiny[0].label()]
-    assert {r["device_fp"] for r in rows} == {summary["device_fp"]}
+    assert {r["device_fp"] for r in rows} == {summary.device_fp}
 
     monkeypatch.setattr(calibration, "kernel_set", lambda size="full", seed=0: tiny)
     monkeypatch.setattr(profile, "QUIET", float("inf"))  # no waiting for a quiet machine, no window measured again
@@ -174,7 +174,7 @@ def test_remote_profiling_over_http_then_prediction_offline(home, agent, tmp_pat
     add_device("farm-1", agent["url"], agent["token_file"])
     specs = [Spec("chain", {"length": n}) for n in (1, 8)] + [_spec(c) for c in CHAIN[:3]]
     summary = presso.profile_device("farm-1", threads=1, runs=5, specs=specs)
-    assert summary["kernels"] >= 3 + 1 + 8 and summary["device"] == "farm-1"
+    assert summary.kernels >= 3 + 1 + 8 and summary.device == "farm-1"
     remove_device("farm-1")
     path = tmp_path / "m.onnx"
     path.write_bytes(build(_spec(CHAIN[1])))

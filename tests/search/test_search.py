@@ -21,7 +21,8 @@ import torch
 import presso
 from presso.compress import PruneConfig
 from presso.search import get_space
-from presso.search.nas import SearchConfig, counts, finished, trial_rows
+from presso.search.nas import SearchConfig
+from presso.search.study import counts, finished, trial_rows
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DATA = "digits:size=16"

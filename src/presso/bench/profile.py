@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from presso.bench.devices import LOCAL
+from presso.bench.results import ProfileResult
 from presso.errors import ConfigError
+from presso.progress import ProgressCallback, reporter
 
 WINDOW = 20  # calibration specs measured between two looks at the reference kernel
 QUIET = 1.1  # a window counts as quiet when the reference kernel is within 10% of its best time
@@ -62,8 +64,8 @@ def profile_device(
     quiet: bool | Any = True,
     wait_seconds: float = 10.0,
     redo_seconds: float = 120.0,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+    progress: ProgressCallback | None = None,
+) -> ProfileResult:
     """Time the calibration kernel set on ``device`` and store every kernel in the latency database, for
     ``predict_latency``.
 
@@ -73,8 +75,9 @@ def profile_device(
     20 specs (or pass a ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%,
     and measure again, at the end, the windows taken while the machine was busier than it later proved to be.
     ``wait_seconds``: longest pause per window; ``redo_seconds``: time allowed for measuring busy windows again.
-    Returns a summary: device, fingerprint, threads, kernels stored, windows (measured again / still busy), seconds,
-    and the database's URL (password hidden).
+    ``progress`` gets stage ``profile`` events (kernels timed of the set). Returns a ``ProfileResult``: device,
+    fingerprint, threads, kernels stored, windows (measured again / still busy), seconds, and the database's URL
+    (password hidden).
     """
     from presso.bench.calibration import QuietProbe, kernel_set
     from presso.bench.env import device_fingerprint
@@ -99,6 +102,7 @@ def profile_device(
         "precision": "fp32",
     }
     spec_list = specs if specs is not None else kernel_set(size)
+    report = reporter(progress, "profile")
     probe = quiet if isinstance(quiet, QuietProbe) else (QuietProbe(n_threads) if device == LOCAL and quiet else None)
     windows = [spec_list[k : k + WINDOW] for k in range(0, len(spec_list), WINDOW)]
     kept: dict[int, tuple[float, list[KernelTiming]]] = {}  # window -> (reference-kernel ms meanwhile, timings)
@@ -117,8 +121,7 @@ def profile_device(
         if w not in kept or ref < kept[w][0]:  # keep the quietest measurement of each window
             kept[w] = (ref, timings)
         done += len(windows[w])
-        if progress:
-            progress(min(done, len(spec_list)), len(spec_list))
+        report(min(done, len(spec_list)), len(spec_list))
 
     for w in range(len(windows)):
         measure_window(w)
@@ -141,17 +144,17 @@ def profile_device(
         store.add_many(_rows(base, ref, timings))
         n_kernels += sum(len(t.nodes) for t in timings)
     busy_left = sum(ref > QUIET * probe.best for ref, _ in kept.values()) if probe is not None else None
-    return {
-        "device": device,
-        "device_fp": fp,
-        "threads": n_threads,
-        "kernels": n_kernels,
-        "windows": len(windows),
-        "windows_redone": redone,
-        "windows_busy": busy_left,
-        "seconds": round(time.time() - started, 1),
-        "db": safe_url(store.url),
-    }
+    return ProfileResult(
+        device=device,
+        device_fp=fp,
+        threads=n_threads,
+        kernels=n_kernels,
+        windows=len(windows),
+        windows_redone=redone,
+        windows_busy=busy_left,
+        seconds=round(time.time() - started, 1),
+        db=safe_url(store.url),
+    )
 
 
 def _measurer(device: str, threads: int, runs: int, flush_mb: float) -> Measure:

@@ -1,4 +1,5 @@
-"""What ``presso.benchmark`` returns (``presso.predict_latency`` returns ``predictor.LatencyPrediction``)."""
+"""What ``presso.benchmark`` and ``presso.profile_device`` return (``presso.predict_latency`` returns
+``predictor.LatencyPrediction``)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,25 @@ class BenchmarkResult(Result):
             del out["db"]
         out["output_dir"] = None if self.output_dir is None else str(self.output_dir)
         return out
+
+
+@dataclass
+class ProfileResult(Result):
+    """A device profiled for the latency predictor: ``kernels`` rows stored for ``device`` (fingerprint
+    ``device_fp``, ``threads``) in ``db`` (URL, password hidden), in ``windows`` windows of kernels, of which
+    ``windows_redone`` were measured again and ``windows_busy`` stayed busier than the quietest (None: no probe).
+    Nothing is written to disk besides the database (``output_dir`` is None)."""
+
+    device: str
+    device_fp: str
+    threads: int
+    kernels: int
+    windows: int
+    windows_redone: int
+    windows_busy: int | None
+    seconds: float
+    db: str
+    output_dir: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {**asdict(self), "output_dir": None}

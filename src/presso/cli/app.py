@@ -107,15 +107,6 @@ def _human(n: float) -> str:
     return f"{n:.3g}P"
 
 
-def _bar(label: str):
-    """A Rich progress bar on stderr: the label, the bar, done/total and the time taken."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
-    )
-
-
 class ProgressBars:
     """The one adapter from the verbs' ``ProgressEvent``s (``presso.progress``) to Rich progress bars on stderr.
 

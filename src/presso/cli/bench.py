@@ -19,7 +19,6 @@ from presso.cli.app import (
     ProgressBars,
     ShapeOpt,
     TrustOpt,
-    _bar,
     _emit,
     _input_spec,
     _load,
@@ -289,17 +288,10 @@ def db_profile(
     def body():
         from presso.bench.profile import profile_device
 
-        with _bar(f"profiling {device}") as bar:
-            task = bar.add_task("profile", total=None)
-            result = profile_device(
-                device,
-                threads=threads,
-                size=size,
-                db=db_url,
-                progress=lambda d, t: bar.update(task, completed=d, total=t),
-            )
+        with ProgressBars(describe={"profile": lambda e: f"[bold]profiling {device}[/bold]"}) as bars:
+            result = profile_device(device, threads=threads, size=size, db=db_url, progress=bars)
         _emit(
-            result,
+            result.summary(),
             as_json,
             lambda p: err.print(
                 f"profiled {p['kernels']} kernels on {p['device']} ({p['threads']} threads) in {p['seconds']}s"

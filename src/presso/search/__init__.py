@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from presso._verbs import callable_package
+from presso.search import mobilenet  # noqa: F401  (registers the built-in space: every module of the package sees it)
 from presso.search.space import SPACES, SearchSpace, arch_key, get_space, register_space
 
 

@@ -62,8 +62,6 @@ def arch_key(arch: dict[str, Any]) -> str:
 
 
 def get_space(name: str, image_size: tuple[int, int], in_chans: int, num_classes: int) -> SearchSpace:
-    from presso.search import mobilenet  # noqa: F401  (registers the built-in space)
-
     if name not in SPACES:
         raise ConfigError(f"Unknown search space '{name}'.{closest(name, SPACES)} Spaces: {', '.join(SPACES)}.")
     return SPACES[name](image_size, in_chans, num_classes)

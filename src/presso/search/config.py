@@ -1,0 +1,52 @@
+"""What a search is asked for: ``SearchConfig`` (data, device, budget, space, trials, proxy training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from presso.errors import ConfigError
+
+SEARCH_VERSION = 1
+
+
+@dataclass
+class SearchConfig:
+    """latency_ms: the budget on ``device`` (ONNX Runtime, FP32, batch 1, ``threads``).
+
+    trials: finished trials (trained + skipped) the study should hold; time_budget_min stops a worker earlier.
+    proxy_epochs / proxy_fraction: proxy training per candidate (epochs, share of the training split);
+        proxy_val: held-out images that score it. final_epochs: the winner's full training.
+    measure_top: feasible candidates measured on the device at the end (best proxy top-1 first).
+    """
+
+    latency_ms: float
+    device: str = "local"
+    trials: int = 30
+    time_budget_min: float | None = None
+    space: str = "mobilenet"
+    proxy_epochs: int = 2
+    proxy_fraction: float = 0.25
+    proxy_val: int = 2000
+    final_epochs: int = 15
+    measure_top: int = 3
+    batch_size: int = 128
+    threads: int | None = None
+    seed: int = 0
+    warm_start: bool = True
+    final: bool = True
+    heartbeat_s: int = 10  # a worker silent for 4 heartbeats is dead: its trial is failed and retried
+    version: int = SEARCH_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.latency_ms > 0:
+            raise ConfigError(f"The latency budget must be positive, not {self.latency_ms} ms.")
+        if self.trials < 1 or self.proxy_epochs < 1 or self.final_epochs < 1:
+            raise ConfigError("trials, proxy_epochs and final_epochs must be at least 1.")
+        if not 0 < self.proxy_fraction <= 1:
+            raise ConfigError(f"proxy_fraction is a share in (0, 1], not {self.proxy_fraction}.")
+
+    def study_settings(self) -> dict[str, Any]:
+        """What makes two searches the same study (a worker with other settings must not join it)."""
+        keys = ("latency_ms", "device", "space", "proxy_epochs", "proxy_fraction", "proxy_val", "batch_size", "seed")
+        return {k: getattr(self, k) for k in keys}
