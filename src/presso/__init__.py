@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from presso import errors as _errors
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -57,18 +59,7 @@ _EXPORTS = {
     "ProgressEvent": "presso.progress",
     "ProgressCallback": "presso.progress",
 }
-_ERRORS = [
-    "PressoError",
-    "ModelSourceError",
-    "InputSpecError",
-    "ConfigError",
-    "UnsupportedLayerError",
-    "UntrustedFileError",
-    "BudgetError",
-    "DataError",
-    "ConversionError",
-    "BundleError",
-]
+_ERRORS = [name for name in _errors.__all__ if name != "closest"]  # presso.errors is light: stdlib only
 
 __all__ = sorted([*_EXPORTS, *_ERRORS, "__version__"])
 
