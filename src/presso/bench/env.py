@@ -78,3 +78,30 @@ def device_fingerprint(name: str, env: dict[str, Any], precision: str) -> str:
         "precision": precision,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+REPORTED_PACKAGES = ("presso", "torch", "torchvision", "timm", "torch-pruning", "safetensors", "onnx", "onnxruntime")
+
+
+def bug_report() -> dict[str, Any]:
+    """Versions and devices of this installation, for bug reports (``presso env``)."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    packages = {}
+    for name in REPORTED_PACKAGES:
+        try:
+            packages[name] = md.version(name)
+        except md.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
+        "cuda": torch.cuda.is_available(),
+        "packages": packages,
+        "presso_home": str(presso_home()),
+    }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -48,25 +46,9 @@ def info(
 @app.command()
 def env(as_json: JsonOpt = False) -> None:
     """Versions and devices, for bug reports."""
-    import importlib.metadata as md
-    import platform
+    from presso.bench.env import bug_report
 
-    import torch
-
-    pkgs = {}
-    for p in ("presso", "torch", "torchvision", "timm", "torch-pruning", "safetensors", "onnx", "onnxruntime"):
-        try:
-            pkgs[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pkgs[p] = None
-    payload = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.is_available(),
-        "packages": pkgs,
-        "presso_home": os.environ.get("PRESSO_HOME", str(Path.home() / ".presso")),
-    }
+    payload = bug_report()
 
     def render(p):
         t = Table(title="presso env")
