@@ -8,11 +8,11 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from presso.cli import app
 
-runner = CliRunner()
+from ._helpers import runner
+
 TRAIN = ["train", "presso:resnet8", "--data", "digits:size=12", "--model-arg", "num_classes=10", "--batch-size", "64"]
 
 

@@ -196,7 +196,7 @@ def test_wrong_input_channels_is_a_clear_error(digits):
     "bad", [dict(epochs=0), dict(optimizer="adam"), dict(lr=-1.0), dict(warmup=1.5), dict(kd_alpha=2.0)]
 )
 def test_bad_settings_are_named(bad):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=f"TrainConfig: {next(iter(bad))} "):
         TrainConfig(**bad)
 
 
