@@ -42,6 +42,8 @@ SLOW_TESTS = {
     "test_every_candidate_builds_runs_exports_and_prunes",
     "test_time_per_mac_allocations_cut_slow_groups_harder",
     "test_package_and_predict_match_pytorch_without_torch",
+    "test_ctrl_c_in_the_first_seconds_stops_compress",  # tests/security/test_inputs.py: 5 runs interrupted, ~10 s
+    "test_a_killed_verb_leaves_old_or_new_and_reruns_clean",  # tests/security/test_outputs.py: a CLI run killed, rerun
 }
 
 
@@ -151,3 +153,36 @@ def _tiny_onnx(path, width: int = 8, size: int = 16):
         nn.Linear(width, 4),
     )
     return export_onnx(model.eval(), (torch.randn(1, 3, size, size),), path)
+
+
+@pytest.fixture
+def make_agent(tmp_path):
+    """Starts real agents (uvicorn + FastAPI, in threads of the test process) with ``create_app``'s options; returns
+    url, token, token_file and the app of each. All are stopped (and their measurement children killed) at the end."""
+    import uvicorn
+
+    from presso.bench.agent import create_app
+
+    servers = []
+
+    def start(**options):
+        token = secrets.token_urlsafe(24)
+        token_file = tmp_path / f"agent-{len(servers)}.token"
+        token_file.write_text(token + "\n")
+        port = _free_port()
+        app = create_app(token, **{"name": "test-agent", **options})
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.time() + 20
+        while not server.started:
+            if time.time() > deadline or not thread.is_alive():
+                raise RuntimeError("the agent did not start")
+            time.sleep(0.05)
+        return {"url": f"http://127.0.0.1:{port}", "token": token, "token_file": token_file, "app": app}
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)

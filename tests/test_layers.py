@@ -25,6 +25,8 @@ FLOORS = {
     "progress": 0,
     "results": 0,
     "_verbs": 0,
+    "safeio": 0,  # reading untrusted files: regular files only, size and JSON-depth limits
+    "outdir": 0,  # the one output-folder rule (temporary sibling, rename, --overwrite backup)
     "models": 1,
     "data": 2,
     "bench": 2,

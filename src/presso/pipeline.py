@@ -13,8 +13,9 @@ Stages, each kept in ``OUT/<stage>/`` with a ``stage.json`` (its settings key, f
   device with the slowest operators, and packaged into ``bundle.zip``; the bundle's predictions are checked.
 
 A rerun skips every stage whose settings and inputs are unchanged; a killed run resumes (training stages from their
-checkpoints); a stage's output appears in one rename, so nothing finished is lost. ``summary.json`` holds the
-figures, ``report.html`` shows them (self-contained: tables and embedded plots).
+checkpoints); a stage's output appears in one rename, so nothing finished is lost. ``OUT`` is this verb's resumable
+state; a folder holding anything else is refused unless ``overwrite`` (then the run goes to a sibling, renamed into
+place at the end: ``presso.outdir``). ``summary.json`` holds the figures, ``report.html`` shows them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from presso.errors import BudgetError, ConfigError
+import presso.outdir as outdir
+from presso.errors import BudgetError, ConfigError, check_fields
 from presso.progress import ProgressCallback, reporter
 from presso.results import Result
 
@@ -64,6 +66,9 @@ class RunConfig:
             raise ConfigError(f"Precision '{self.precision}': use fp32, fp16 or int8.")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
             raise ConfigError(f"--target-macs is a share in (0, 1], not {self.target_macs}.")
+        check_fields(self, latency_ms=(0, None, "(]"), target_macs=(0, 1, "(]"), train_epochs=(1, None),
+                     recover_epochs=(1, None), search_trials=(1, None), search_proxy_epochs=(1, None),
+                     max_accuracy_drop=(0, 1), threads=(1, None), seed=(0, 2**63 - 1))  # fmt: skip
 
 
 @dataclass
@@ -92,6 +97,7 @@ class _Stages:
 
     def run(self, name: str, key: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         final = self.out / name
+        outdir.clean_stale(final)  # a stage killed between its two renames gets its previous output back
         manifest = final / "stage.json"
         if manifest.is_file():
             record = json.loads(manifest.read_text())
@@ -111,16 +117,14 @@ class _Stages:
         record = {"stage": name, "key": key, "seconds": round(time.perf_counter() - t0, 1), **figures}
         (work / "stage.json").write_text(json.dumps(record, indent=2, default=str))
         (work / ".key").unlink()
-        if final.exists():
-            shutil.rmtree(final)
-        work.rename(final)
+        outdir.put_in_place(work, final)  # the previous output goes only once this one is in place
         record["cached"] = False
         self.records[name] = record
         return record
 
 
 class _Job:
-    def __init__(self, data, cfg: RunConfig, out: Path, progress: ProgressCallback | None):
+    def __init__(self, data, cfg: RunConfig, out: Path, progress: ProgressCallback | None, trust: bool = False):
         from presso.data import DataBundle, load_data
 
         # a loaded DataBundle is used as it is and named (in stage keys and commands) by its name
@@ -128,6 +132,7 @@ class _Job:
         self.source = self.bundle if isinstance(data, DataBundle) else data  # what nested verbs read data from
         self.data = self.bundle.name if isinstance(data, DataBundle) else str(data)
         self.cfg, self.out = cfg, out
+        self.trust = trust  # the user's --trust (never from a file): needed to rebuild a model from Python code
         self.progress = progress  # every nested verb reports through it too: training, search, conversion, ...
         self.stages = _Stages(out, progress)
 
@@ -136,8 +141,8 @@ class _Job:
         from presso.models.sources import load_model
         from presso.train import evaluate
 
-        model = load_model(str(model_dir))
-        t = load_model(str(teacher)) if teacher is not None else None
+        model = load_model(str(model_dir), trust=self.trust)
+        t = load_model(str(teacher), trust=self.trust) if teacher is not None else None
         scores = evaluate(model, self.bundle, teacher=t, seed=self.cfg.seed, progress=self.progress).metrics
         return {k: scores[k] for k in ("val_top1", "val_loss", "agreement") if k in scores}
 
@@ -146,7 +151,7 @@ class _Job:
         from presso.models.sources import load_model
         from presso.models.spec import InputSpec
 
-        model = load_model(str(model_dir))
+        model = load_model(str(model_dir), trust=self.trust)
         spec = InputSpec.parse(model.presso_card.input_spec)
         return {**model_figures(model, spec.example_inputs()), "input_shape": str(spec)}
 
@@ -164,9 +169,9 @@ class _Job:
         from presso.convert import ConvertConfig, convert
         from presso.models.sources import load_model
 
-        model = load_model(str(model_dir))
+        model = load_model(str(model_dir), trust=self.trust)
         cfg = ConvertConfig(precision=precision, eval_samples=1000)
-        result = convert(model, model.presso_card.input_spec, cfg, output_dir=dest,
+        result = convert(model, model.presso_card.input_spec, cfg, output_dir=dest, overwrite=True,
                          calib=self.source if precision == "int8" else None, eval_data=self.source,
                          progress=self.progress)  # fmt: skip
         s = result.summary()
@@ -196,7 +201,7 @@ class _Job:
         from presso.models.sources import load_model
         from presso.train import TrainConfig, train
 
-        model = load_model(self.cfg.model)
+        model = load_model(self.cfg.model, trust=self.trust)
         card = model.presso_card
         trained_here = bool(card.preprocess) and card.labels == self.bundle.classes and "val_top1" in card.figures
         dest = work / "model"
@@ -207,11 +212,11 @@ class _Job:
         else:
             how = ("given model fine-tuned on the data (it was trained elsewhere)" if card.figures.get("val_top1")
                    else "given model trained on the data (it was not trained)")  # fmt: skip
-            from presso.train import partial_dir
+            from presso.train.checkpoint import has_checkpoint
 
             if not dest.exists():
                 train(model, self.bundle, TrainConfig(epochs=self.cfg.train_epochs, seed=self.cfg.seed),
-                      output_dir=dest, resume=partial_dir(dest).exists(), progress=self.progress)  # fmt: skip
+                      output_dir=dest, resume=has_checkpoint(dest), progress=self.progress)  # fmt: skip
         commands = [] if trained_here else [
             f"presso train {self.cfg.model} --data {self.data} --epochs {self.cfg.train_epochs} -o original/model"
         ]  # fmt: skip
@@ -275,7 +280,7 @@ class _Job:
                                    f"the {cfg.latency_ms:g} ms budget"}  # fmt: skip
             if cfg.target_macs is not None and cfg.target_macs >= 1.0:
                 return {"skipped": "a MACs target of 1.0 keeps the whole model"}
-            model = load_model(str(self.out / "original" / "model"))
+            model = load_model(str(self.out / "original" / "model"), trust=self.trust)
             spec = model.presso_card.input_spec
             if cfg.latency_ms is not None:
                 # the budget is for the deployed precision: scale it to FP32 by the measured speed ratio
@@ -300,7 +305,7 @@ class _Job:
             # the per-layer ratios are chosen by how each allocation's outputs hold up on the user's images
             result = compress(model, spec, PruneConfig(ratio=0.3), target=target, calib=self.source,
                               progress=self.progress)  # fmt: skip
-            save_model_dir(result.model, work / "model")
+            save_model_dir(result.model, work / "model", overwrite=True)  # a killed attempt's copy
             s = result.summary()
             changed = {n: v for n, v in s["per_layer"].items() if v.get("before") != v.get("after") or "ranks" in v}
             return {"model_dir": "compress/model", "why": why, "commands": [command], "method": s["method"],
@@ -331,12 +336,12 @@ class _Job:
 
             if compressed.get("skipped"):
                 return {"skipped": "nothing was compressed"}
-            student = load_model(str(self.out / "compress" / "model"))
-            teacher = load_model(str(self.out / "original" / "model"))
+            student = load_model(str(self.out / "compress" / "model"), trust=self.trust)
+            teacher = load_model(str(self.out / "original" / "model"), trust=self.trust)
             dest = work / "model"
             if not dest.exists():
                 train(student, self.bundle, TrainConfig(epochs=self.cfg.recover_epochs, seed=self.cfg.seed, lr=1e-3),
-                      teacher=teacher, output_dir=dest, resume=partial_dir(dest).exists(),
+                      teacher=teacher, output_dir=dest, resume=(partial_dir(dest) / "last.pt").is_file(),
                       progress=self.progress)  # fmt: skip
             command = (f"presso train compress/model --teacher original/model --data {self.data} "
                        f"--epochs {self.cfg.recover_epochs} --lr 1e-3 -o recover/model")  # fmt: skip
@@ -404,6 +409,8 @@ def run(
     *,
     output_dir: str | Path,
     progress: ProgressCallback | None = None,
+    trust: bool = False,
+    overwrite: bool = False,
     **kwargs,
 ) -> RunResult:
     """The whole job into ``output_dir``; see the module docstring. ``kwargs`` fill a ``RunConfig`` when ``config``
@@ -411,29 +418,31 @@ def run(
 
     ``data``: a data spec or a ``DataBundle`` (stages are keyed by its name). ``progress`` gets stage ``pipeline``
     events (done: stages finished before this one, of 5; info: its name and whether it was reused) and every nested
-    verb's events (training, search, compression, conversion, measurement).
+    verb's events (training, search, compression, conversion, measurement). ``trust``: allow running the code a
+    model is built from (a ``file.py:factory`` model; docs/security.md).
     """
     from presso.report import write_report
 
     cfg = config or RunConfig(**kwargs)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    job = _Job(data, cfg, out, progress)
-    original = job.original()
-    baseline = job.baseline(original)
-    try:
-        compressed = job.compress(baseline)
-    except BudgetError as e:
-        write_summary(job, cfg, out, t0, error=str(e))
-        raise BudgetError(
-            f"{e} The finished stages are kept in {out} (original: {original.get('val_top1')} top-1, "
-            f"{baseline[cfg.precision]['latency_ms']:.3f} ms {cfg.precision.upper()})."
-        ) from None
-    recovered = job.recover(compressed)
-    job.deploy(recovered)
-    summary = write_summary(job, cfg, out, t0)
-    write_report(out / "report.html", summary)
+    out, t0 = Path(output_dir), time.perf_counter()
+    own = outdir.holding_only({*STAGES, ".work", "summary.json", "report.html"})  # a run's folder: resumed as it is
+    with outdir.writing(out, overwrite=overwrite, sources=outdir.cli_sources(cfg.model), resumable=own) as where:
+        job = _Job(data, cfg, where, progress, trust=trust)
+        original = job.original()
+        baseline = job.baseline(original)
+        try:
+            compressed = job.compress(baseline)
+        except BudgetError as e:
+            write_summary(job, cfg, where, t0, error=str(e))
+            kept = f"kept in {out}" if where == out else "dropped (the old output is untouched)"
+            raise BudgetError(
+                f"{e} The finished stages are {kept} (original: {original.get('val_top1')} top-1, "
+                f"{baseline[cfg.precision]['latency_ms']:.3f} ms {cfg.precision.upper()})."
+            ) from None
+        recovered = job.recover(compressed)
+        job.deploy(recovered)
+        summary = write_summary(job, cfg, where, t0)
+        write_report(where / "report.html", summary)
     job.stages.report(len(STAGES), len(STAGES))
     return RunResult(output_dir=out, figures=summary)
 

@@ -36,9 +36,8 @@ def test_remote_benchmark_over_http(home, agent, tiny_onnx, tmp_path):
 
 def test_wrong_token_is_401(home, agent, tiny_onnx, tmp_path):
     path = tiny_onnx(tmp_path / "tiny.onnx")
-    files = {"model": ("m.onnx", path.read_bytes(), "application/octet-stream")}
     for headers in ({"Authorization": "Bearer " + agent["token"][:-1] + "x"}, {}, {"Authorization": agent["token"]}):
-        r = httpx.post(agent["url"] + "/benchmark", headers=headers, files=files, timeout=30)
+        r = httpx.post(agent["url"] + "/benchmark", headers=headers, content=path.read_bytes(), timeout=30)
         assert r.status_code == 401, headers
         assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(agent["url"] + "/info", timeout=10).status_code == 401
@@ -57,12 +56,7 @@ def test_bad_uploads_get_4xx_and_the_agent_keeps_serving(home, agent, tiny_onnx,
         b"\x01" * (3 * 2**20): (413, "limit"),  # over the 2 MiB limit the test agent was started with
     }
     for data, (status, words) in cases.items():
-        r = httpx.post(
-            agent["url"] + "/benchmark",
-            headers=headers,
-            files={"model": ("m.onnx", data, "application/octet-stream")},
-            timeout=30,
-        )
+        r = httpx.post(agent["url"] + "/benchmark", headers=headers, content=data, timeout=30)
         assert r.status_code == status, (r.status_code, r.text)
         assert words in r.json()["detail"]
     # a valid ONNX file the checker refuses: a node reading a tensor nothing produces

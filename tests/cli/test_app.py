@@ -15,7 +15,7 @@ from ._helpers import runner
     [
         (["compress", "torchvision:resnet1", "-s", "1,3,32,32", "-o", "X"], "Did you mean"),
         (["compress", "torchvision:resnet18", "-s", "1,3,3a,32", "-o", "X"], "Malformed input shape"),
-        (["compress", "torchvision:resnet18", "-s", "1,3,32,32", "-r", "1.5", "-o", "X"], "outside (0, 1)"),
+        (["compress", "torchvision:resnet18", "-s", "1,3,32,32", "-r", "1.5", "-o", "X"], "--prune-ratio"),
         (["compress", "torchvision:resnet18", "-s", "1,3,32,32", "--criterion", "taylor", "-o", "X"], "--calib"),
         (["compress", "torchvision:resnet18", "-s", "1,4,32,32", "-o", "X"], "Fix --input-shape"),
         (["info", "torchvision:resnet18"], "--input-shape"),

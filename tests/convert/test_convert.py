@@ -172,7 +172,7 @@ def test_bad_requests_fail_clearly(tmp_path):
         ConvertConfig(precision="int4")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(presso.OutputError, match="full' already exists and holds keep.txt"):
         _convert(model, "1,3,32,32", tmp_path, name="full")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(ConversionError, match="tolerance"):

@@ -28,14 +28,16 @@ def test_unknown_names_suggest_the_closest(source, hint):
 
 
 def test_user_file_factory(user_file):
-    m = presso.load_model(f"{user_file}:build", width=4)
+    with pytest.raises(UntrustedFileError, match="runs the Python file .*my_models.py.*--trust"):
+        presso.load_model(f"{user_file}:build", width=4)
+    m = presso.load_model(f"{user_file}:build", trust=True, width=4)
     assert m.conv.out_channels == 4
     with pytest.raises(ModelSourceError, match="no callable 'biuld'.*build"):
-        presso.load_model(f"{user_file}:biuld")
+        presso.load_model(f"{user_file}:biuld", trust=True)
     with pytest.raises(ModelSourceError, match="not a torch.nn.Module"):
-        presso.load_model(f"{user_file}:not_a_model")
+        presso.load_model(f"{user_file}:not_a_model", trust=True)
     with pytest.raises(ModelSourceError, match="does not exist"):
-        presso.load_model("missing.py:build")
+        presso.load_model("missing.py:build", trust=True)
 
 
 def test_a_file_that_is_not_a_model(tmp_path):

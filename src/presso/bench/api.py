@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from presso.bench.devices import LOCAL
 from presso.bench.results import BenchmarkResult
-from presso.errors import ConfigError
+from presso.errors import ConfigError, check_range
 from presso.progress import ProgressCallback, reporter
 
 if TYPE_CHECKING:
@@ -149,6 +149,7 @@ def benchmark(
         raise ConfigError(f"Runtime '{runtime}': use one of {', '.join(RUNTIMES)}.")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch must be positive, not {batch}.")
+    check_range(max_seconds, "max_seconds", 0, None, low_open=True)  # NaN would never stop the timing loop early
     report = reporter(progress, "benchmark")
     client = None
     if device != LOCAL:  # an unknown device fails before any export

@@ -371,7 +371,7 @@ class QuietProbe:
 
         try:
             return float(json.loads(self.file.read_text())[self.key]) if self.file else float("inf")
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             return float("inf")
 
     def _remember(self) -> None:
@@ -384,12 +384,16 @@ class QuietProbe:
             data = json.loads(self.file.read_text()) if self.file.exists() else {}
         except (OSError, ValueError):
             data = {}
-        if self.best < float(data.get(self.key, float("inf"))):
-            data[self.key] = self.best
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, self.file)
+        data = data if isinstance(data, dict) else {}
+        try:
+            if self.best < float(data.get(self.key, float("inf"))):
+                data[self.key] = self.best
+                self.file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, self.file)
+        except (OSError, ValueError, TypeError):  # a cache: an unwritable PRESSO_HOME or a damaged file costs nothing
+            pass
 
     def factor(self) -> float:
         """The probe's time now / its best time (1.0: as quiet as ever seen)."""

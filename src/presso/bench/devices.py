@@ -5,6 +5,7 @@ The registry stores each device's URL and the *path* of its token file, never th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -47,14 +48,16 @@ def read_token(path: Path) -> str:
 
 
 def list_devices() -> list[Device]:
+    from presso.safeio import read_json
+
     path = registry_path()
     if not path.exists():
         return []
+    data = read_json(path, "device registry", max_bytes=1 << 20, error=ConfigError)
     try:
-        data = json.loads(path.read_text())
-        return [Device(**d) for d in data.get("devices", [])]
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"The device registry '{path}' is damaged ({e}); fix or delete it.") from None
+        return [Device(**{k: str(v) for k, v in d.items()}) for d in data.get("devices", [])]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"The device registry '{path}' is damaged ({type(e).__name__}); fix or delete it.") from None
 
 
 def get_device(name: str) -> Device:
@@ -87,9 +90,16 @@ def remove_device(name: str) -> None:
 
 
 def _write(data: dict) -> None:
+    from presso.bench.env import ensure_home
+
+    ensure_home()  # one clear line when PRESSO_HOME is a file or read-only
     path = registry_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".devices-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)  # atomic: a reader never sees half a registry
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)  # atomic: a reader never sees half a registry
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -19,6 +19,27 @@ def presso_home() -> Path:
     return Path(os.environ.get("PRESSO_HOME") or Path.home() / ".presso").expanduser()
 
 
+def ensure_home() -> Path:
+    """``presso_home()``, created if needed; one ``ConfigError`` saying what to do when it is a file, or cannot be
+    created or written (rather than a raw ``FileExistsError`` from whatever first writes there)."""
+    from presso.errors import ConfigError
+
+    home = presso_home()
+    name = f"PRESSO_HOME '{home}'" if os.environ.get("PRESSO_HOME") else f"Presso's home folder '{home}'"
+    fix = "set PRESSO_HOME to a folder you can write (or unset it to use ~/.presso)"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{name} is a file, not a folder (or lies under one); {fix}.") from None
+    except OSError as e:
+        raise ConfigError(f"{name} cannot be created: {e.strerror or e}; {fix}.") from None
+    if not home.is_dir():
+        raise ConfigError(f"{name} is not a folder; {fix}.")
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} is not writable; {fix}.")
+    return home
+
+
 @lru_cache(maxsize=1)
 def cpu_model() -> str:
     try:

@@ -7,8 +7,11 @@ Rows carry a random ``uid`` so an export imported twice adds nothing the second 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import stat
 import time
 import uuid
 from collections.abc import Iterable
@@ -27,9 +30,10 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
 )
-from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from presso.errors import ConfigError, DeviceError
 
@@ -101,8 +105,10 @@ class LatencyDB:
     def __init__(self, url: str | None = None):
         self.url = _normalize_url(url)
         sqlite = self.url.startswith("sqlite")
+        self.file: Path | None = None
         if sqlite and ":memory:" not in self.url and self.url != "sqlite://":
-            Path(self.url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+            self.file = Path(self.url.split(":///", 1)[1])
+            _prepare_file(self.file, default=not url)
         try:
             self.engine = create_engine(self.url, connect_args={"timeout": 60} if sqlite else {})
         except (SQLAlchemyError, ImportError, ValueError) as e:
@@ -119,6 +125,31 @@ class LatencyDB:
                 if attempt == 4:
                     raise DeviceError(f"Cannot create the latency database at '{self.url}': {e.orig}") from None
                 time.sleep(0.2 * (attempt + 1))
+            except DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+                raise self._foreign(e) from None
+        with self._guard():
+            found = {c["name"] for c in inspect(self.engine).get_columns("measurements")}
+        if missing := set(COLUMNS) - found:
+            raise self._foreign(f"its 'measurements' table lacks {', '.join(sorted(missing)[:3])}")
+
+    def _foreign(self, cause: object) -> DeviceError:
+        """The one line for a database Presso cannot use: what it is, and how to start afresh."""
+        cause = getattr(cause, "orig", None) or cause
+        where = self.file or safe_url(self.url)
+        fix = (
+            f"move it away (mv '{where}' '{where}.bak') and Presso starts a new one, or give another --db"
+            if self.file
+            else "point --db at a Presso latency database"
+        )
+        return DeviceError(f"'{where}' is not a Presso latency database ({cause}); {fix}.")
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """SQLAlchemy's errors on a damaged or foreign database, as one ``DeviceError`` naming it."""
+        try:
+            yield
+        except DatabaseError as e:
+            raise self._foreign(e) from None
 
     def add(self, row: dict[str, Any]) -> str:
         return self.add_many([row])[0]
@@ -126,7 +157,7 @@ class LatencyDB:
     def add_many(self, rows: Iterable[dict[str, Any]]) -> list[str]:
         clean = [_clean(r) for r in rows]
         if clean:
-            with self.engine.begin() as conn:
+            with self._guard(), self.engine.begin() as conn:
                 conn.execute(insert(measurements), clean)
         return [r["uid"] for r in clean]
 
@@ -152,13 +183,13 @@ class LatencyDB:
                 q = q.where(measurements.c[col] == value)
         if limit:
             q = q.limit(limit)
-        with self.engine.connect() as conn:
+        with self._guard(), self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def count(self) -> int:
         from sqlalchemy import func
 
-        with self.engine.connect() as conn:
+        with self._guard(), self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(measurements)).scalar_one())
 
     def export(self, path: str | Path, fmt: str | None = None, **filters) -> int:
@@ -191,7 +222,7 @@ class LatencyDB:
                 rows = data["rows"] if isinstance(data, dict) else data
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"'{path}' is not a Presso latency export (JSON or CSV): {e}") from None
-        with self.engine.connect() as conn:
+        with self._guard(), self.engine.connect() as conn:
             known = {u for (u,) in conn.execute(select(measurements.c.uid))}
         fresh = [r for r in rows if r.get("uid") not in known]
         self.add_many(fresh)
@@ -223,6 +254,30 @@ def _from_csv(r: dict[str, str]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def _prepare_file(path: Path, *, default: bool) -> None:
+    """The SQLite file's folder exists (PRESSO_HOME checked when it is the default), and the file, if there, is a
+    regular file: a folder or a FIFO there gives one clear line instead of SQLite's "unable to open"."""
+    if default:
+        from presso.bench.env import ensure_home
+
+        ensure_home()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot create the folder of the latency database '{path}': {e.strerror or e}.") from None
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"Cannot read the latency database '{path}': {e.strerror or e}.") from None
+    if not stat.S_ISREG(mode):
+        raise DeviceError(
+            f"'{path}' is not a Presso latency database (not a regular file); move it away (mv '{path}' "
+            f"'{path}.bak') and Presso starts a new one, or give another --db."
+        )
 
 
 def _sqlite_concurrency(engine) -> None:

@@ -18,4 +18,10 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    app()
+    import sys
+
+    try:
+        app()
+    except KeyboardInterrupt:  # while Typer builds the command line, before any command runs
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

@@ -9,6 +9,7 @@ each verb module imports the app from here and adds its commands to it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+from presso.cli.limits import PressoGroup
 
 if TYPE_CHECKING:
     from presso.progress import ProgressEvent
@@ -27,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=PressoGroup,  # checks every numeric option's range (presso.cli.limits) before any command body runs
 )
 err = Console(stderr=True)
 _state = {"debug": bool(os.environ.get("PRESSO_DEBUG"))}
@@ -43,7 +47,14 @@ SourceArg = Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME, fil
 ShapeOpt = Annotated[
     str | None, typer.Option("--input-shape", "-s", help="Input shape(s), e.g. 1,3,224,224 (several: ';').")
 ]
-TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow unpickling a full-model .pt you trust.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust",
+        help="Allow running code from the model: a file.py:FACTORY, a model directory built from Python code, a "
+        "pickled .pt, or a .pt2 with pickled parts. Only for models you trust (docs/security.md).",
+    ),
+]
 ModelArgOpt = Annotated[
     list[str] | None, typer.Option("--model-arg", help="Builder keyword, NAME=VALUE (repeatable), e.g. num_classes=10.")
 ]
@@ -57,6 +68,14 @@ DataOpt = Annotated[
     ),
 ]
 ImageSizeOpt = Annotated[str | None, typer.Option("--image-size", help="Resize images to H or H,W.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace what -o holds (a previous output too); the old copy is removed only once the new one is "
+        "complete. Never the model being read.",
+    ),
+]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -70,9 +89,11 @@ def _model_kwargs(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--model-arg '{item}' must look like NAME=VALUE (e.g. num_classes=10).")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError, ValueError):
             out[key] = value
-    return out
+    from presso.models.sources import check_kwargs
+
+    return check_kwargs(out, "--model-arg")  # plain names and values; never trust=, build=, ...
 
 
 def _input_spec(source: str, model, given: str | None):
@@ -80,6 +101,14 @@ def _input_spec(source: str, model, given: str | None):
     from presso.models.spec import input_spec_for
 
     return input_spec_for(model, given, source)
+
+
+def _check_output(output, overwrite: bool, *sources: str | None, what: str = "folder") -> None:
+    """Refuse a taken -o (without --overwrite) or one that is a model being read, before any work is done."""
+    import presso.outdir as outdir
+
+    paths = [p for s in sources for p in outdir.cli_sources(s)]
+    outdir.check(output, overwrite=overwrite, sources=paths, what=what)
 
 
 def _load(source: str, trust: bool, model_arg: list[str] | None, teacher: str | None = None, show: bool = True):
@@ -236,9 +265,36 @@ def _run(fn):
     except Exception as e:
         if _state["debug"]:
             raise
+        disk = _disk_error(e)
+        if disk:  # the machine refused a write: not a bug, and the path says where
+            err.print(f"[red]error:[/red] {disk}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         err.print(
             f"[red]internal error:[/red] {type(e).__name__}: {e} -- rerun with 'presso --debug ...' and report it.",
             highlight=False,
             soft_wrap=True,
         )
         raise typer.Exit(1) from None
+
+
+# errno -> what to do about it, for the errors a full, read-only or foreign disk gives whatever writes to it
+_DISK_ERRORS = {
+    errno.ENOSPC: "free some space or write elsewhere (-o)",
+    errno.EDQUOT: "free some space or write elsewhere (-o)",
+    errno.EROFS: "write elsewhere (-o), on a writable disk",
+    errno.EACCES: "check that path's permissions, or write elsewhere (-o)",
+    errno.EPERM: "check that path's permissions, or write elsewhere (-o)",
+}
+
+
+def _disk_error(e: BaseException) -> str | None:
+    """One line naming the path and the cause when ``e`` (or what caused it) is a full/read-only/permission error."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            where = f" at '{e.filename}'" if e.filename else ""
+            cause = e.strerror or os.strerror(e.errno)
+            return f"{cause}{where}; {_DISK_ERRORS[e.errno]}."
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None

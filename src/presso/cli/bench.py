@@ -168,16 +168,36 @@ def agent_serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
     name: Annotated[str, typer.Option(help="The name this device reports.")] = "agent",
     max_upload_mb: Annotated[float, typer.Option(help="Largest model accepted (MiB).")] = 512.0,
+    measure_timeout: Annotated[
+        float,
+        typer.Option(help="Wall-clock limit of one measurement (s), session creation and warm-up included."),
+    ] = 60.0,
+    max_input_elements: Annotated[
+        int, typer.Option(help="Most input elements one request may ask for (all inputs together).")
+    ] = 64 * 2**20,
 ) -> None:
-    """Serve benchmarks of uploaded ONNX models on this device (one at a time), behind a bearer token."""
+    """Serve benchmarks of uploaded ONNX models on this device (one at a time, each in a child process with a time
+    limit), behind a bearer token. SIGTERM or Ctrl-C stops it cleanly."""
 
     def body():
         from presso.bench.agent import serve
         from presso.bench.devices import read_token
 
         token = read_token(token_file)
-        err.print(f"presso agent '{name}' on http://{host}:{port} (max upload {max_upload_mb:g} MiB)")
-        serve(token, host, port, name=name, max_upload_mb=max_upload_mb)
+        err.print(
+            f"presso agent '{name}' on http://{host}:{port} (max upload {max_upload_mb:g} MiB, "
+            f"{measure_timeout:g} s per measurement, {max_input_elements:,} input elements)"
+        )
+        serve(
+            token,
+            host,
+            port,
+            name=name,
+            max_upload_mb=max_upload_mb,
+            measure_timeout=measure_timeout,
+            max_input_elements=max_input_elements,
+        )
+        err.print(f"presso agent '{name}' stopped")
 
     _run(body)
 

@@ -12,10 +12,12 @@ from rich.table import Table
 from presso.cli.app import (
     JsonOpt,
     ModelArgOpt,
+    OverwriteOpt,
     ProgressBars,
     ShapeOpt,
     SourceArg,
     TrustOpt,
+    _check_output,
     _emit,
     _human,
     _input_spec,
@@ -91,6 +93,7 @@ def compress(
         int | None, typer.Option("--threads", help="Intra-op threads latency is measured with (default: all cores).")
     ] = None,
     tolerance: Annotated[float, typer.Option(help="Relative tolerance of a target.")] = 0.03,
+    overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
@@ -106,6 +109,7 @@ def compress(
         from presso.compress import DecomposeConfig, PruneConfig, Target, load_layer_file
         from presso.errors import ConfigError
 
+        _check_output(output, overwrite, source)
         per = load_layer_file(per_layer, "per-layer ratio") if per_layer else {}
         idx = load_layer_file(indices, "indices") if indices else {}
         rank_map = load_layer_file(ranks, "ranks") if ranks else {}
@@ -153,7 +157,7 @@ def compress(
         with ProgressBars() as bars:
             result = presso.compress(
                 model, spec, configs, calib=calib, target=target, recommend=recommend, output_dir=output,
-                progress=bars,
+                overwrite=overwrite, progress=bars,
             )  # fmt: skip
         _emit(result.summary(), as_json, _render_compress)
 

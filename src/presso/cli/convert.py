@@ -7,7 +7,6 @@ heavy import inside the command bodies.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,10 +17,12 @@ from rich.table import Table
 from presso.cli.app import (
     JsonOpt,
     ModelArgOpt,
+    OverwriteOpt,
     ProgressBars,
     ShapeOpt,
     SourceArg,
     TrustOpt,
+    _check_output,
     _emit,
     _human,
     _input_spec,
@@ -74,7 +75,7 @@ def _convert_options(
 @app.command()
 def convert(
     source: SourceArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (created; must be new).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (new or empty; see --overwrite).")],
     to: FormatOpt = "onnx",
     precision: PrecisionOpt = "fp32",
     calib: Annotated[
@@ -100,6 +101,7 @@ def convert(
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
     input_shape: ShapeOpt = None,
+    overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
@@ -117,11 +119,19 @@ def convert(
             to, precision, calib_method, calib_samples, snr_db, max_fallback, reduce_range, dynamic_batch,
             tolerance, opset, eval_samples,
         )  # fmt: skip
+        _check_output(output, overwrite, source)
         model, _ = _load(source, trust, model_arg)
         spec = _input_spec(source, model, input_shape)
         with ProgressBars() as bars:
             result = presso.convert(
-                model, spec, cfg, output_dir=output, calib=calib, eval_data=eval_data, progress=bars
+                model,
+                spec,
+                cfg,
+                output_dir=output,
+                calib=calib,
+                eval_data=eval_data,
+                overwrite=overwrite,
+                progress=bars,
             )
         summary = {"source": source, **result.summary()}
         if result.int8 is not None and not result.int8.met:
@@ -143,6 +153,7 @@ def package(
     precision: PrecisionOpt = "fp32",
     calib: Annotated[str | None, typer.Option("--calib", help="Calibration data when converting to INT8.")] = None,
     input_shape: ShapeOpt = None,
+    overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
@@ -151,20 +162,23 @@ def package(
 
     def body():
         import presso
-        from presso.convert.package import is_converted_dir
+        import presso.outdir as outdir
+        from presso.convert.package import is_bundle, is_converted_dir
 
+        _check_output(output, overwrite or is_bundle(output), source, what="file")
         with contextlib.ExitStack() as stack:
             converted, model = Path(source), None
             if not is_converted_dir(converted):
                 model, _ = _load(source, trust, model_arg)  # its status line ends before the bars start
                 spec = _input_spec(source, model, input_shape)
-                converted = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="presso-pkg-"))) / "m"
+                # converted beside the bundle, in a folder named as Presso's: a killed run's is cleaned by the next
+                converted = stack.enter_context(outdir.scratch(output)) / "m"
             bars = stack.enter_context(ProgressBars())
             if model is not None:
                 cfg = _convert_options("onnx", precision, "minmax", 128, 20.0, 0.5, "auto", False, None, 18, 0)
                 presso.convert(model, spec, cfg, output_dir=converted, calib=calib, progress=bars)
             # the bundle's path is given on the command line; the library takes its directory and file name
-            result = presso.package(converted, output.parent, name=output.name, progress=bars)
+            result = presso.package(converted, output.parent, name=output.name, overwrite=overwrite, progress=bars)
         _emit(result.summary(), as_json, _render_package)
 
     _run(body)
@@ -230,5 +244,7 @@ def _render_predict(s: dict[str, Any]) -> None:
     for col in ("image", "class", "score"):
         t.add_column(col)
     for r in s["predictions"]:
-        t.add_row(r["image"], " | ".join(f"{x['label']}" for x in r["top"]), f"{r['score']:.4f}")
+        # the k best classes and, in the same order, each one's score
+        labels, scores = " | ".join(x["label"] for x in r["top"]), " | ".join(f"{x['score']:.4f}" for x in r["top"])
+        t.add_row(r["image"], labels, scores)
     Console().print(t)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from presso.cli.app import DataOpt, JsonOpt, ProgressBars, _emit, _run, app
+from presso.cli.app import DataOpt, JsonOpt, OverwriteOpt, ProgressBars, TrustOpt, _emit, _run, app
 
 
 @app.command(name="run")
@@ -31,6 +31,8 @@ def run_(
     threads: Annotated[int | None, typer.Option(help="Runtime threads the budget is for.")] = None,
     db: Annotated[str | None, typer.Option(help="Latency database URL or path.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data splits, training and search.")] = 0,
+    overwrite: OverwriteOpt = False,
+    trust: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """From data (and your model, if any) to a compressed, quantized, measured and packaged model + report.
@@ -55,7 +57,7 @@ def run_(
                     bars.progress.console.print(_stage_text(event), highlight=False)
                 bars(event)
 
-            result = run(data, cfg, output_dir=output, progress=progress)
+            result = run(data, cfg, output_dir=output, progress=progress, trust=trust, overwrite=overwrite)
         _emit(result.summary(), as_json, lambda s: _render_run(s, output))
 
     _run(body)

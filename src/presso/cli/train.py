@@ -15,9 +15,11 @@ from presso.cli.app import (
     ImageSizeOpt,
     JsonOpt,
     ModelArgOpt,
+    OverwriteOpt,
     ProgressBars,
     SourceArg,
     TrustOpt,
+    _check_output,
     _emit,
     _load,
     _run,
@@ -56,6 +58,7 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted run kept in OUTPUT.partial.")
     ] = False,
+    overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
@@ -93,13 +96,21 @@ def train(
             feature_match=feature_match,
         )
         main = setup().is_main
+        _check_output(output, overwrite, source, teacher)
         torch.manual_seed(seed)  # the same initial weights on every torchrun process
         model, original = _load(source, trust, model_arg, teacher, show=main)
         bars = ProgressBars() if main else None  # a bar over the run's steps, a line per epoch
         try:
             with bars or contextlib.nullcontext():
                 result = presso.train(
-                    model, data, cfg, teacher=original, output_dir=output, resume=resume, progress=bars
+                    model,
+                    data,
+                    cfg,
+                    teacher=original,
+                    output_dir=output,
+                    resume=resume,
+                    overwrite=overwrite,
+                    progress=bars,
                 )
         except KeyboardInterrupt:
             if main:

@@ -50,6 +50,7 @@ def compress(
     target: Target | None = None,
     recommend: bool | None = None,
     output_dir: str | Path | None = None,
+    overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> CompressResult:
     """Compress `model` as `config` says.
@@ -70,9 +71,12 @@ def compress(
         of all channels) over the layers by LAMP scores (weighted by measured sensitivity when ``calib`` is given).
     inplace: modify `model` itself instead of a copy.
     output_dir: save the compressed model there as a Presso model directory, with the per-layer values it used
-        (``per_layer.yaml``, ``ranks.yaml``) beside it to edit and feed back.
+        (``per_layer.yaml``, ``ranks.yaml``) beside it to edit and feed back; a non-empty folder is refused
+        unless ``overwrite`` (``presso.outdir``), and the folder the model was loaded from always is.
     progress: called with a ``ProgressEvent`` per step (stage ``compress``, or ``search`` under a target; ``save``).
     """
+    if output_dir is not None:  # refused before the work, not after it
+        _check_output(model, Path(output_dir), overwrite)
     inputs = as_inputs(example_inputs)
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     data = _calibration(model, inputs, calib, reporter(progress, "calibration data"))
@@ -88,7 +92,7 @@ def compress(
             configs = [_recommended(model, inputs, c, data) for c in configs]
         result = apply(model, inputs, configs, data=data, progress=reporter(progress, "compress"), inplace=inplace)
     if output_dir is not None:
-        result = _save(result, inputs, example_inputs, Path(output_dir), reporter(progress, "save"))
+        result = _save(result, inputs, example_inputs, Path(output_dir), overwrite, reporter(progress, "save"))
     return result
 
 
@@ -106,7 +110,15 @@ def _calibration(model: nn.Module, inputs: tuple, calib, report) -> list[torch.T
     return batches
 
 
-def _save(result: CompressResult, inputs: tuple, example_inputs, output_dir: Path, report) -> CompressResult:
+def _check_output(model: nn.Module, output_dir: Path, overwrite: bool) -> None:
+    import presso.outdir as outdir
+    from presso.models.card import get_card
+
+    card = get_card(model)
+    outdir.check(output_dir, overwrite=overwrite, sources=[card.source.get("code_from") if card else None])
+
+
+def _save(result: CompressResult, inputs, example_inputs, output_dir: Path, overwrite: bool, report) -> CompressResult:
     """Save the compressed model and its per-layer files as one model directory (written atomically)."""
     from presso.compress.layer_files import per_layer_files
     from presso.models.directory import save_model_dir
@@ -114,7 +126,7 @@ def _save(result: CompressResult, inputs: tuple, example_inputs, output_dir: Pat
     spec = example_inputs if isinstance(example_inputs, (str, InputSpec)) else InputSpec.from_tensors(inputs)
     files = per_layer_files(result)
     report(0, 1)
-    save_model_dir(result.model, output_dir, input_spec=spec, extra_files=files)
+    save_model_dir(result.model, output_dir, input_spec=spec, extra_files=files, overwrite=overwrite)
     report(1, 1)
     return dataclasses.replace(result, output_dir=output_dir, files=sorted(files))
 

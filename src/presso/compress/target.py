@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from presso.errors import BudgetError, ConfigError
+from presso.errors import BudgetError, ConfigError, check_range
 
 
 @dataclass
@@ -24,6 +24,11 @@ class Target:
         given = [k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError("Give exactly one target: --target-macs, --target-params or --target-latency-ms.")
+        # NaN and infinities first: a NaN budget passes every comparison below and is met by no model, so the search
+        # would run to exhaustion before saying anything
+        for key in given:
+            check_range(getattr(self, key), f"Target {key}")
+        check_range(self.tolerance, "Target tolerance", 0, 1, low_open=True, high_open=True)
         if self.device not in (None, "local"):
             raise ConfigError(
                 f"Device '{self.device}': latency is measured on this machine (--device local) in this version; "

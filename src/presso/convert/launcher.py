@@ -3,14 +3,14 @@
 Flow: export (torch.export-based ONNX, opset 18) -> ONNX checker -> simplify (ONNX Runtime's basic optimizer) ->
 verify against PyTorch (the export fails above a tolerance) -> FP16 or INT8 (calibration + automatic precision) ->
 OpenVINO IR if asked -> accuracy of FP32 vs the result on labelled data. The output directory holds the model file,
-``presso.json`` (the model card, with the conversion recorded) and ``convert.json`` (the full report).
+``presso.json`` (the model card, with the conversion recorded) and ``convert.json`` (the full report); all of it is
+assembled in a temporary sibling and appears in one rename (``presso.outdir``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+import presso.outdir as outdir
 from presso.convert.quantize import Int8Config, Int8Result, quantize_int8, to_fp16
-from presso.errors import ConfigError, ConversionError
+from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
 from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
 from presso.models.spec import InputSpec
@@ -64,8 +65,9 @@ class ConvertConfig:
             raise ConfigError(f"Unknown format '{self.to}'; use one of {', '.join(FORMATS)}.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"Unknown precision '{self.precision}'; use one of {', '.join(PRECISIONS)}.")
-        if self.opset < 17:
+        if isinstance(self.opset, int) and self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old; Presso exports opset 17 or newer.")
+        check_fields(self, opset=(17, 30), tolerance=(0, 1, "(]"), eval_samples=(0, 10**7))
         if isinstance(self.int8, dict):
             self.int8 = Int8Config(**self.int8)
 
@@ -162,9 +164,13 @@ def convert(
     output_dir: str | Path,
     calib: str | Path | DataBundle | None = None,
     eval_data: str | Path | DataBundle | None = None,
+    overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ConvertResult:
-    """Convert ``model`` into ``output_dir`` (a new directory) and verify it.
+    """Convert ``model`` into ``output_dir`` and verify it.
+
+    ``output_dir`` appears complete (model, card, report) in one rename, or not at all; a non-empty one (an earlier
+    conversion too) is refused unless ``overwrite``, and the folder the model was loaded from always is.
 
     example_inputs: an input spec (``"1,3,224,224"``) or example tensors; the export's batch size is theirs
         unless ``config.dynamic_batch``.
@@ -172,7 +178,7 @@ def convert(
         labelled, also gives FP32 vs converted accuracy (or ``eval_data`` names another labelled set).
     progress: called with a ``ProgressEvent`` per step of each stage (exporting, verifying, calibrating, ...).
     """
-    from presso.data import DataBundle, calibration_batches, load_data, preprocess_for
+    from presso.data import calibration_batches
     from presso.data.images import Preprocess
 
     cfg = config or ConvertConfig()
@@ -187,9 +193,9 @@ def convert(
             "checks that quantization runs, it does not keep accuracy)."
         )
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()):
-        raise ConfigError(f"'{output}' exists and is not empty; choose a new output directory or remove it.")
     card = ensure_card(model)
+    sources = [card.source.get("code_from")]
+    outdir.check(output, overwrite=overwrite, sources=sources)  # before the work, not after it
     pp = Preprocess.from_json(card.preprocess) if card.preprocess else None
     batch = None if cfg.dynamic_batch else int(inputs[0].shape[0])
 
@@ -206,103 +212,108 @@ def convert(
         held_out = [held.numpy()]
         check_inputs += _batches_of(held, batch)[:4]  # verification against PyTorch: a few batches suffice
 
-    work = Path(tempfile.mkdtemp(prefix=".presso-convert-", dir=output.parent if output.parent.exists() else None))
-    try:
-        report("exporting to ONNX", 0, 1)
-        raw = export_onnx(model, inputs, work / "raw.onnx", opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
-        fp32 = optimize_onnx(raw, work / "model.fp32.onnx")
-        reference = [torch_outputs(model, i) for i in check_inputs]
-        fp32_diff = compare_outputs(reference, [_ort_runner(fp32)(i) for i in check_inputs])
-        if fp32_diff.max_rel_diff > TOLERANCE["fp32"] if cfg.tolerance is None else cfg.tolerance:
-            raise ConversionError(
-                f"The exported ONNX model differs from PyTorch by {fp32_diff.max_abs_diff:.3g} "
-                f"({fp32_diff.max_rel_diff:.2%} of the output scale, tolerance "
-                f"{TOLERANCE['fp32'] if cfg.tolerance is None else cfg.tolerance:.2%}); a layer exports wrongly -- "
-                "rerun with --debug, or raise --tolerance if the difference is acceptable."
-            )
+    with outdir.writing(output, overwrite=overwrite, sources=sources) as tmp:
+        result = _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibration, held_out,
+                          labelled=eval_data or calib, tmp=tmp, output=output, report=report, t0=t0)  # fmt: skip
+    report.close()
+    return result
 
-        int8 = None
-        onnx_out = work / "model.onnx"
-        if cfg.precision == "fp32":
-            shutil.copyfile(fp32, onnx_out)
-        elif cfg.precision == "fp16":
-            report("converting to FP16", 0, 1)
-            to_fp16(fp32, onnx_out, keep_io_types=cfg.keep_io_types)
-        else:
-            int8 = quantize_int8(fp32, onnx_out, calibration, held_out, cfg.int8, progress=report)
 
-        files: list[str] = []
-        output.mkdir(parents=True, exist_ok=True)
-        if cfg.to == "onnx":
-            final = output / "model.onnx"
-            shutil.move(onnx_out, final)
-            runner = _ort_runner(final)
-        else:
-            from presso.convert.openvino import to_openvino
+def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibration, held_out, *, labelled, tmp: Path,
+             output: Path, report, t0: float) -> ConvertResult:  # fmt: skip
+    """Everything a conversion writes, into ``tmp`` (renamed to ``output`` by the caller once this returns)."""
+    from presso.data import DataBundle, load_data, preprocess_for
 
-            report("converting to OpenVINO IR", 0, 1)
-            source = fp32 if cfg.precision == "fp16" else onnx_out  # FP16 IR: compressed weights of the FP32 graph
-            final = to_openvino(source, output, fp16_weights=cfg.precision == "fp16")
-            shutil.copyfile(onnx_out, output / "model.onnx")  # the runtime-neutral file travels along
-            files.append("model.onnx")
-            runner = _ov_runner(final)
-        files = [final.name, *([final.with_suffix(".bin").name] if final.suffix == ".xml" else []), *files]
-
-        report("verifying", 0, 1)
-        # INT8 is compared on real images only when there are some: random inputs lie outside the calibrated ranges
-        compared = range(1, len(check_inputs)) if cfg.precision == "int8" and len(check_inputs) > 1 else None
-        compared = list(compared) if compared is not None else list(range(len(check_inputs)))
-        diff = compare_outputs([reference[i] for i in compared], [runner(check_inputs[i]) for i in compared])
-        limit = cfg.max_rel_diff
-        if limit is not None and diff.max_rel_diff > limit:
-            shutil.rmtree(output, ignore_errors=True)
-            raise ConversionError(
-                f"The {cfg.precision.upper()} {cfg.to} model differs from PyTorch by {diff.max_rel_diff:.2%} of the "
-                f"output scale (tolerance {limit:.2%}); use a higher precision or raise --tolerance."
-            )
-
-        accuracy = None
-        labelled = eval_data or calib
-        named_random = not isinstance(labelled, DataBundle) and str(labelled) == "random"
-        if cfg.eval_samples and labelled and not named_random:
-            bundle = labelled if isinstance(labelled, DataBundle) else load_data(labelled)
-            if bundle.labeled:
-                report("scoring FP32 and converted models", 0, 1)
-                eval_pp = pp or preprocess_for(bundle, model)
-                fp32_top1, n = _accuracy(_ort_runner(fp32), bundle, eval_pp, cfg.eval_samples, batch)
-                conv_top1, _ = _accuracy(runner, bundle, eval_pp, cfg.eval_samples, batch)
-                accuracy = {
-                    "data": bundle.name,
-                    "samples": n,
-                    "fp32_top1": round(fp32_top1, 4),
-                    "converted_top1": round(conv_top1, 4),
-                    "top1_change": round(conv_top1 - fp32_top1, 4),
-                }
-
-        result = ConvertResult(
-            format=cfg.to,
-            precision=cfg.precision,
-            path=final,
-            output_dir=output,
-            size_bytes=_file_size(final),
-            size_bytes_fp32=fp32.stat().st_size,
-            diff={
-                "max_abs_diff": diff.max_abs_diff,
-                "max_rel_diff": diff.max_rel_diff,
-                "verified_batches": diff.samples,
-                "fp32_max_abs_diff": fp32_diff.max_abs_diff,
-            },  # fmt: skip
-            int8=int8,
-            accuracy=accuracy,
-            seconds=time.perf_counter() - t0,
-            config=cfg,
-            files=files,
+    work = tmp / ".scratch"  # the intermediate ONNX files; removed before the rename
+    work.mkdir()
+    report("exporting to ONNX", 0, 1)
+    raw = export_onnx(model, inputs, work / "raw.onnx", opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
+    fp32 = optimize_onnx(raw, work / "model.fp32.onnx")
+    reference = [torch_outputs(model, i) for i in check_inputs]
+    fp32_diff = compare_outputs(reference, [_ort_runner(fp32)(i) for i in check_inputs])
+    if fp32_diff.max_rel_diff > TOLERANCE["fp32"] if cfg.tolerance is None else cfg.tolerance:
+        raise ConversionError(
+            f"The exported ONNX model differs from PyTorch by {fp32_diff.max_abs_diff:.3g} "
+            f"({fp32_diff.max_rel_diff:.2%} of the output scale, tolerance "
+            f"{TOLERANCE['fp32'] if cfg.tolerance is None else cfg.tolerance:.2%}); a layer exports wrongly -- "
+            "rerun with --debug, or raise --tolerance if the difference is acceptable."
         )
-        _write_card(output, card, spec, result)
-        report.close()
-        return result
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    int8 = None
+    onnx_out = tmp / "model.onnx"
+    if cfg.precision == "fp32":
+        shutil.copyfile(fp32, onnx_out)
+    elif cfg.precision == "fp16":
+        report("converting to FP16", 0, 1)
+        to_fp16(fp32, onnx_out, keep_io_types=cfg.keep_io_types)
+    else:
+        int8 = quantize_int8(fp32, onnx_out, calibration, held_out, cfg.int8, progress=report)
+
+    files: list[str] = []
+    if cfg.to == "onnx":
+        final = onnx_out
+        runner = _ort_runner(final)
+    else:
+        from presso.convert.openvino import to_openvino
+
+        report("converting to OpenVINO IR", 0, 1)
+        source = fp32 if cfg.precision == "fp16" else onnx_out  # FP16 IR: compressed weights of the FP32 graph
+        final = to_openvino(source, tmp, fp16_weights=cfg.precision == "fp16")
+        files.append("model.onnx")  # the runtime-neutral file travels along
+        runner = _ov_runner(final)
+    files = [final.name, *([final.with_suffix(".bin").name] if final.suffix == ".xml" else []), *files]
+
+    report("verifying", 0, 1)
+    # INT8 is compared on real images only when there are some: random inputs lie outside the calibrated ranges
+    compared = range(1, len(check_inputs)) if cfg.precision == "int8" and len(check_inputs) > 1 else None
+    compared = list(compared) if compared is not None else list(range(len(check_inputs)))
+    diff = compare_outputs([reference[i] for i in compared], [runner(check_inputs[i]) for i in compared])
+    limit = cfg.max_rel_diff
+    if limit is not None and diff.max_rel_diff > limit:
+        raise ConversionError(
+            f"The {cfg.precision.upper()} {cfg.to} model differs from PyTorch by {diff.max_rel_diff:.2%} of the "
+            f"output scale (tolerance {limit:.2%}); use a higher precision or raise --tolerance."
+        )
+
+    accuracy = None
+    named_random = not isinstance(labelled, DataBundle) and str(labelled) == "random"
+    if cfg.eval_samples and labelled and not named_random:
+        bundle = labelled if isinstance(labelled, DataBundle) else load_data(labelled)
+        if bundle.labeled:
+            report("scoring FP32 and converted models", 0, 1)
+            eval_pp = pp or preprocess_for(bundle, model)
+            fp32_top1, n = _accuracy(_ort_runner(fp32), bundle, eval_pp, cfg.eval_samples, batch)
+            conv_top1, _ = _accuracy(runner, bundle, eval_pp, cfg.eval_samples, batch)
+            accuracy = {
+                "data": bundle.name,
+                "samples": n,
+                "fp32_top1": round(fp32_top1, 4),
+                "converted_top1": round(conv_top1, 4),
+                "top1_change": round(conv_top1 - fp32_top1, 4),
+            }
+
+    result = ConvertResult(
+        format=cfg.to,
+        precision=cfg.precision,
+        path=output / final.name,
+        output_dir=output,
+        size_bytes=_file_size(final),
+        size_bytes_fp32=fp32.stat().st_size,
+        diff={
+            "max_abs_diff": diff.max_abs_diff,
+            "max_rel_diff": diff.max_rel_diff,
+            "verified_batches": diff.samples,
+            "fp32_max_abs_diff": fp32_diff.max_abs_diff,
+        },  # fmt: skip
+        int8=int8,
+        accuracy=accuracy,
+        seconds=time.perf_counter() - t0,
+        config=cfg,
+        files=files,
+    )
+    shutil.rmtree(work)
+    _write_card(tmp, card, spec, result)
+    return result
 
 
 class _Stages:

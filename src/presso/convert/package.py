@@ -3,19 +3,20 @@
 Members: ``model.onnx`` (what ``predict`` runs), ``presso.json`` (the model card: input spec, preprocessing, labels,
 lineage -- source, recipe, history -- and figures, plus the conversion report), ``predict.py`` (the self-contained
 predictor, ``python predict.py bundle.zip IMAGE``), ``README.txt``, and the OpenVINO IR when the model was converted
-to it. The archive is written to a temporary name and renamed, so a failed run never leaves half a bundle.
+to it. The archive is written to a temporary sibling and renamed (``presso.outdir``), so a failed or killed run never
+leaves half a bundle, and a file at that path that is not a Presso bundle is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import presso.outdir as outdir
 from presso.convert.predict import BUNDLE_FORMAT, CARD_MEMBER, MODEL_MEMBER
 from presso.errors import BundleError
 from presso.progress import ProgressCallback, reporter
@@ -34,6 +35,16 @@ or, where Presso is installed:  presso predict {zip} IMAGE ...
 Input: {spec}; images are resized to {size} ({channels} channel(s)) and normalised with the recorded mean/std.
 Precision: {precision}. Classes: {classes}.
 """
+
+
+def is_bundle(path: str | Path) -> bool:
+    """A zip holding a bundle's card and model: what ``package`` may replace without ``overwrite``."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return CARD_MEMBER in names and MODEL_MEMBER in names
 
 
 def is_converted_dir(path: str | Path) -> bool:
@@ -71,11 +82,13 @@ def package(
     output_dir: str | Path,
     *,
     name: str = "bundle.zip",
+    overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> PackageResult:
     """Pack a directory written by ``presso.convert`` into the bundle ``output_dir/name`` (a .zip).
 
-    ``output_dir`` is created if needed; a bundle of the same name there is replaced, in one rename.
+    ``output_dir`` is created if needed; a bundle of the same name there is replaced, in one rename; any other
+    file of that name only with ``overwrite``.
     ``progress`` gets stage ``package`` events, one per member written.
     """
     from presso.convert import predict
@@ -98,7 +111,7 @@ def package(
     output = output_dir / name
     if output.suffix != ".zip" or Path(name).name != name:
         raise BundleError(f"Name the bundle with a file name ending in .zip, not '{name}'.")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    outdir.check(output, overwrite=overwrite or is_bundle(output), what="file")  # before reading the model
     model_bytes = (src / MODEL_MEMBER).read_bytes()
     card["bundle_format"] = BUNDLE_FORMAT
     card["bundle"] = {"model_sha256": hashlib.sha256(model_bytes).hexdigest(), "runtime": "onnxruntime"}
@@ -123,12 +136,11 @@ def package(
         if (src / extra).is_file():
             members[extra] = (src / extra).read_bytes()
     report = reporter(progress, "package")
-    tmp = output.with_name(f".{output.name}.partial")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for k, (member, data) in enumerate(members.items()):
-            report(k, len(members))
-            zf.writestr(member, data)
-    os.replace(tmp, output)
+    with outdir.writing_file(output, overwrite=overwrite, replaceable=is_bundle) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for k, (member, data) in enumerate(members.items()):
+                report(k, len(members))
+                zf.writestr(member, data)
     report(len(members), len(members))
     return PackageResult(
         path=output,

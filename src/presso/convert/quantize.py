@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from presso.errors import ConfigError, ConversionError
+from presso.errors import ConfigError, ConversionError, check_fields
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -77,8 +77,8 @@ class Int8Config:
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"Calibration method '{self.method}' is not one of {', '.join(CALIBRATION_METHODS)}.")
-        if self.samples < 1 or self.check_samples < 1:
-            raise ConfigError("Calibration needs at least one sample and one check sample.")
+        check_fields(self, samples=(1, None), check_samples=(1, None), snr_db=(-1000, 1000), max_fallback=(0, 1),
+                     percentile=(0, 100, "(]"))  # fmt: skip
         if not 0.0 <= self.max_fallback <= 1.0:
             raise ConfigError(f"max_fallback must be a share in [0, 1], not {self.max_fallback}.")
 

@@ -132,11 +132,26 @@ def load_data(spec: str | Path, *, val_fraction: float = 0.1, seed: int = 0) -> 
         )
     if len(train) == 0:
         raise DataError(f"Data '{text}' is empty.")
+    for images in (train, val):
+        _check_labels(images, classes, text)
     val_from = "given"
     if val is None:
         train, val = _split(train, val_fraction, seed)
         val_from = "split"
     return DataBundle(text, train, val, classes, flip=flip, val_from=val_from)
+
+
+def _check_labels(images: ImageSet | None, classes: list[str] | None, where: str) -> None:
+    """Every label names one of the classes: checked once, here, rather than as an index error mid-training."""
+    labels = None if images is None else images.labels
+    if labels is None or classes is None or len(labels) == 0:
+        return
+    bad = (labels < 0) | (labels >= len(classes))
+    if bad.any():
+        raise DataError(
+            f"Data '{where}' has {int(bad.sum())} label(s) outside 0..{len(classes) - 1} (e.g. {int(labels[bad][0])}) "
+            f"for its {len(classes)} classes: the label file does not belong to these images or class names."
+        )
 
 
 def _options(arg: str, name: str) -> dict[str, Any]:

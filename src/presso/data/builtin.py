@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 
-from presso.data.images import ArrayImages
-from presso.errors import ConfigError
+from presso.data.images import ArrayImages, memory_limit
+from presso.errors import ConfigError, check_range
 
+MAX_BUILTIN_SIZE = 1024  # generated sets are drawn at 4x this size first
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "hexagon", "crescent")
 
 
@@ -17,6 +18,8 @@ def digits(size: int = 32) -> tuple[ArrayImages, list[str]]:
     import torch
     from sklearn.datasets import load_digits
 
+    if not isinstance(size, int) or not 1 <= size <= MAX_BUILTIN_SIZE:
+        raise ConfigError(f"digits: size must be an integer in [1, {MAX_BUILTIN_SIZE}], not {size}.")
     d = load_digits()
     x = torch.from_numpy((d.images * (255.0 / 16.0)).astype(np.float32))[:, None]
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -31,10 +34,19 @@ def shapes(n: int = 2000, size: int = 32, classes: int = 6, seed: int = 0, noise
     separate ring from circle or hexagon from circle at low resolution."""
     from PIL import Image, ImageDraw
 
+    for key, value in (("n", n), ("size", size), ("classes", classes)):
+        check_range(value, f"shapes: {key}", 1, integer=True)
+    check_range(seed, "shapes: seed", 0, 2**63 - 1, integer=True)
+    check_range(noise, "shapes: noise", 0, 1)
     if not 2 <= classes <= len(SHAPES):
         raise ConfigError(f"shapes: classes must be in [2, {len(SHAPES)}], not {classes}.")
     if n < classes or size < 8:
         raise ConfigError(f"shapes: need n >= classes and size >= 8 (got n={n}, size={size}).")
+    if size > MAX_BUILTIN_SIZE or n * size * size * 3 > memory_limit():
+        raise ConfigError(
+            f"shapes: n={n} images of {size}x{size} do not fit in memory (size at most {MAX_BUILTIN_SIZE}); "
+            "ask for fewer or smaller images."
+        )
     rng = np.random.default_rng(seed)
     s2 = size * 4  # draw large, then downsample: anti-aliased edges
     labels = np.arange(n) % classes

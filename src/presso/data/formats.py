@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from presso.data.images import IMAGE_SUFFIXES, ArrayImages, FileImages, ImageSet, list_images
+from presso.data.images import IMAGE_SUFFIXES, ArrayImages, FileImages, ImageSet, list_images, memory_limit
 from presso.errors import DataError
 
 Split = tuple[ImageSet, ImageSet | None, list[str] | None]
@@ -119,21 +119,41 @@ def read_idx_dir(root: Path, classes: list[str] | None = None) -> Split:
         raise DataError(
             f"'{root}' lacks train-images-idx3-ubyte[.gz] / train-labels-idx1-ubyte[.gz] (MNIST-style IDX files)."
         )
-    train = ArrayImages(read_idx(train_x), read_idx(train_y))
-    val = ArrayImages(read_idx(test_x), read_idx(test_y)) if test_x and test_y else None
-    n_classes = int(train.labels.max()) + 1  # type: ignore[union-attr]
+    train = _idx_pair(train_x, train_y)
+    val = _idx_pair(test_x, test_y) if test_x and test_y else None
+    # without class names, the labels seen in both splits name them (load_data checks named classes against them)
+    n_classes = max((int(s.labels.max()) for s in (train, val) if s is not None and len(s)), default=0) + 1  # type: ignore
     return train, val, classes or [str(k) for k in range(n_classes)]
+
+
+def _idx_pair(images: Path, labels: Path) -> ArrayImages:
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim not in (3, 4) or y.ndim != 1:
+        raise DataError(
+            f"'{images}' / '{labels}' hold arrays of {x.ndim} and {y.ndim} dimensions; IDX images are N x H x W "
+            "and labels one number per image."
+        )
+    return ArrayImages(x, y)
 
 
 def read_idx(path: Path) -> np.ndarray:
     """One IDX file (optionally gzipped): magic 0x00 0x00 TYPE NDIM, NDIM big-endian sizes, then the data."""
+    limit = memory_limit()
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path) as f:  # bounded: a small .gz may expand to anything
+                raw = f.read(limit + 1)
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"Cannot read IDX file '{path}': {e}") from None
+    if len(raw) > limit:
+        raise DataError(f"'{path}' expands to more than {limit / 2**30:.1f} GiB, more than this machine can hold.")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"'{path}' is not an unsigned-byte IDX file (bad magic number).")
     ndim = raw[3]
+    if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"'{path}' has a damaged IDX header ({ndim} dimensions).")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -178,14 +198,14 @@ def read_cifar_dir(root: Path) -> Split:
     """CIFAR-10 (python or binary batches) or CIFAR-100 (python: ``train``/``test``)."""
     if (root / "data_batch_1.bin").is_file():
         train = _cifar_bin(
-            [root / f"data_batch_{i}.bin" for i in range(1, 6) if (root / f"data_batch_{i}.bin").exists()]
+            [root / f"data_batch_{i}.bin" for i in range(1, 6) if (root / f"data_batch_{i}.bin").is_file()]
         )
-        val = _cifar_bin([root / "test_batch.bin"]) if (root / "test_batch.bin").exists() else None
+        val = _cifar_bin([root / "test_batch.bin"]) if (root / "test_batch.bin").is_file() else None
         meta = root / "batches.meta.txt"
-        classes = [c for c in meta.read_text().split() if c] if meta.exists() else [str(k) for k in range(10)]
+        classes = [c for c in meta.read_text().split() if c] if meta.is_file() else [str(k) for k in range(10)]
         return train, val, classes
     if (root / "data_batch_1").is_file():
-        train_files = [root / f"data_batch_{i}" for i in range(1, 6) if (root / f"data_batch_{i}").exists()]
+        train_files = [root / f"data_batch_{i}" for i in range(1, 6) if (root / f"data_batch_{i}").is_file()]
         test_file, label_key, meta_file, names_key = root / "test_batch", "labels", "batches.meta", "label_names"
     elif (root / "train").is_file():
         train_files, test_file = [root / "train"], root / "test"
@@ -194,9 +214,9 @@ def read_cifar_dir(root: Path) -> Split:
         raise DataError(f"'{root}' is not a CIFAR batch folder (data_batch_1[.bin] ... or train/test).")
     parts = [_cifar_pickle(f, label_key) for f in train_files]
     train = ArrayImages(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    val = ArrayImages(*_cifar_pickle(test_file, label_key)) if test_file.exists() else None
+    val = ArrayImages(*_cifar_pickle(test_file, label_key)) if test_file.is_file() else None
     classes = None
-    if (root / meta_file).exists():
+    if (root / meta_file).is_file():
         meta = _restricted_unpickle(root / meta_file)
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])] or None
     return train, val, classes or [str(k) for k in range(int(train.labels.max()) + 1)]  # type: ignore[union-attr]

@@ -9,6 +9,9 @@ identical in training, evaluation, export and prediction.
 from __future__ import annotations
 
 import abc
+import math
+import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from presso.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PREPROCESS_VERSION = 1
+MAX_IMAGE_SIDE = 4096  # model input height/width: 4096 x 4096 x 3 is 50 MB per image already
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,12 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise ConfigError(f"Images must have 1 or 3 channels, not {self.channels}.")
-        if len(self.size) != 2 or min(self.size) < 1:
-            raise ConfigError(f"Image size must be (height, width) of positive ints, not {self.size}.")
+        sides_ok = all(isinstance(v, (int, np.integer)) and 1 <= v <= MAX_IMAGE_SIDE for v in self.size)
+        if len(self.size) != 2 or not sides_ok:
+            raise ConfigError(f"Image size must be (height, width) of ints in [1, {MAX_IMAGE_SIDE}], not {self.size}.")
+        values = (*self.mean, *self.std)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ConfigError(f"mean/std must be finite numbers (got {self.mean}, {self.std}).")
         if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std) <= 0:
             raise ConfigError(f"mean/std need {self.channels} values each, std > 0 (got {self.mean}, {self.std}).")
 
@@ -53,13 +61,16 @@ class Preprocess:
     def from_json(cls, d: dict[str, Any]) -> Preprocess:
         if d.get("version", 1) > PREPROCESS_VERSION:
             raise ConfigError("The model's preprocessing was written by a newer Presso; upgrade presso.")
-        return cls(
-            size=tuple(int(v) for v in d["size"]),  # type: ignore[arg-type]
-            channels=int(d["channels"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            resize=str(d.get("resize", "bilinear")),
-        )
+        try:
+            return cls(
+                size=tuple(int(v) for v in d["size"]),  # type: ignore[arg-type]
+                channels=int(d["channels"]),
+                mean=tuple(float(v) for v in d["mean"]),
+                std=tuple(float(v) for v in d["std"]),
+                resize=str(d.get("resize", "bilinear")),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # a card may come from anyone
+            raise ConfigError(f"The recorded preprocessing is malformed ({type(e).__name__}: {e}).") from None
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, C, H, W]`` -> normalised float32."""
@@ -84,6 +95,8 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
         raise ConfigError(f"--image-size '{text}' must be H or H,W (e.g. 32 or 224,224).") from None
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise ConfigError(f"--image-size '{text}' must be H or H,W with positive sizes.")
+    if max(parts) > MAX_IMAGE_SIDE:
+        raise ConfigError(f"--image-size '{text}' is over {MAX_IMAGE_SIDE} pixels a side; give a smaller size.")
     return (parts[0], parts[-1])
 
 
@@ -153,7 +166,21 @@ class ArrayImages(ImageSet):
         return ArrayImages(self.images[indices], None if self.labels is None else self.labels[indices])
 
     def at(self, size: tuple[int, int], channels: int) -> Dataset:
+        need = len(self.images) * channels * int(size[0]) * int(size[1])
+        if need > memory_limit():
+            raise DataError(
+                f"{len(self.images)} images at {size[0]}x{size[1]} need {need / 2**30:.1f} GiB in memory, more than "
+                f"half of this machine's; give a smaller --image-size."
+            )
         return _TensorImages(_resize_array(self.images, size, channels), self.labels)
+
+
+def memory_limit() -> int:
+    """Bytes an in-memory image set may take: half the machine's memory (8 GiB where that is unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
 
 
 class _TensorImages(Dataset):
@@ -282,6 +309,8 @@ def _probe(path: Path) -> tuple[tuple[int, int], str] | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever; a device never ends
+            return None
         with Image.open(path) as im:
             return im.size, im.mode
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):

@@ -30,24 +30,57 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "presso.json") -> ModelCard:
+        """A card from its JSON, every field's type checked: a card may come from anyone, so a wrong type is a
+        clear error here rather than a crash wherever the field is first used."""
         if not isinstance(data, dict) or data.get("format") != CARD_FORMAT:
             raise ModelSourceError(f'{where} is not a Presso model card (missing "format": "{CARD_FORMAT}").')
-        if data.get("version", 0) > CARD_VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ModelSourceError(f"{where} has an invalid card version {version!r}; re-create the model directory.")
+        if version > CARD_VERSION:
             raise ModelSourceError(
-                f"{where} was written by a newer Presso (card version {data['version']}); upgrade presso to load it."
+                f"{where} was written by a newer Presso (card version {version}); upgrade presso to load it."
             )
-        try:
-            return cls(
-                source=dict(data["source"]),
-                input_spec=data.get("input_spec"),
-                recipe=list(data.get("recipe", [])),
-                figures=dict(data.get("figures", {})),
-                history=list(data.get("history", [])),
-                preprocess=data.get("preprocess"),
-                labels=data.get("labels"),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelSourceError(f"{where} is damaged ({e!r}); re-create the model directory.") from None
+        source = _field(data, "source", dict, where, required=True)
+        if not isinstance(source.get("source"), str):
+            raise ModelSourceError(f'{where}: "source.source" must be a string such as "torchvision:resnet18".')
+        if not isinstance(source.get("kwargs", {}), dict):
+            raise ModelSourceError(f'{where}: "source.kwargs" must be an object of name: value pairs.')
+        if "code" in source and not isinstance(source["code"], str):
+            raise ModelSourceError(f'{where}: "source.code" must be a relative path inside the directory.')
+        recipe = _field(data, "recipe", list, where)
+        if not all(isinstance(step, dict) for step in recipe):
+            raise ModelSourceError(f'{where}: every "recipe" step must be an object.')
+        labels = _field(data, "labels", list, where, default=None)
+        if labels is not None and not all(isinstance(x, str) for x in labels):
+            raise ModelSourceError(f'{where}: "labels" must be a list of strings.')
+        return cls(
+            source=dict(source),
+            input_spec=_field(data, "input_spec", str, where, default=None),
+            recipe=list(recipe),
+            figures=dict(_field(data, "figures", dict, where)),
+            history=list(_field(data, "history", list, where)),
+            preprocess=_field(data, "preprocess", dict, where, default=None),
+            labels=labels,
+        )
+
+
+_EMPTY = {dict: dict, list: list}
+
+
+def _field(data: dict[str, Any], key: str, kind: type, where: str, *, required: bool = False, **default):
+    """``data[key]`` checked to be a `kind` (absent or null: the default, or the kind's empty value)."""
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ModelSourceError(f'{where} has no "{key}"; re-create the model directory.')
+        return default["default"] if "default" in default else _EMPTY[kind]()
+    if not isinstance(value, kind):
+        raise ModelSourceError(
+            f'{where}: "{key}" must be a {kind.__name__.replace("dict", "JSON object").replace("list", "JSON list")}'
+            f", not {type(value).__name__}; re-create the model directory."
+        )
+    return value
 
 
 def get_card(model) -> ModelCard | None:

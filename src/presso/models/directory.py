@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,12 +33,17 @@ def save_model_dir(
     input_spec=None,
     figures: dict | None = None,
     extra_files: dict[str, str | bytes] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as a Presso model directory, atomically: a crash never leaves a half-written model that loads.
 
     extra_files: name -> content written beside the weights (e.g. the trainer's metrics.csv), in the same atomic step.
+    overwrite: replace what `out_dir` holds (a finished model too); without it a non-empty folder is refused
+        (``presso.outdir``). The directory the model was loaded from is never replaced.
     """
     from safetensors.torch import save_model
+
+    import presso.outdir as outdir
 
     out = Path(out_dir)
     card = copy.deepcopy(ensure_card(model))
@@ -48,11 +51,7 @@ def save_model_dir(
         card.input_spec = str(input_spec)
     if figures:
         card.figures.update(figures)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not is_model_dir(out) and any(out.iterdir()):
-        raise ModelSourceError(f"Output directory '{out}' exists and is not a Presso model directory; choose another.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with outdir.writing(out, overwrite=overwrite, sources=[card.source.get("code_from")]) as tmp:
         src = card.source.get("source", "")
         prefix, sep, _ = src.partition(":")
         if sep and prefix.endswith(".py"):
@@ -72,16 +71,6 @@ def save_model_dir(
                 target.write_text(content)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CARD_FILE).write_text(json.dumps(card.to_json(), indent=2, default=_json_default) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -94,29 +83,34 @@ def _json_default(o):
 
 
 def read_card(path: str | Path) -> ModelCard:
+    """The card of a model directory; size, nesting and file type bounded (it may come from anyone)."""
+    from presso.safeio import read_json
+
     p = Path(path) / CARD_FILE
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelSourceError(f"Cannot read {p}: {e}") from None
+    data = read_json(p, "model card", error=ModelSourceError)
     return ModelCard.from_json(data, str(p))
 
 
-def load_model_dir(path: str | Path, *, build: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """Rebuild a saved model: source architecture -> replay recipe -> load weights (strict)."""
+def load_model_dir(path: str | Path, *, trust: bool = False, build: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Rebuild a saved model: source architecture -> replay recipe -> load weights (strict).
+
+    ``trust`` is needed only when the architecture comes from Python code (docs/security.md); ``build`` rebuilds the
+    source architecture instead of the card's source.
+    """
     from safetensors import SafetensorError
 
-    from presso.models.recipe import replay
+    from presso.models.recipe import replay_all
     from presso.models.sources import build_from_card
+    from presso.safeio import regular_file
 
     path = Path(path)
     card = read_card(path)
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+    if not weights.exists():
         raise ModelSourceError(f"'{path}' has no {WEIGHTS_FILE}; the directory is incomplete.")
-    model = build() if build is not None else build_from_card(card, base=path)
-    for step in card.recipe:
-        replay(model, step)
+    regular_file(weights, "weights file", error=ModelSourceError)
+    model = build() if build is not None else build_from_card(card, base=path, trust=trust)
+    replay_all(model, card.recipe, where=str(path / CARD_FILE))
     try:
         missing, unexpected = _load_weights(model, weights)
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:

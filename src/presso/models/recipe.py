@@ -10,6 +10,7 @@ with ``@register_replay``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,16 +30,55 @@ def register_replay(step_type: str):
 
 
 def replay(model: nn.Module, step: dict[str, Any]) -> None:
-    fn = _REPLAYERS.get(step.get("type"))
+    fn = _REPLAYERS.get(step.get("type")) if isinstance(step, dict) else None
     if fn is None:
-        raise ModelSourceError(
-            f"Unknown recipe step '{step.get('type')}' in presso.json; upgrade presso to load this model."
-        )
+        kind = step.get("type") if isinstance(step, dict) else step
+        raise ModelSourceError(f"Unknown recipe step {kind!r} in presso.json; upgrade presso to load this model.")
     fn(model, step)
+
+
+def replay_all(model: nn.Module, recipe: list[dict[str, Any]], where: str = "presso.json") -> None:
+    """Replay every step; a malformed step (a card may come from anyone) is one clear error naming it.
+
+    The replayers check names and values where they read them (``resolve``, ``_op``); what still fails inside torch
+    or Torch-Pruning on hostile values (an index list that does not fit the layer) is caught here.
+    """
+    for i, step in enumerate(recipe):
+        try:
+            replay(model, step)
+        except ModelSourceError as e:
+            raise ModelSourceError(f"{where}, recipe step {i + 1}: {e}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, AssertionError) as e:
+            raise ModelSourceError(
+                f"{where}, recipe step {i + 1} ({step.get('type')}) is malformed or does not fit the model: "
+                f"{type(e).__name__}: {str(e)[:200]}. Re-create the model directory."
+            ) from None
+
+
+_NAME = re.compile(r"^[^\s.]+(\.[^\s.]+)*$")  # dotted names as nn.Module names them (RegNet's "block4-11")
+_PRUNER_FNS = ("prune_out_channels", "prune_in_channels")
+
+
+def _checked_name(name: Any) -> str:
+    if (
+        not isinstance(name, str)
+        or (name and not _NAME.match(name))
+        or any(p.startswith("__") for p in name.split("."))
+    ):
+        raise ModelSourceError(f"The recipe names {name!r}, which is not a layer name.")
+    return name
+
+
+def _op(op: Any, key: str, kind: type | tuple[type, ...]):
+    value = op.get(key) if isinstance(op, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ModelSourceError(f"A recipe operation's '{key}' is missing or has the wrong type ({value!r:.60}).")
+    return value
 
 
 def resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, Any]:
     """(parent module, attribute, object) for a dotted name of a module or parameter; '' is the model itself."""
+    name = _checked_name(name)
     if name == "":
         return model, "", model
     parent_name, _, attr = name.rpartition(".")
@@ -60,17 +100,28 @@ def replay_prune(model: nn.Module, step: dict[str, Any]) -> None:
     from torch_pruning.pruner.function import PrunerBox
 
     pruners = {type(p).__name__: p for p in PrunerBox.values() if p is not None}
-    for op in step.get("ops", []):
-        parent, attr, obj = resolve(model, op["target"])
-        if op["op"] == "setattr":
-            setattr(obj, op["attr"], op["value"])
+    for op in _op(step, "ops", list):
+        parent, attr, obj = resolve(model, _op(op, "target", str))
+        if _op(op, "op", str) == "setattr":
+            name, value = _op(op, "attr", str), op.get("value")
+            if not name.isidentifier() or name.startswith("_"):
+                raise ModelSourceError(f"The recipe sets attribute {name!r}, which is not a public attribute name.")
+            if not all(isinstance(v, (int, float, bool)) for v in (value if isinstance(value, list) else [value])):
+                raise ModelSourceError(f"The recipe sets '{name}' to {value!r:.60}, not a number or list of numbers.")
+            setattr(obj, name, value)
             continue
-        pruner = pruners.get(op["pruner"])
+        pruner = pruners.get(_op(op, "pruner", str))
         if pruner is None:
             raise UnsupportedLayerError(f"Recipe uses pruner '{op['pruner']}', unknown to this Presso version.")
-        pruner.pruning_dim = op["dim"]
-        result = getattr(pruner, op["fn"])(obj, op["idxs"])
-        if op["kind"] == "param":
+        fn = _op(op, "fn", str)
+        if fn not in _PRUNER_FNS:
+            raise ModelSourceError(f"The recipe calls '{fn}', which is not a pruning function.")
+        idxs = _op(op, "idxs", list)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idxs):
+            raise ModelSourceError("A recipe operation's 'idxs' must be non-negative channel indices.")
+        pruner.pruning_dim = _op(op, "dim", int)
+        result = getattr(pruner, fn)(obj, idxs)
+        if _op(op, "kind", str) == "param":
             setattr(parent, attr, result)
 
 
@@ -78,9 +129,19 @@ def replay_prune(model: nn.Module, step: dict[str, Any]) -> None:
 @register_replay("decompose")
 def replay_decompose(model: nn.Module, step: dict[str, Any]) -> None:
     """Rebuild each decomposed layer's structure (the weights come from the model directory)."""
-    for name, info in step["layers"].items():
+    for name, info in _op(step, "layers", dict).items():
         parent, attr, module = resolve(model, name)
-        setattr(parent, attr, build(module, info["method"], tuple(info["ranks"])))
+        method, ranks = _op(info, "method", str), _op(info, "ranks", list)
+        if method not in ("svd", "tucker", "cp"):
+            raise ModelSourceError(f"The recipe decomposes '{name}' with unknown method {method!r}.")
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise ModelSourceError(f"The recipe decomposes '{name}', a {type(module).__name__}, not a conv or linear.")
+        limit = module.weight.numel()
+        if len(ranks) != (2 if method == "tucker" else 1) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= limit for r in ranks
+        ):
+            raise ModelSourceError(f"The recipe's ranks {ranks!r:.60} for '{name}' do not fit the layer.")
+        setattr(parent, attr, build(module, method, tuple(ranks)))
 
 
 def build(module: nn.Module, method: str, ranks: tuple[int, ...]) -> nn.Sequential:

@@ -1,12 +1,20 @@
-"""Where models come from: ``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory``, a Presso model
-directory, ``model.pt2`` (torch.export), and -- only when trusted -- a full-pickle ``.pt``."""
+"""Where models come from: ``torchvision:NAME``, ``timm:NAME``, ``presso:NAME``, a Presso model directory,
+``model.pt2`` (torch.export), and -- only when trusted -- ``path/to/file.py:factory`` and a full-pickle ``.pt``.
+
+The trust model (docs/security.md): without ``trust=True`` (``--trust``, given by the user, never read from a file)
+Presso instantiates only registered builders and reads only data. Running a user's Python file, importing a
+``python:`` class, unpickling, and a ``.pt2`` that holds pickled parts all need trust.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import inspect
+import math
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +23,31 @@ from torch import nn
 from presso.errors import ModelSourceError, UntrustedFileError, closest
 from presso.models.card import CARD_ATTR, ModelCard, set_card
 from presso.models.figures import set_mode
+from presso.safeio import regular_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt")
+# Keyword arguments a model's kwargs (from --model-arg or a card) may never carry: they are load_model's own.
+RESERVED_KWARGS = frozenset({"trust", "build", "source", "weights_only", "map_location"})
+# Installed packages whose modules a python: source may import without trust: importing them runs only their own,
+# already-installed code (a python: class from anywhere else could be any module on sys.path, even the cwd's).
+SAFE_PACKAGES = frozenset({"presso", "torch", "torchvision", "timm"})
+TRUST_HINT = "Pass --trust (trust=True in Python) only if you trust where it came from."
 
 
-def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.Module:
+def load_model(
+    source: str | Path, *, trust: bool = False, build: Callable[[], nn.Module] | None = None, **kwargs: Any
+) -> nn.Module:
     """Build a model from a source string.
 
     - ``presso:resnet8`` -- Presso's small ResNets for small images (``presso.models.builtin``).
     - ``torchvision:resnet18`` -- torchvision's builder, random init; kwargs such as ``num_classes`` pass through.
     - ``timm:mobilenetv3_small_100`` -- ``timm.create_model(..., pretrained=False, **kwargs)``.
-    - ``path/to/file.py:factory`` -- calls ``factory(**kwargs)`` from the user's own file.
-    - a Presso model directory (holds ``presso.json``) -- rebuilt, recipe replayed, weights loaded; no pickle.
-    - ``model.pt2`` -- a ``torch.export`` program.
+    - ``path/to/file.py:factory`` -- calls ``factory(**kwargs)`` from the user's own file; only with ``trust=True``
+      (it runs the file).
+    - a Presso model directory (holds ``presso.json``) -- rebuilt, recipe replayed, weights loaded; no pickle. One
+      whose architecture comes from Python code (a ``.py`` factory or a ``python:`` class) needs ``trust=True``;
+      ``build=callable`` rebuilds the architecture instead.
+    - ``model.pt2`` -- a ``torch.export`` program; one holding pickled parts only with ``trust=True``.
     - ``model.pt`` holding a whole pickled module -- only with ``trust=True`` (unpickling runs arbitrary code).
 
     The model is returned in eval mode and carries a model card (``presso_card``) naming its source, so verbs can
@@ -36,11 +56,19 @@ def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.
     text = str(source).strip()
     if not text:
         raise ModelSourceError("Empty model source: give e.g. torchvision:resnet18, timm:resnet18 or file.py:factory.")
+    if not isinstance(trust, bool):
+        raise ModelSourceError(f"trust must be True or False, not {trust!r}.")
+    kwargs = check_kwargs(kwargs, text)
     path = Path(text)
     if path.is_dir():
         from presso.models.directory import load_model_dir
 
-        return load_model_dir(path, **kwargs)
+        if kwargs:
+            raise ModelSourceError(
+                f"'{text}' is a Presso model directory: its card fixes how it is built, so model arguments "
+                f"({', '.join(kwargs)}) do not apply; drop them."
+            )
+        return load_model_dir(path, trust=trust, build=build)
     prefix, sep, rest = text.partition(":")
     if sep and prefix == "presso":
         model = _builtin(rest, kwargs)
@@ -49,11 +77,15 @@ def load_model(source: str | Path, *, trust: bool = False, **kwargs: Any) -> nn.
     elif sep and prefix == "timm":
         model = _timm(rest, kwargs)
     elif sep and prefix.endswith(".py"):
+        if not trust:
+            raise UntrustedFileError(
+                f"Loading '{text}' runs the Python file '{prefix}' (its function '{rest}'). {TRUST_HINT}"
+            )
         model = _from_file(Path(prefix), rest, kwargs)
     elif path.suffix == ".py":
         raise ModelSourceError(f"'{text}' names a Python file but no factory: write it as {text}:FUNCTION_NAME.")
     elif path.suffix == ".pt2":
-        model = _from_pt2(path)
+        model = _from_pt2(path, trust)
     elif path.suffix in PICKLE_SUFFIXES or path.is_file():
         model = _from_pickle(path, trust)
     elif path.suffix or "/" in text:
@@ -72,16 +104,69 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
 
     try:
         json.dumps(kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ModelSourceError(f"Model kwargs must be plain JSON values (numbers, strings, lists): {e}.") from None
     return dict(kwargs)
 
 
+_KWARG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+MAX_INT_KWARG = 10**7  # no real width, class count or size is larger; bigger values only exhaust memory
+
+
+def check_kwargs(kwargs: Any, source: str) -> dict[str, Any]:
+    """Model keyword arguments as given by a user or a card: a dict of plain names to plain JSON values.
+
+    Refuses load_model's own names (``trust`` must come from the command line, never from a file), private or
+    dunder names, and integers too large (or too negative) to be a layer size.
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise ModelSourceError(
+            f"The model arguments of '{source}' must be name=value pairs (a JSON object), not {type(kwargs).__name__}."
+        )
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not _KWARG_NAME.match(key):
+            raise ModelSourceError(
+                f"Model argument name {key!r} of '{source}' is not a plain name (letters, digits, _)."
+            )
+        if key in RESERVED_KWARGS:
+            raise ModelSourceError(
+                f"Model argument '{key}' of '{source}' is reserved: it is an option of Presso itself"
+                + (" (--trust is only taken from the command line)." if key == "trust" else ".")
+            )
+        for v in _leaves(value):
+            if isinstance(v, bool) or v is None or isinstance(v, str):
+                continue
+            if isinstance(v, int) and abs(v) > MAX_INT_KWARG:
+                raise ModelSourceError(f"Model argument {key}={v} of '{source}' is out of range (|value| <= 10^7).")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ModelSourceError(f"Model argument {key}={v} of '{source}' is not a finite number.")
+    return _jsonable(kwargs)
+
+
+def _leaves(value: Any, depth: int = 0):
+    if depth > 8:
+        raise ModelSourceError("Model arguments nest too deeply (over 8 levels).")
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v, depth + 1)
+    else:
+        yield value
+
+
 def _call_builder(builder, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    # A registered builder given bad values fails in many ways (TypeError for an unknown name, ValueError or
+    # AssertionError for a negative count, RuntimeError when an allocation fails): each is the user's argument.
     try:
         return builder(**kwargs)
-    except TypeError as e:
-        raise ModelSourceError(f"Could not build '{name}' with {kwargs or 'no arguments'}: {e}.") from None
+    except (TypeError, ValueError, AssertionError, RuntimeError, MemoryError, OverflowError) as e:
+        raise ModelSourceError(
+            f"Could not build '{name}' with {kwargs or 'no arguments'}: {type(e).__name__}: {str(e)[:300]}."
+        ) from None
 
 
 def _builtin(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -113,8 +198,12 @@ def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _from_file(path: Path, factory: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Import the user's file and call its factory. Callers check trust first: this runs the file."""
     if not path.is_file():
         raise ModelSourceError(f"Model file '{path}' does not exist.")
+    regular_file(path, "model file", error=ModelSourceError)
+    if not factory.isidentifier():
+        raise ModelSourceError(f"'{path}:{factory}': the factory must be a function name, e.g. {path}:build.")
     # A unique module name per file content keeps two user files with the same name apart.
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     mod_name = f"presso_user_{path.stem}_{digest}"
@@ -140,15 +229,20 @@ def _from_file(path: Path, factory: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _from_pt2(path: Path) -> nn.Module:
+def _from_pt2(path: Path, trust: bool) -> nn.Module:
     import torch
 
     if not path.is_file():
         raise ModelSourceError(f"Model file '{path}' does not exist.")
+    regular_file(path, "model file", error=ModelSourceError)
+    if not trust:
+        from presso.models.pt2 import check_pt2
+
+        check_pt2(path)  # raises UntrustedFileError where torch would unpickle
     try:
         program = torch.export.load(str(path))
     except Exception as e:
-        raise ModelSourceError(f"'{path}' is not a readable torch.export (.pt2) program: {e}") from None
+        raise ModelSourceError(f"'{path}' is not a readable torch.export (.pt2) program: {str(e)[:300]}") from None
     return program.module()
 
 
@@ -157,6 +251,7 @@ def _from_pickle(path: Path, trust: bool) -> nn.Module:
 
     if not path.is_file():
         raise ModelSourceError(f"Model file '{path}' does not exist.")
+    regular_file(path, "model file", error=ModelSourceError)
     if not trust:
         # A weights-only load is safe: it tells a state dict (not a model) from a pickled module without running code.
         try:
@@ -192,31 +287,78 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
-def build_from_card(card: ModelCard, base: Path | None = None) -> nn.Module:
-    """Rebuild the *source* architecture a card names (before any recipe)."""
+def build_from_card(card: ModelCard, base: Path | None = None, *, trust: bool = False) -> nn.Module:
+    """Rebuild the *source* architecture a card names (before any recipe).
+
+    Nothing a card says can switch trust on: ``trust`` is the caller's (the command line's). A ``.py`` source runs
+    only the copy saved inside the model directory (``code``, which must stay inside it) or, for a card without a
+    copy, the file it names -- both only with trust. A ``python:`` source must name an ``nn.Module`` subclass.
+    """
+    where = f"'{base}'" if base is not None else "the model card"
     src = card.source.get("source", "")
-    kwargs = dict(card.source.get("kwargs", {}))
+    if not isinstance(src, str) or not src.strip():
+        raise ModelSourceError(f"The card of {where} names no source; re-create the model directory.")
+    kwargs = check_kwargs(card.source.get("kwargs", {}), src)
     prefix, sep, rest = src.partition(":")
     if sep and prefix.endswith(".py"):
-        candidates = [Path(prefix)]
-        if card.source.get("code") and base is not None:
-            candidates.insert(0, base / card.source["code"])  # the copy saved with the model wins: it is what ran
-        for cand in candidates:
-            if cand.is_file():
-                return _from_file(cand, rest, kwargs)
-        raise ModelSourceError(f"The model's source file '{prefix}' is missing; restore it or rebuild the model.")
+        code = card.source.get("code")
+        if code is not None:
+            if base is None:
+                raise ModelSourceError(f"The card names saved code '{code}' but no model directory holds it.")
+            file = _inside(base, code)
+        else:
+            file = Path(prefix)
+        if not trust:
+            raise UntrustedFileError(
+                f"Opening {where} runs Python code: the function '{rest}' of '{file}'. {TRUST_HINT}"
+            )
+        if not file.is_file():
+            raise ModelSourceError(f"The model's source file '{file}' is missing; restore it or rebuild the model.")
+        return _from_file(file, rest, kwargs)
     if src.startswith("python:"):
-        mod_name, _, qual = src[len("python:") :].rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(mod_name), qual)
-            if not inspect.isclass(cls):
-                raise TypeError
-            return cls(**kwargs)
-        except Exception:
-            raise ModelSourceError(
-                f"The model was built in Python ({src}) and cannot be rebuilt by name; save it from a source such as "
-                "file.py:factory, or pass build=callable to presso.load_model."
-            ) from None
-    model = load_model(src, **kwargs)
+        return _from_python_name(src, kwargs, where, trust)
+    if base is not None and Path(src).is_dir():
+        raise ModelSourceError(
+            f"The card of {where} names another model directory ('{src}') as its source; a model directory's source "
+            "is a builder (torchvision:, timm:, presso:, file.py:factory) or a model file."
+        )
+    model = load_model(src, trust=trust, **kwargs)
     object.__delattr__(model, CARD_ATTR)
     return model
+
+
+def _inside(base: Path, rel: Any) -> Path:
+    """``base/rel`` if ``rel`` is a relative path that stays inside ``base`` (symlinks resolved)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise ModelSourceError(f"The card of '{base}' names code {rel!r}: it must be a path inside the directory.")
+    root = base.resolve()
+    file = (base / rel).resolve()
+    if not file.is_relative_to(root):
+        raise ModelSourceError(
+            f"The card of '{base}' names code '{rel}', outside the model directory; refusing to run it."
+        )
+    return file
+
+
+def _from_python_name(src: str, kwargs: dict[str, Any], where: str, trust: bool) -> nn.Module:
+    """A ``python:module.Class`` source: importing the module runs its code, so it needs trust; then the name must
+    be an ``nn.Module`` subclass (never an arbitrary callable such as ``subprocess.Popen``)."""
+    name = src[len("python:") :]
+    mod_name, _, qual = name.rpartition(".")
+    hint = "save it from a source such as file.py:factory, or pass build=callable to presso.load_model"
+    if not mod_name or not all(part.isidentifier() for part in name.split(".")):
+        raise ModelSourceError(f"The model was built in Python ({src}) and cannot be rebuilt by name; {hint}.")
+    if not trust and mod_name.split(".")[0] not in SAFE_PACKAGES:
+        raise UntrustedFileError(
+            f"Opening {where} imports the Python module '{mod_name}' to build the class '{qual}'. {TRUST_HINT} "
+            f"(Or {hint}.)"
+        )
+    try:
+        obj = getattr(importlib.import_module(mod_name), qual)
+    except Exception:
+        raise ModelSourceError(
+            f"The model was built in Python ({src}) and cannot be rebuilt by name; {hint}."
+        ) from None
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+        raise ModelSourceError(f"The card of {where} names '{src}', which is not a torch.nn.Module class; refused.")
+    return _call_builder(obj, src, kwargs)

@@ -6,6 +6,7 @@ A spec string lists inputs separated by ``;``; each is a comma (or ``x``) separa
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
     import torch
 
 _DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
-_DIM = re.compile(r"^[1-9][0-9]*$")
+_DIM = re.compile(r"^[1-9][0-9]{0,8}$")
+MAX_ELEMENTS = 2**28  # per input: 1 GiB of float32; larger example tensors only exhaust memory
+MAX_INPUTS, MAX_DIMS = 16, 8
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,15 @@ class InputSpec:
                     f"Malformed input shape '{text}': expected positive integers separated by commas, "
                     "e.g. 1,3,224,224 (several inputs separated by ';', dtype as ':int64')."
                 )
-            tensors.append(TensorSpec(tuple(int(d) for d in dims), dtype))
+            shape = tuple(int(d) for d in dims)
+            if len(shape) > MAX_DIMS or math.prod(shape) > MAX_ELEMENTS:
+                raise InputSpecError(
+                    f"Input shape {part!r} has {math.prod(shape):,} elements in {len(shape)} dimensions, over the "
+                    f"limit of {MAX_ELEMENTS:,} elements and {MAX_DIMS} dimensions per input; check --input-shape."
+                )
+            tensors.append(TensorSpec(shape, dtype))
+        if len(tensors) > MAX_INPUTS:
+            raise InputSpecError(f"{len(tensors)} inputs in '{text[:80]}': at most {MAX_INPUTS} are supported.")
         return cls(tuple(tensors))
 
     def __str__(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from presso.errors import ConfigError
+from presso.errors import ConfigError, check_fields
 
 SEARCH_VERSION = 1
 
@@ -39,6 +39,11 @@ class SearchConfig:
     version: int = SEARCH_VERSION
 
     def __post_init__(self) -> None:
+        # every number finite and in range, named, before a study is opened (a NaN budget is met by no candidate)
+        check_fields(self, latency_ms=(0, None, "(]"), time_budget_min=(0, None, "(]"), trials=(1, None),
+                     proxy_epochs=(1, None), proxy_fraction=(0, 1, "(]"), proxy_val=(1, None), final_epochs=(1, None),
+                     measure_top=(1, None), batch_size=(1, None), threads=(1, None), seed=(0, 2**63 - 1),
+                     heartbeat_s=(1, None))  # fmt: skip
         if not self.latency_ms > 0:
             raise ConfigError(f"The latency budget must be positive, not {self.latency_ms} ms.")
         if self.trials < 1 or self.proxy_epochs < 1 or self.final_epochs < 1:

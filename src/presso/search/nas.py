@@ -283,7 +283,8 @@ class _Search:
             image_size=self.space.resolution(arch),
         )
         final_dir = self.output / "model"
-        result = train(model, self.bundle, cfg, output_dir=final_dir, progress=self.train_progress)
+        # the search's own winner folder: a rerun trains it again and replaces it (presso.outdir's backup swap)
+        result = train(model, self.bundle, cfg, output_dir=final_dir, overwrite=True, progress=self.train_progress)
         final_model = load_model(str(final_dir))
         latency = self.measure_ms(arch, final_model)
         return {

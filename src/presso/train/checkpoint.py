@@ -3,7 +3,9 @@
 ``OUT.partial/`` holds ``last.pt`` (weights, optimizer, schedule, RNG states, the position inside the epoch, the
 history, the settings and preprocessing the run used), ``best.safetensors`` (the best epoch's weights) and
 ``metrics.csv``; every file is written to a temporary name and renamed, so a crash leaves the previous copy whole.
-``finish`` writes the model directory ``OUT`` in one atomic step and only then removes ``OUT.partial/``.
+``finish`` writes the model directory ``OUT`` in one atomic step and only then removes ``OUT.partial/``. ``OUT``
+follows ``presso.outdir``: a non-empty ``OUT`` (a finished model too) is refused before training starts unless
+``overwrite``; ``OUT.partial/`` is this verb's resumable state and needs no ``overwrite``.
 
 Checkpoints are safe to load: weights come back through safetensors, and ``last.pt`` through
 ``torch.load(..., weights_only=True)``, which rebuilds tensors and plain containers and never unpickles code.
@@ -12,6 +14,7 @@ Only the main process writes; under torchrun the others wait for it at a barrier
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -35,6 +38,11 @@ CHECKPOINT_VERSION = 1
 def partial_dir(output_dir: str | Path) -> Path:
     out = Path(output_dir)
     return out.with_name(out.name + ".partial")
+
+
+def has_checkpoint(output_dir: str | Path) -> bool:
+    """Whether an interrupted run into `output_dir` left a checkpoint to resume (``OUT.partial/last.pt``)."""
+    return (partial_dir(output_dir) / "last.pt").is_file()
 
 
 @dataclass
@@ -66,10 +74,12 @@ class RunFiles:
     """The state directory ``OUT.partial/`` and the output ``OUT`` of one run; with no output directory, nothing is
     written (and there is nothing to resume)."""
 
-    def __init__(self, output_dir: str | Path | None, *, resume: bool, dist: Dist):
+    def __init__(self, output_dir: str | Path | None, *, resume: bool, dist: Dist, overwrite: bool = False, sources=()):
         self.out = Path(output_dir) if output_dir is not None else None
         self.state_dir = partial_dir(self.out) if self.out is not None else None
         self.dist = dist
+        self.overwrite = overwrite
+        self.sources = [s for s in sources if s]  # the folders the model (and teacher) were loaded from
         self._check(resume)
 
     def _check(self, resume: bool) -> None:
@@ -77,6 +87,11 @@ class RunFiles:
             if resume:
                 raise ConfigError("resume needs the output directory of the interrupted run.")
             return
+        import presso.outdir as outdir
+
+        if self.dist.is_main and self._leftover():
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # a finished run, killed before it removed its state
+        outdir.check(self.out, overwrite=self.overwrite, sources=self.sources)  # before training, not after
         exists = (self.state_dir / "last.pt").is_file()
         if resume and not exists:
             raise ConfigError(f"Nothing to resume: '{self.state_dir}' holds no checkpoint (last.pt).")
@@ -85,6 +100,14 @@ class RunFiles:
                 f"An interrupted run is kept in '{self.state_dir}': pass --resume to continue it, or delete that "
                 "folder to start over."
             )
+
+    def _leftover(self) -> bool:
+        """The state directory of the run that wrote ``OUT`` (same metrics, byte for byte): nothing left to resume."""
+        done, state = self.out / "metrics.csv", self.state_dir / "metrics.csv"
+        try:
+            return done.is_file() and state.is_file() and done.read_bytes() == state.read_bytes()
+        except OSError:
+            return False
 
     def make_state_dir(self) -> None:
         if self.state_dir is not None and self.dist.is_main:
@@ -110,11 +133,12 @@ class RunFiles:
             "best": at.best,
             "preprocess": live.pp.to_json(),
         }
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / "last.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_dir / "last.pt")
-        _write_metrics(self.state_dir / "metrics.csv", at.history)
+        with _disk(self.state_dir, tmp):
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp)
+            os.replace(tmp, self.state_dir / "last.pt")
+            _write_metrics(self.state_dir / "metrics.csv", at.history)
         self.dist.barrier()
 
     def load_checkpoint(self, live: Resumable) -> Position:
@@ -162,10 +186,11 @@ class RunFiles:
             return
         from safetensors.torch import save_file
 
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / "best.safetensors.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp))
-        os.replace(tmp, self.state_dir / "best.safetensors")
+        with _disk(self.state_dir, tmp):
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp))
+            os.replace(tmp, self.state_dir / "best.safetensors")
 
     def load_best(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
         """The saved best weights on ``device``, or ``model``'s own when none were saved."""
@@ -185,10 +210,27 @@ class RunFiles:
         if self.dist.is_main:
             from presso.models.directory import save_model_dir
 
-            save_model_dir(model.cpu(), self.out, extra_files={"metrics.csv": _metrics_text(history)})
+            save_model_dir(
+                model.cpu(), self.out, extra_files={"metrics.csv": _metrics_text(history)}, overwrite=self.overwrite
+            )
             shutil.rmtree(self.state_dir, ignore_errors=True)
         self.dist.barrier()
         return str(self.out)
+
+
+@contextlib.contextmanager
+def _disk(where: Path, tmp: Path):
+    """A checkpoint write the disk refuses (full, read-only) is one line; the previous checkpoint stays whole."""
+    import presso.outdir as outdir
+
+    try:
+        yield
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if e.errno in outdir.DISK_ERRORS:
+            raise outdir.disk_error(e, where) from None
+        raise
 
 
 def _metrics_text(history: list[dict[str, Any]]) -> str:

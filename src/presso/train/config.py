@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from presso.errors import ConfigError
+from presso.errors import ConfigError, check_fields
 
 OPTIMIZERS = ("adamw", "sgd")
 AMP = ("auto", "on", "off")
@@ -45,9 +45,18 @@ class TrainConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        from presso.data.images import MAX_IMAGE_SIDE
+
         if self.image_size is not None:
             size = self.image_size
             self.image_size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)  # type: ignore
+            if len(self.image_size) != 2 or not all(1 <= v <= MAX_IMAGE_SIDE for v in self.image_size):
+                raise ConfigError(f"TrainConfig: image_size must be (H, W) in [1, {MAX_IMAGE_SIDE}], not {size}.")
+        # every number finite (NaN passes no comparison, but inf passes many) and in a sane range, named
+        check_fields(self, epochs=(1, None), batch_size=(1, None), seed=(0, 2**63 - 1), lr=(0, None, "(]"),
+                     weight_decay=(0, None), momentum=(0, 1), warmup=(0, 1, "[)"), label_smoothing=(0, 1, "[)"),
+                     val_fraction=(0, 1, "()"), workers=(0, 1024), grad_clip=(0, None, "(]"), kd_alpha=(0, 1),
+                     temperature=(0, None, "(]"), feature_weight=(0, None))  # fmt: skip
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),

@@ -73,22 +73,24 @@ def train(
     teacher: nn.Module | None = None,
     output_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: ProgressCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (a data spec or a ``DataBundle``; supervised), or distil it from ``teacher``
     (labels optional).
 
     Returns the best model (by validation top-1, or by validation loss for unlabeled data) and its history. With
-    ``output_dir`` the run is checkpointed and the result saved there as a Presso model directory. ``progress``
+    ``output_dir`` the run is checkpointed and the result saved there as a Presso model directory (a non-empty one,
+    a finished model too, is refused before training unless ``overwrite``; see ``presso.outdir``). ``progress``
     gets stage ``train`` events (done/total: steps of the whole run; info: epoch, epochs, step, steps, loss) and one
     ``epoch`` event per finished epoch (info: its metrics and the best epoch so far).
     """
     cfg = config or TrainConfig()
-    return _Run(model, data, cfg, teacher, output_dir, resume, progress).execute()
+    return _Run(model, data, cfg, teacher, output_dir, resume, progress, overwrite).execute()
 
 
 class _Run:
-    def __init__(self, model, data, cfg: TrainConfig, teacher, output_dir, resume: bool, progress):
+    def __init__(self, model, data, cfg: TrainConfig, teacher, output_dir, resume: bool, progress, overwrite=False):
         self.cfg = cfg
         self.dist = distributed.setup()
         self.device = _device(cfg.device, self.dist.local_rank)
@@ -108,7 +110,8 @@ class _Run:
                 f"'{self.bundle.name}' has no labels: supervised training needs labels; to train on unlabeled "
                 "images give a teacher (presso train STUDENT --teacher ORIGINAL --data ...)."
             )
-        self.files = RunFiles(output_dir, resume=resume, dist=self.dist)
+        loaded_from = [c.source.get("code_from") for c in map(get_card, (model, teacher)) if c is not None]
+        self.files = RunFiles(output_dir, resume=resume, dist=self.dist, overwrite=overwrite, sources=loaded_from)
 
     # ------------------------------------------------------------------ setup
     def _prepare(self) -> None:

@@ -28,6 +28,8 @@ The package, by concept:
 * :mod:`~presso.compress.prune.tp_patches` -- every patch of Torch-Pruning and access to its internals.
 """
 
+# first: it imports Torch-Pruning the way a Ctrl-C survives (see there)
+from presso.compress.prune import tp_patches  # noqa: F401  # isort: skip
 from presso.compress.prune.config import ATTENTION_MODES, GROUPED_MODES, PruneConfig, load_layer_file
 from presso.compress.prune.importance import criteria, needs_gradients, register_importance
 from presso.compress.prune.pruner import GraphPruner, PruneOutcome, prune_model

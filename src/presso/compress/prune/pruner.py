@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from presso.compress.prune import importance as criteria
@@ -95,7 +94,7 @@ class GraphPruner:
         with tp_patches.patched(max_indices=4 * widest) as self.patches:
             t0 = time.perf_counter()
             try:
-                self.DG = tp.DependencyGraph().build_dependency(model, example_inputs=self.inputs, verbose=False)
+                self.DG = tp_patches.build_graph(model, self.inputs)
             except Exception as e:
                 raise UnsupportedLayerError(
                     f"Torch-Pruning could not trace this model's graph ({type(e).__name__}: {str(e)[:300]}); "
@@ -115,7 +114,7 @@ class GraphPruner:
         set_mode(self.model, False)
         with tp_patches.patched(max_indices=1 << 20) as self.patches:
             try:
-                self.DG = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.inputs, verbose=False)
+                self.DG = tp_patches.build_graph(self.model, self.inputs)
             except Exception as e:
                 raise UnsupportedLayerError(f"Torch-Pruning could not trace this model's graph ({e!s:.300})") from None
             self.planner.attach_graph(self.DG, self.patches.blocked)

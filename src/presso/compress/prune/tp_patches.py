@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+# Torch-Pruning's op counter does ``try: import timm`` with a bare ``except:``, which swallows a Ctrl-C pressed during
+# that import (1-2 s of torchvision, dynamo and sympy) and carries on. Imported first, here, timm is in sys.modules
+# when Torch-Pruning asks for it, and a Ctrl-C during this import stops the command as it should. (This module is
+# the first of presso.compress.prune to be imported; presso.cli does the same for any other first import.)
+with contextlib.suppress(ImportError):
+    import timm  # noqa: F401
 import torch_pruning as tp
 from torch import nn
 
@@ -29,6 +37,8 @@ from presso.errors import ConfigError
 
 __all__ = [
     "REQUIRED_VERSION",
+    "build_graph",
+    "interrupts_deferred",
     "PatchState",
     "check_version",
     "installed_version",
@@ -58,6 +68,36 @@ class PatchState:
     mapping_dirty: bool = True
     # most items a group may hold before its walk counts as not converging (set once the graph is built)
     max_items: int = 1 << 62
+
+
+# --------------------------------------------------------------------------- Ctrl-C and Torch-Pruning's bare excepts
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then raise it: for Torch-Pruning code with a bare ``except:``.
+
+    ``build_dependency`` runs the model inside ``try: model(*inputs) / except: model(inputs)``: a Ctrl-C during
+    that forward would be swallowed and turn into a misleading tracing error. Only the main thread with Python's
+    default handler is changed (a training loop's own handler, or a thread, is left alone).
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def build_graph(model: nn.Module, inputs: Any) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model`` traced on ``inputs``, with Ctrl-C held while it traces."""
+    with interrupts_deferred():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
 
 
 # --------------------------------------------------------------------------- version
