@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# presso run on the built-in digits (src/presso/demo.py): trains, prunes, recovers, quantizes, measures the original
+# and the compressed model side by side and delivers the fastest within the accuracy bound; ~80 s on 2 idle cores.
 demo: $(STAMP)
 	$(BIN)/python -m presso.demo demo-out
 

@@ -49,6 +49,7 @@ def _run_given(strategy, n: int, seed: int, fn) -> None:
 class Tally:
     def __init__(self, name: str):
         self.name, self.outcomes, self.findings, self.t0 = name, Counter(), [], time.perf_counter()
+        self.notes: Counter = Counter()  # descriptive counts that are not outcomes (e.g. kills that landed mid-run)
 
     def add(self, outcome: str, case: object = None) -> None:
         kind = outcome.split(":")[0]
@@ -60,6 +61,7 @@ class Tally:
         tried = sum(self.outcomes.values())
         return {"section": self.name, "tried": tried, "clean": tried - len(self.findings),
                 "findings": len(self.findings), "outcomes": dict(self.outcomes),
+                **({"notes": dict(self.notes)} if self.notes else {}),
                 "seconds": round(time.perf_counter() - self.t0, 1)}  # fmt: skip
 
 
@@ -128,37 +130,32 @@ def fuzz_agent(n: int, seed: int) -> Tally:
     token, limit = "f" * 24, 3.0
     app = create_app(token, measure_timeout=limit, max_upload_mb=1, auth_failures=0)
     good = relu()
-    number = st.one_of(st.integers(-3, 64), st.sampled_from([10**7, -(10**9), 2**63]), st.text(max_size=6),
-                       st.floats(allow_nan=True, allow_infinity=True))  # fmt: skip
-    query = st.dictionaries(
-        st.sampled_from(
-            ["runtime", "threads", "warmup", "repeat", "max_seconds", "profile", "profile_top", "input_shape"]
-        ),  # fmt: skip
-        st.one_of(
-            number,
-            st.sampled_from(
-                [
-                    "onnxruntime",
-                    "openvino",
-                    "torch",
-                    "true",
-                    "1,8",
-                    "5,5",
-                    "1,8;1,8",
-                    "0,8",
-                    "1,1,40000,40000",
-                    "999999999,99999999",
-                    "",
-                ]
-            ),
-        ),  # fmt: skip
-        max_size=8,
+
+    def mostly(valid, odd):  # four in five valid, so that most requests reach the runtime
+        return st.integers(0, 4).flatmap(lambda i: odd if i == 4 else valid)
+
+    odd = st.one_of(st.integers(-3, 3000), st.sampled_from([10**7, -(10**9), 2**63, "", "x", "1e400"]),
+                    st.floats(allow_nan=True, allow_infinity=True))  # fmt: skip
+    shapes = st.sampled_from(["", "", "1,8", "25", "5,5", "1,9", "1,8;1,8", "1,8:int64", "0,8", "1,1,40000,40000",
+                              "999999999,99999999", "1,-8", "a,b"])  # fmt: skip
+    query = st.fixed_dictionaries(
+        {
+            "runtime": mostly(st.just("onnxruntime"), st.sampled_from(["openvino", "torch", "", "tensorrt"])),
+            "threads": mostly(st.integers(0, os.cpu_count() or 1), odd),
+            "warmup": mostly(st.integers(0, 3), odd),
+            "repeat": mostly(st.integers(1, 10), odd),
+            "max_seconds": mostly(st.floats(0.01, 0.3), odd),
+            "profile": mostly(st.sampled_from(["false", "true"]), st.sampled_from(["1", "maybe", ""])),
+            "input_shape": shapes,
+        }
     )
     flipped = st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)).map(
         lambda ib: good[: ib[0]] + bytes([ib[1]]) + good[ib[0] + 1 :]
     )
     models = st.one_of(
-        st.sampled_from([good, good, reshape_to_5x5(), unknown_op(), relu(["batch", 8]), good[:40], b"", forever()]),
+        st.sampled_from(
+            [good, good, good, reshape_to_5x5(), unknown_op(), relu(["batch", 8]), good[:40], b"", forever()]
+        ),  # fmt: skip
         flipped,
         st.binary(max_size=2048),
     )
@@ -199,6 +196,28 @@ def fuzz_agent(n: int, seed: int) -> Tally:
                     tally.add("2xx" if r.status_code < 300 else "4xx", case)
 
             _run_given(st.tuples(query, models, headers), n, seed, one)
+            # never-ending models, each with a second client's measurement sent while it runs: the first must be
+            # killed at the limit (408) and the second served (200), both well within the limit plus a margin
+            auth = {"Authorization": f"Bearer {token}"}
+            for i in range(max(1, n // 100)):
+                answers: dict[str, int] = {}
+
+                def post(key, model, answers=answers):
+                    try:
+                        answers[key] = client.post(url + "/benchmark", params={"repeat": 3}, content=model,
+                                                   headers=auth).status_code  # fmt: skip
+                    except httpx.TimeoutException:
+                        answers[key] = -1
+
+                first = threading.Thread(target=post, args=("forever", forever()))
+                first.start()
+                time.sleep(0.5)
+                t0 = time.perf_counter()
+                post("second", good)
+                first.join()
+                took = time.perf_counter() - t0
+                ok = answers == {"forever": 408, "second": 200} and took < limit + 15
+                tally.add("2xx" if ok else f"agent hang: {answers} after {took:.0f} s", f"never-ending #{i}")
             if client.get(url + "/info", headers={"Authorization": f"Bearer {token}"}).status_code != 200:
                 tally.add("agent hang: /info does not answer after the campaign")
     finally:
@@ -216,6 +235,8 @@ def fuzz_kills(n: int, seed: int, tmp: Path) -> Tally:
         verb = "run" if i % 10 == 9 else VERBS[i % len(VERBS)]  # a run takes ~2 min here: one kill in ten
         r = kill_case(verb, tmp / f"kill-{i}", seed + i)
         problems = [k for k in ("user_files_lost", "half_written", "rerun_failed", "leftovers") if r.get(k)]
+        tally.notes[f"{verb} {'killed mid-run' if r['killed'] else 'finished before the kill'}"] += 1
+        tally.notes[f"output after kill: {r['output_after_kill'].split(':')[0]}"] += 1
         tally.add("clean" if not problems else "user files lost: " + ", ".join(problems), {"verb": verb, **r})
     return tally
 
@@ -248,7 +269,8 @@ def main() -> int:
             tallies.append(tally)
             s = tally.summary()
             print(f"{s['section']:>15}: {s['tried']:5d} tried, {s['clean']:5d} handled cleanly, "
-                  f"{s['findings']} findings  ({s['seconds']:.0f} s; {s['outcomes']})", flush=True)  # fmt: skip
+                  f"{s['findings']} findings  ({s['seconds']:.0f} s; {s['outcomes']} {s.get('notes', '')})",
+                  flush=True)  # fmt: skip
     findings = [f for t in tallies for f in t.findings]
     total = sum(t.summary()["tried"] for t in tallies)
     kinds = Counter(f["outcome"].split(":")[0] for f in findings)

@@ -23,7 +23,7 @@ def _quiet_and_deterministic():
 # The tests `make test-fast` leaves out (with the zoo and timing tests): each takes more than ~10 s of one core
 # (end-to-end runs, searches, training runs, calibrated INT8 accuracy). Named here, not marked in each file, so the
 # fast tier is one list to read and keep up to date; `make test` still runs all of them.
-SLOW_MODULES = {"test_pipeline.py"}
+SLOW_MODULES: set[str] = set()  # tests/test_pipeline.py: its end-to-end runs are listed below; its rule tests are fast
 SLOW_TESTS = {
     "test_killed_search_resumes_with_every_trial_accounted_for",
     "test_two_workers_share_one_postgres_study_without_duplicates",
@@ -44,6 +44,16 @@ SLOW_TESTS = {
     "test_package_and_predict_match_pytorch_without_torch",
     "test_ctrl_c_in_the_first_seconds_stops_compress",  # tests/security/test_inputs.py: 5 runs interrupted, ~10 s
     "test_a_killed_verb_leaves_old_or_new_and_reruns_clean",  # tests/security/test_outputs.py: a CLI run killed, rerun
+    # tests/test_pipeline.py: each is (or reuses) an end-to-end presso run, 1-4 min
+    "test_when_compression_cannot_beat_quantization_the_quantized_original_is_delivered",
+    "test_summary_json_headline_and_paths",
+    "test_model_flow_trains_compresses_recovers_and_packages",
+    "test_rerun_skips_finished_stages_and_a_changed_setting_reruns_from_there",
+    "test_when_compression_wins_the_compressed_model_is_delivered",
+    "test_search_flow_without_a_model",
+    "test_impossible_budget_ends_early_and_keeps_finished_stages",
+    "test_report_renders_in_headless_chromium",
+    "test_readme_search_examples_run",  # tests/test_readme.py: the README's four budget searches, small (1-4 min)
 }
 
 

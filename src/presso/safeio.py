@@ -29,8 +29,8 @@ def regular_file(path: str | Path, what: str = "file", *, error: type[PressoErro
         st = p.stat()
     except FileNotFoundError:
         raise error(f"The {what} '{p}' does not exist.") from None
-    except OSError as e:
-        raise error(f"Cannot read the {what} '{p}': {e.strerror or e}.") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise error(f"Cannot read the {what} '{p}': {getattr(e, 'strerror', None) or e}.") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, FIFO or socket, not a regular file"
         raise error(f"The {what} '{p}' is {kind}; point it at a regular file.")

@@ -85,3 +85,43 @@ def test_bad_rows_and_files_are_named(tmp_path):
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a Presso latency export"):
         db.import_(tmp_path / "junk.json")
+
+
+def test_a_database_from_before_the_noisy_flag_is_migrated_in_place(tmp_path):
+    """A database an earlier Presso made (no ``noisy`` column) keeps its rows and gains the column on opening."""
+    import sqlalchemy as sa
+
+    from presso.bench.latency_db import measurements
+
+    path = tmp_path / "old.db"
+    old = sa.MetaData()
+    columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in measurements.columns]
+    sa.Table("measurements", old, *[c for c in columns if c.name != "noisy"])
+    engine = sa.create_engine(f"sqlite:///{path}")
+    old.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(old.tables["measurements"].insert(), [{**_row(0, 1), "uid": "old-row", "created_at": 1.0}])
+    engine.dispose()
+
+    db = LatencyDB(str(path))
+    assert [(r["uid"], r["noisy"]) for r in db.rows()] == [("old-row", None)]
+    db.add({**_row(1, 1), "noise_pct": 311.0, "noisy": True})
+    again = LatencyDB(str(path))  # opening it a second time migrates nothing more
+    assert sorted((r["uid"] == "old-row", r["noisy"]) for r in again.rows()) == [(False, True), (True, None)]
+    out = tmp_path / "rows.csv"
+    again.export(out)
+    fresh = LatencyDB(str(tmp_path / "fresh.db"))
+    fresh.import_(out)
+    assert sorted(str(r["noisy"]) for r in fresh.rows()) == ["None", "True"]  # the flag survives CSV
+
+
+def test_a_noisy_measurement_is_flagged_in_its_row():
+    from presso.bench.latency_db import measurement_row
+    from presso.bench.results import NOISY_PCT
+
+    base = {"runtime": "onnxruntime", "median_ms": 1.0, "environment": {"cpu": "x", "threads": 1}}
+    quiet = measurement_row({**base, "noise_pct": NOISY_PCT / 4}, device="local", precision="fp32", model_fp="m",
+                            model_name="m", input_shape="1,3,8,8")  # fmt: skip
+    noisy = measurement_row({**base, "noise_pct": 311.0}, device="local", precision="fp32", model_fp="m",
+                            model_name="m", input_shape="1,3,8,8")  # fmt: skip
+    assert quiet["noisy"] is False and noisy["noisy"] is True

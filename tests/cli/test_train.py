@@ -76,3 +76,34 @@ def test_torchrun_two_gloo_processes_train_like_one(tmp_path):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["one", "two"]  # one output per run, no partial state left
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.csv", "presso.json", "weights.safetensors"]
+
+
+def test_a_zoo_model_is_built_for_the_data(tmp_path):
+    out = tmp_path / "r18"
+    res = runner.invoke(app, ["train", "torchvision:resnet18", "--data", "digits:size=8", "--epochs", "1",
+                              "--batch-size", "128", "-o", str(out), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "building torchvision:resnet18 for 'digits:size=8': num_classes=10 (from the data" in res.output
+    assert json.loads(res.stdout)["val_top1"] > 0.1
+    card = json.loads((out / "presso.json").read_text())
+    assert card["source"] == {"source": "torchvision:resnet18", "kwargs": {"num_classes": 10}, "weights": "random init"}
+    assert card["input_spec"] == "1,3,8,8" and card["labels"] == [str(i) for i in range(10)]
+
+
+def test_weights_and_a_new_head_on_the_command_line(tmp_path):
+    from safetensors.torch import save_file
+
+    import presso
+
+    three = presso.load_model("presso:resnet8", num_classes=3, widths=[8, 8, 8])
+    save_file(three.state_dict(), str(tmp_path / "w.safetensors"))
+    args = ["train", "presso:resnet8", "--model-arg", "num_classes=3", "--model-arg", "widths=[8,8,8]", "--weights",
+            str(tmp_path / "w.safetensors"), "--data", "digits:size=8", "--epochs", "1"]  # fmt: skip
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "no")])
+    assert res.exit_code == 2 and "3 classes" in res.output and "--new-head" in res.output
+    res = runner.invoke(app, [*args, "--new-head", "-o", str(tmp_path / "m"), "--json"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "m" / "presso.json").read_text())
+    assert card["recipe"] == [{"type": "new_head", "layer": "fc", "classes": 10}]
+    assert card["source"]["weights"]["path"] == str((tmp_path / "w.safetensors").resolve())
+    assert presso.load_model(str(tmp_path / "m")).fc.out_features == 10

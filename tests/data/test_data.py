@@ -258,3 +258,17 @@ def test_an_image_that_fails_to_decode_later_is_dropped_from_its_batch_by_name(t
         items = [ds[i] for i in range(len(ds))]
     x, y = collate(items)
     assert len(x) == len(items) - 1 == len(y)
+
+
+def test_calibration_meets_the_model_and_warns_when_its_labels_differ():
+    from presso.data import model_calibration_batches, warn_if_labels_differ
+    from presso.models import load_model
+
+    model = load_model("presso:resnet8", num_classes=6, in_chans=1)
+    model.presso_card.labels = [f"shape{i}" for i in range(6)]
+    digits = load_data("digits:size=8")  # 8x8 RGB digits for a 1-channel 20x20 model: resized and made gray
+    with pytest.warns(UserWarning, match=r"trained on 6 classes \(shape0, shape1, shape2, ...\) but the calibration"):
+        batches = model_calibration_batches(model, digits, "1,1,20,20", batches=2, batch_size=4)
+    assert [tuple(b.shape) for b in batches] == [(4, 1, 20, 20)] * 2
+    model.presso_card.labels = list(digits.classes)
+    assert warn_if_labels_differ(model, digits) is None

@@ -13,7 +13,8 @@ from presso.models import InputSpec
 def test_torchvision_and_timm_sources_with_kwargs():
     m = presso.load_model("torchvision:resnet18", num_classes=7)
     assert m.fc.out_features == 7
-    assert m.presso_card.source == {"source": "torchvision:resnet18", "kwargs": {"num_classes": 7}}
+    source = {"source": "torchvision:resnet18", "kwargs": {"num_classes": 7}, "weights": "random init"}
+    assert m.presso_card.source == source
     t = presso.load_model("timm:resnet10t", num_classes=5)
     assert t(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 

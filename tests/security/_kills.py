@@ -68,7 +68,7 @@ def command(verb: str, out: Path, inputs: dict[str, Path]) -> list[str]:
         return [*base, str(inputs["converted"]), "-o", str(out)]
     if verb == "run":
         return [*base, "--data", DATA, "--model", str(inputs["model"]), "--target-macs", "0.5", "--train-epochs", "1",
-                "--recover-epochs", "1", "-o", str(out)]  # fmt: skip
+                "--recover-epochs", "1", "--allow-miss", "-o", str(out)]  # fmt: skip
     raise ValueError(verb)
 
 

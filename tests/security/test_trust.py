@@ -261,6 +261,7 @@ def test_pt2_with_pickled_weights_or_legacy_members_is_refused(tmp_path):
         ({"recipe": [{"type": "decompose", "layers": {"fc": {"method": "svd", "ranks": [10**9]}}}]}, "ranks"),
         ({"recipe": "x"}, "must be a JSON list"),
         ({"labels": [1, 2]}, "list of strings"),
+        ({"source": {"source": "evil.py:build", "code": "code/\u0000.py", "kwargs": {}}}, "not a usable path"),
     ],
 )
 def test_malformed_cards_give_one_clear_line(tmp_path, card, words):

@@ -175,8 +175,21 @@ def test_feature_matching_trains(trained, digits):
 
 def test_wrong_class_count_names_the_fix(digits):
     model = presso.load_model("presso:resnet8", num_classes=4)
-    with pytest.raises(DataError, match="num_classes=10"):
+    with pytest.raises(DataError, match="num_classes=10.*--new-head"):
         presso.train(model, digits, TrainConfig(epochs=1, **FAST))
+
+
+def test_a_new_head_fits_the_data_and_is_rebuilt_from_the_card(digits, tmp_path):
+    torch.manual_seed(0)
+    model = presso.load_model("presso:resnet8", num_classes=4, widths=[8, 8, 8])
+    stem = model.stem[0].weight.detach().clone()
+    result = presso.train(model, digits, TrainConfig(epochs=1, new_head=True, **FAST), output_dir=tmp_path / "m")
+    assert result.model.fc.out_features == 10 and result.best["val_top1"] > 0.1
+    assert result.model.presso_card.recipe == [{"type": "new_head", "layer": "fc", "classes": 10}]
+    assert not torch.equal(result.model.stem[0].weight, stem)  # the whole model trained, not only the head
+    again = presso.load_model(str(tmp_path / "m"))
+    x = torch.randn(2, 3, 12, 12)
+    assert again.fc.out_features == 10 and torch.equal(again(x), result.model(x))
 
 
 def test_unlabeled_data_without_teacher_is_an_error(digits):

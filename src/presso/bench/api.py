@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from presso.bench.devices import LOCAL
-from presso.bench.results import BenchmarkResult
+from presso.bench.exports import detect_precision
+from presso.bench.results import NOISY_PCT, BenchmarkResult
 from presso.errors import ConfigError, check_range
 from presso.progress import ProgressCallback, reporter
 
@@ -15,15 +16,6 @@ if TYPE_CHECKING:
     from presso.bench.predictor import LatencyPrediction
 
 PRECISIONS = ("fp32", "fp16", "int8")
-_INT8_OPS = {
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "QLinearConv",
-    "QLinearMatMul",
-    "MatMulInteger",
-    "ConvInteger",
-    "DynamicQuantizeLinear",
-}
 
 
 class _Onnx:
@@ -58,12 +50,39 @@ class _Onnx:
         self.shapes = _input_shapes(self.proto, input_shape, batch)
         self.input_shape = ";".join(",".join(str(d) for d in s) for s in self.shapes)
 
+    @property
+    def precision(self) -> str:
+        return detect_precision(self.proto)
+
+    @property
+    def fingerprint(self) -> str:
+        from presso.bench.kernels import graph_fingerprint
+
+        return graph_fingerprint(self.proto)
+
     def ort_feed(self):
         if self.feed is None:
             from presso.bench.runner import input_feed, ort_session
 
             self.feed = input_feed(ort_session(self.path, 1), self.shapes)
         return self.feed
+
+
+def _model_file(model, input_shape, batch: int | None, tmp: Path, runtime: str | None, device: str = LOCAL):
+    """The model to measure as a file: an export read back as it is (an ONNX file, an OpenVINO IR, a ``presso
+    convert`` folder: ``presso.bench.exports``), else exported to ONNX here."""
+    from presso.bench.exports import OpenVinoIR, export_path, is_ir
+
+    path = export_path(model, runtime) if isinstance(model, (str, Path)) else None
+    if path is None:
+        return _Onnx(model, input_shape, batch, tmp)
+    if is_ir(path):
+        if runtime != "openvino":
+            raise ConfigError(f"'{path}' is an OpenVINO IR: measure it with --runtime openvino (or its ONNX file).")
+        if device != LOCAL:
+            raise ConfigError("Remote devices run ONNX models: give the .onnx file (a convert folder has model.onnx).")
+        return OpenVinoIR(path, input_shape, batch)
+    return _Onnx(str(path), input_shape, batch, tmp)
 
 
 def _input_shapes(proto, input_shape, batch) -> list[tuple[int, ...]]:
@@ -90,17 +109,6 @@ def _input_shapes(proto, input_shape, batch) -> list[tuple[int, ...]]:
             )
         out.append(tuple(shape))
     return out
-
-
-def detect_precision(proto) -> str:
-    ops = {n.op_type for n in proto.graph.node}
-    if ops & _INT8_OPS:
-        return "int8"
-    from onnx import TensorProto
-
-    if any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer):
-        return "fp16"
-    return "fp32"
 
 
 def _check_precision(detected: str, asked: str | None, runtime: str) -> str:
@@ -134,7 +142,8 @@ def benchmark(
     db: str | None | bool = None,
     progress: ProgressCallback | None = None,
 ) -> BenchmarkResult:
-    """Measure ``model`` (an ``nn.Module``, a model source string, an ``.onnx`` path or ONNX bytes) on ``device``.
+    """Measure ``model`` (an ``nn.Module``, a model source string, an ``.onnx`` path or ONNX bytes, an OpenVINO
+    ``.xml`` IR with ``runtime="openvino"``, or a folder written by ``presso convert``) on ``device``.
 
     Returns a ``BenchmarkResult``: ``latency_ms`` (median, p90, p99, mean, std, min), ``throughput``,
     ``peak_memory_mb``, ``model_size_bytes``, ``noise_pct``, ``environment``, ``device``, ``runtime``, and the
@@ -142,7 +151,6 @@ def benchmark(
     or path; default ``$PRESSO_HOME/latency.db``; ``False`` stores nothing). ``progress`` gets stage ``benchmark``
     events: runs done (warm-up included) of the most there will be.
     """
-    from presso.bench.kernels import graph_fingerprint
     from presso.bench.runner import RUNTIMES, measure_onnx, measure_torch
 
     if runtime not in RUNTIMES:
@@ -157,9 +165,9 @@ def benchmark(
 
         client = AgentClient.for_device(device)
     with tempfile.TemporaryDirectory(prefix="presso-bench-") as tmp:
-        m = _Onnx(model, input_shape, batch, Path(tmp))
-        prec = _check_precision(detect_precision(m.proto), precision, runtime)
-        fp = graph_fingerprint(m.proto)
+        m = _model_file(model, input_shape, batch, Path(tmp), runtime, device)
+        prec = _check_precision(m.precision, precision, runtime)
+        fp = m.fingerprint
         if device == LOCAL:
             if runtime == "torch":
                 if m.torch_model is None:
@@ -242,6 +250,7 @@ def _result(
         latency_ms={k.removesuffix("_ms"): meas[k] for k in keys},
         runs=meas["runs"],
         noise_pct=meas["noise_pct"],
+        noisy=meas["noise_pct"] > NOISY_PCT,
         throughput=meas["throughput"],
         peak_memory_mb=meas["peak_memory_mb"],
         model_size_bytes=meas["model_size_bytes"],
@@ -289,7 +298,7 @@ def predict_latency(
     from presso.bench.kernels import decompose
     from presso.bench.latency_db import LatencyDB
     from presso.bench.predictor import LatencyPredictor
-    from presso.bench.profile import device_env
+    from presso.bench.profile import device_env, unfinished
 
     report = reporter(progress, "predict latency")
     report(0, 3)
@@ -298,7 +307,14 @@ def predict_latency(
         fp = device_fingerprint(device, device_env(device, threads), "fp32")
     else:  # a remote device need not be reachable: its profile is in the database
         fp = _profiled_fingerprint(store, device, threads)
-    count = len(store.rows(device_fp=fp, kind="kernel"))
+    kernel_rows = store.rows(device_fp=fp, kind="kernel")
+    count = len(kernel_rows)
+    # an interrupted profile of this machine (an agent's runtime may leave more kernel models without rows)
+    if count and device == LOCAL and (left := unfinished({r["model_name"] for r in kernel_rows})):
+        raise ConfigError(
+            f"The profile of device '{device}' is unfinished ({left[0]} of {left[1]} kernel models: it was "
+            f"interrupted); run 'presso db profile --device {device}' again: it times only the missing ones."
+        )
     cached = _PREDICTORS.get((store.url, fp))
     if cached is None or cached[0] != count:  # fitting takes seconds: reuse it until the profile changes
         cached = (count, LatencyPredictor.from_db(store, device=device, device_fp=fp))
@@ -306,7 +322,7 @@ def predict_latency(
     predictor = cached[1]
     report(1, 3)
     with tempfile.TemporaryDirectory(prefix="presso-predict-") as tmp:
-        m = _Onnx(model, input_shape, batch, Path(tmp))
+        m = _model_file(model, input_shape, batch, Path(tmp), "onnxruntime")
         kernels = decompose(m.path, m.shapes)
         report(2, 3)
         prediction = predictor.predict_kernels(kernels)

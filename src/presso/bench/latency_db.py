@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     Float,
     Index,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     create_engine,
+    delete,
     event,
     insert,
     inspect,
@@ -35,6 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError, SQLAlchemyError
 
+from presso.bench.results import NOISY_PCT
 from presso.errors import ConfigError, DeviceError
 
 metadata = MetaData()
@@ -67,6 +70,7 @@ measurements = Table(
     Column("min_ms", Float),
     Column("runs", Integer),
     Column("noise_pct", Float),
+    Column("noisy", Boolean),  # noise_pct above NOISY_PCT: a measurement not to trust (added in 0.1: migrated)
     Column("throughput", Float),
     Column("peak_memory_mb", Float),
     Column("model_size_bytes", Integer),
@@ -75,6 +79,8 @@ measurements = Table(
     Index("ix_kernel_lookup", "device_fp", "kind", "kernel_key"),
 )
 COLUMNS = [c.name for c in measurements.columns if c.name != "id"]
+# columns added after the first release: an existing database gains them (ALTER TABLE) instead of being refused
+ADDED_COLUMNS = {"noisy": "BOOLEAN"}
 _NUMERIC = {c.name: c.type.python_type for c in measurements.columns if isinstance(c.type, (Integer, Float))}
 
 
@@ -129,8 +135,21 @@ class LatencyDB:
                 raise self._foreign(e) from None
         with self._guard():
             found = {c["name"] for c in inspect(self.engine).get_columns("measurements")}
+        if added := [c for c in ADDED_COLUMNS if c not in found and set(COLUMNS) - found <= set(ADDED_COLUMNS)]:
+            found |= self._migrate(added)
         if missing := set(COLUMNS) - found:
             raise self._foreign(f"its 'measurements' table lacks {', '.join(sorted(missing)[:3])}")
+
+    def _migrate(self, names: list[str]) -> set[str]:
+        """Add the columns a database made by an earlier Presso lacks (another process may be adding them too)."""
+        for name in names:
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE measurements ADD COLUMN {name} {ADDED_COLUMNS[name]}")
+            except (OperationalError, ProgrammingError):  # "duplicate column": the other process was first
+                pass
+        with self._guard():
+            return {c["name"] for c in inspect(self.engine).get_columns("measurements")}
 
     def _foreign(self, cause: object) -> DeviceError:
         """The one line for a database Presso cannot use: what it is, and how to start afresh."""
@@ -158,6 +177,23 @@ class LatencyDB:
         clean = [_clean(r) for r in rows]
         if clean:
             with self._guard(), self.engine.begin() as conn:
+                conn.execute(insert(measurements), clean)
+        return [r["uid"] for r in clean]
+
+    def replace_kernels(self, device_fp: str, labels: list[str], rows: list[dict[str, Any]]) -> list[str]:
+        """Store the profiled ``rows`` of the kernel models ``labels`` for one device fingerprint, in place of any
+        earlier ones (kernel and overhead rows), in one transaction: a kernel model is stored whole or not at all."""
+        clean = [_clean(r) for r in rows]
+        with self._guard(), self.engine.begin() as conn:
+            if labels:
+                conn.execute(
+                    delete(measurements).where(
+                        measurements.c.device_fp == device_fp,
+                        measurements.c.kind.in_(("kernel", "overhead")),
+                        measurements.c.model_name.in_(labels),
+                    )
+                )
+            if clean:
                 conn.execute(insert(measurements), clean)
         return [r["uid"] for r in clean]
 
@@ -249,6 +285,8 @@ def _from_csv(r: dict[str, str]) -> dict[str, Any]:
             out[k] = None
         elif k in ("features", "extra"):
             out[k] = json.loads(v)
+        elif k == "noisy":
+            out[k] = v.strip().lower() in ("true", "1")
         elif k in _NUMERIC:
             out[k] = _NUMERIC[k](float(v)) if _NUMERIC[k] is int else float(v)
         else:
@@ -345,5 +383,6 @@ def measurement_row(
                 "model_size_bytes",
             )
         },
+        "noisy": d.get("noise_pct") is not None and d["noise_pct"] > NOISY_PCT,
         "extra": extra,
     }

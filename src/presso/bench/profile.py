@@ -64,20 +64,28 @@ def profile_device(
     quiet: bool | Any = True,
     wait_seconds: float = 10.0,
     redo_seconds: float = 120.0,
+    again: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ProfileResult:
     """Time the calibration kernel set on ``device`` and store every kernel in the latency database, for
     ``predict_latency``.
 
-    ``size``: ``full`` (a few minutes) or ``quick`` (seconds); ``specs``: an explicit list of
-    ``presso.bench.calibration.Spec`` instead. ``runs``: profiled runs per kernel model. ``flush_mb``: buffer written
-    between profiled runs to evict the caches (local). ``quiet``: on this machine, look at a reference kernel every
-    20 specs (or pass a ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%,
-    and measure again, at the end, the windows taken while the machine was busier than it later proved to be.
-    ``wait_seconds``: longest pause per window; ``redo_seconds``: time allowed for measuring busy windows again.
-    ``progress`` gets stage ``profile`` events (kernels timed of the set). Returns a ``ProfileResult``: device,
-    fingerprint, threads, kernels stored, windows (measured again / still busy), seconds, and the database's URL
-    (password hidden).
+    ``size``: ``full`` (1035 kernel models: about a minute on a quiet 2-core machine, up to 12 on a busy one) or
+    ``quick`` (29: 5-30 seconds, a smoke test); ``specs``: an explicit list of ``presso.bench.calibration.Spec``
+    instead. ``runs``: profiled runs per kernel model. ``flush_mb``: buffer written between profiled runs to evict
+    the caches (local). ``quiet``: on this machine, look at a reference kernel every 20 specs (or pass a
+    ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%, and measure again, at
+    the end, the windows taken while the machine was busier than it later proved to be. ``wait_seconds``: longest
+    pause per window; ``redo_seconds``: most time allowed for measuring busy windows again (never more than the
+    measuring itself took).
+
+    Resumable: each kernel model's rows are stored as soon as it is timed, and the kernel models already stored for
+    this device fingerprint (device, CPU, runtime and version, threads) with the same ``runs`` and ``flush_mb`` are
+    not timed again -- a killed run picks up where it stopped. ``again``: time every kernel model again, each one's
+    new rows replacing its old ones. ``progress`` gets stage ``profile`` events: kernel models done of the set
+    (``resumed``: how many were already stored). Returns a ``ProfileResult``: device, fingerprint, threads, kernels
+    stored by this run, kernel models resumed, windows (measured again / still busy), seconds, and the database's
+    URL (password hidden).
     """
     from presso.bench.calibration import QuietProbe, kernel_set
     from presso.bench.env import device_fingerprint
@@ -101,60 +109,109 @@ def profile_device(
         "threads": n_threads,
         "precision": "fp32",
     }
+    settings = {"runs": runs, "flush_mb": flush_mb}
     spec_list = specs if specs is not None else kernel_set(size)
+    stored = set() if again else profiled_specs(store, fp, settings)
+    pending = [spec for spec in spec_list if spec.label() not in stored]
+    resumed = len(spec_list) - len(pending)
     report = reporter(progress, "profile")
-    probe = quiet if isinstance(quiet, QuietProbe) else (QuietProbe(n_threads) if device == LOCAL and quiet else None)
-    windows = [spec_list[k : k + WINDOW] for k in range(0, len(spec_list), WINDOW)]
-    kept: dict[int, tuple[float, list[KernelTiming]]] = {}  # window -> (reference-kernel ms meanwhile, timings)
-    done = 0
+    report(resumed, len(spec_list), resumed=resumed)
+    probe = None
+    if pending:
+        probe = (
+            quiet if isinstance(quiet, QuietProbe) else (QuietProbe(n_threads) if device == LOCAL and quiet else None)
+        )
+    windows = [pending[k : k + WINDOW] for k in range(0, len(pending), WINDOW)]
+    kept: dict[int, float] = {}  # window -> the reference kernel's ms while its stored rows were measured
+    kernels: dict[str, int] = {}  # kernel model -> kernel rows stored for it by this run
+    done = resumed
+
+    def store_rows(ref: float, timings: list[KernelTiming]) -> None:
+        store.replace_kernels(fp, [t.spec for t in timings], _rows(base, ref, timings, settings))
+        kernels.update({t.spec: len(t.nodes) for t in timings})
 
     def measure_window(w: int) -> None:
         nonlocal done
+        first = w not in kept
         ref = 0.0
         if probe is not None:
             probe.wait(tolerance=QUIET, max_seconds=wait_seconds)
             ref = probe.last_ms
-        timings = [time_spec(measure, spec) for spec in windows[w]]
+        timings = []
+        for spec in windows[w]:
+            timing = time_spec(measure, spec)
+            timings.append(timing)
+            if first:  # stored as it completes: a killed run resumes after it
+                store_rows(ref, [timing])
+                done += 1
+                report(done, len(spec_list), resumed=resumed)
         if probe is not None:
             probe.factor()
             ref = max(ref, probe.last_ms)
-        if w not in kept or ref < kept[w][0]:  # keep the quietest measurement of each window
-            kept[w] = (ref, timings)
-        done += len(windows[w])
-        report(min(done, len(spec_list)), len(spec_list))
+        if first:
+            kept[w] = ref
+        elif ref < kept[w]:  # a quieter measurement of a busy window replaces it
+            kept[w] = ref
+            store_rows(ref, timings)
 
     for w in range(len(windows)):
         measure_window(w)
     redone = 0
     if probe is not None:
-        # windows measured while the machine was busier than it later proved to be are measured again
-        deadline = time.time() + redo_seconds
+        # windows measured while the machine was busier than it later proved to be are measured again, for at most
+        # as long as the measuring took (a quick set stays quick)
+        deadline = time.time() + min(redo_seconds, time.time() - started)
         while time.time() < deadline:
-            busy = sorted((w for w, (ref, _) in kept.items() if ref > QUIET * probe.best), key=lambda w: -kept[w][0])
+            busy = sorted((w for w, ref in kept.items() if ref > QUIET * probe.best), key=lambda w: -kept[w])
             if not busy:
                 break
             for w in busy:
                 if time.time() >= deadline:
                     break
+                report(done, len(spec_list), resumed=resumed, phase=f"measuring busy window {w + 1} again")
                 measure_window(w)
                 redone += 1
-    n_kernels = 0
-    for w in sorted(kept):
-        ref, timings = kept[w]
-        store.add_many(_rows(base, ref, timings))
-        n_kernels += sum(len(t.nodes) for t in timings)
-    busy_left = sum(ref > QUIET * probe.best for ref, _ in kept.values()) if probe is not None else None
+    busy_left = sum(ref > QUIET * probe.best for ref in kept.values()) if probe is not None else None
     return ProfileResult(
         device=device,
         device_fp=fp,
         threads=n_threads,
-        kernels=n_kernels,
+        kernels=sum(kernels.values()),
         windows=len(windows),
         windows_redone=redone,
         windows_busy=busy_left,
         seconds=round(time.time() - started, 1),
         db=safe_url(store.url),
+        resumed=resumed,
     )
+
+
+# a profile missing at most this share of a kernel set (or 3 kernel models) is whole: a few kernel models leave no
+# row (ONNX Runtime folds their only node away), and which ones depends on the CPU and the runtime's version
+MISSING = 0.05
+
+
+def unfinished(labels: set[str]) -> tuple[int, int] | None:
+    """(kernel models stored, kernel models in the set) when ``labels`` -- the kernel models stored for a device --
+    are an interrupted profile of the full or quick kernel set; None when it is whole, or made of other kernels."""
+    from presso.bench.calibration import kernel_set
+
+    sets = [{spec.label() for spec in kernel_set(size)} for size in ("full", "quick")]
+    if not labels or not labels <= sets[0] | sets[1]:
+        return None
+    best = max(sets, key=lambda s: len(labels & s) / len(s))
+    done = len(labels & best)
+    return (done, len(best)) if len(best) - done > max(3, MISSING * len(best)) else None
+
+
+def profiled_specs(store, device_fp: str, settings: dict[str, Any]) -> set[str]:
+    """The kernel models (labels) already profiled for ``device_fp`` with these ``settings`` (runs, flush_mb)."""
+    return {
+        r["model_name"]
+        for kind in ("kernel", "overhead")
+        for r in store.rows(device_fp=device_fp, kind=kind)
+        if (r["extra"] or {}).get("settings") == settings
+    }
 
 
 def _measurer(device: str, threads: int, runs: int, flush_mb: float) -> Measure:
@@ -202,8 +259,11 @@ def time_spec(measure: Measure, spec) -> KernelTiming:
     return KernelTiming(spec.label(), wall_ms, nodes)
 
 
-def _rows(base: dict[str, Any], ref: float, timings: list[KernelTiming]) -> list[dict[str, Any]]:
-    """The database rows of one window: a ``kernel`` row per node run, an ``overhead`` row per chain's wall time."""
+def _rows(
+    base: dict[str, Any], ref: float, timings: list[KernelTiming], settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The database rows of timed kernel models: a ``kernel`` row per node run, an ``overhead`` row per chain's wall
+    time; each with the reference kernel's time meanwhile and the profile's settings (what a resumed run matches)."""
     rows = []
     for timing in timings:
         for node in timing.nodes:
@@ -215,7 +275,7 @@ def _rows(base: dict[str, Any], ref: float, timings: list[KernelTiming]) -> list
                     "median_ms": node["ms"],
                     "model_name": timing.spec,
                     "features": {"signature": node["signature"], "x": node["features"]},
-                    "extra": {"reference_ms": ref},
+                    "extra": {"reference_ms": ref, "settings": settings},
                 }
             )
         if timing.wall_ms is not None:
@@ -226,7 +286,7 @@ def _rows(base: dict[str, Any], ref: float, timings: list[KernelTiming]) -> list
                     "median_ms": timing.wall_ms,
                     "model_name": timing.spec,
                     "features": {"nodes": len(timing.nodes), "kernel_ms": sum(n["ms"] for n in timing.nodes)},
-                    "extra": {"reference_ms": ref},
+                    "extra": {"reference_ms": ref, "settings": settings},
                 }
             )
     return rows

@@ -9,12 +9,15 @@ from typing import Any
 
 from presso.results import Result
 
+NOISY_PCT = 20.0  # a run whose block medians spread more than this (% of its median) is flagged noisy: not to trust
+
 
 @dataclass
 class BenchmarkResult(Result):
     """One measurement of a model on a device: ``latency_ms`` (median, p90, p99, mean, std, min), throughput, peak
     memory, model size, the run's own noise, the environment, ONNX Runtime's per-operator ``profile`` when asked
-    for, and ``db`` (where it was stored: url, uid, device fingerprint; None when not stored). Nothing is written
+    for, and ``db`` (where it was stored: url, uid, device fingerprint; None when not stored). ``noisy``: the run's
+    noise is above ``NOISY_PCT`` -- the machine was busy; the row is flagged so in the database. Nothing is written
     to disk besides the database (``output_dir`` is None)."""
 
     model: str
@@ -36,6 +39,7 @@ class BenchmarkResult(Result):
     profile: dict[str, Any] | None = None
     db: dict[str, Any] | None = None
     output_dir: Path | None = None
+    noisy: bool = False
 
     @property
     def median_ms(self) -> float:
@@ -53,7 +57,8 @@ class BenchmarkResult(Result):
 class ProfileResult(Result):
     """A device profiled for the latency predictor: ``kernels`` rows stored for ``device`` (fingerprint
     ``device_fp``, ``threads``) in ``db`` (URL, password hidden), in ``windows`` windows of kernels, of which
-    ``windows_redone`` were measured again and ``windows_busy`` stayed busier than the quietest (None: no probe).
+    ``windows_redone`` were measured again and ``windows_busy`` stayed busier than the quietest (None: no probe);
+    ``resumed``: kernel models already in the database from an earlier, interrupted run (not timed again).
     Nothing is written to disk besides the database (``output_dir`` is None)."""
 
     device: str
@@ -66,6 +71,7 @@ class ProfileResult(Result):
     seconds: float
     db: str
     output_dir: Path | None = None
+    resumed: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {**asdict(self), "output_dir": None}

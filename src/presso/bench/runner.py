@@ -321,10 +321,15 @@ def measure_onnx(
         batch=batch,
         throughput=round(batch * 1000 / stats["median_ms"], 3) if stats["median_ms"] > 0 else 0.0,
         peak_memory_mb=mem.peak_mb,
-        model_size_bytes=Path(path).stat().st_size,
+        model_size_bytes=sum(f.stat().st_size for f in _model_files(Path(path))),
         environment=environment(runtime, version, n_threads),
         profile=prof,
     )
+
+
+def _model_files(path: Path) -> list[Path]:
+    """The files a model is: an OpenVINO IR is its .xml and its .bin."""
+    return [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]
 
 
 def _batch_of(feed: dict[str, Any]) -> int:

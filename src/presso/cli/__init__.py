@@ -11,7 +11,7 @@ from presso.cli.app import app
 
 # Importing a verb module registers its commands; this order is the order ``presso --help`` lists them in.
 # isort: off
-from presso.cli import compress, train, info, convert, bench, search, run  # noqa: E402, F401
+from presso.cli import compress, train, info, convert, bench, db, search, run  # noqa: E402, F401
 # isort: on
 
 __all__ = ["app", "main"]

@@ -13,13 +13,21 @@ import errno
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from presso.cli.limits import PressoGroup
+from presso.cli.panels import DATA, MODEL, OUTPUT, PressoApp
+from presso.cli.panels import DECOMPOSE as DECOMPOSE  # the panel names, for the verbs (``presso.cli.panels``)
+from presso.cli.panels import EXPORT as EXPORT
+from presso.cli.panels import INT8 as INT8
+from presso.cli.panels import MEASURE as MEASURE
+from presso.cli.panels import PRUNE as PRUNE
+from presso.cli.panels import TARGET as TARGET
 
 if TYPE_CHECKING:
     from presso.progress import ProgressEvent
@@ -30,52 +38,98 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    cls=PressoGroup,  # checks every numeric option's range (presso.cli.limits) before any command body runs
+    cls=PressoApp,  # every numeric option's range checked before any command body runs; readable --help
 )
 err = Console(stderr=True)
-_state = {"debug": bool(os.environ.get("PRESSO_DEBUG"))}
+_state: dict[str, Any] = {"debug": bool(os.environ.get("PRESSO_DEBUG")), "started": time.perf_counter()}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from presso import __version__
+
+        typer.echo(f"presso {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print Presso's version and exit."),
+    ] = False,
+) -> None:
+    _state["started"] = time.perf_counter()  # the command's clock (_elapsed): its whole wall time
     if debug:
         _state["debug"] = True
 
 
 # --------------------------------------------------------------------------- option types
-SourceArg = Annotated[str, typer.Argument(help="torchvision:NAME, timm:NAME, file.py:FACTORY, a model dir, or .pt2")]
-ShapeOpt = Annotated[
-    str | None, typer.Option("--input-shape", "-s", help="Input shape(s), e.g. 1,3,224,224 (several: ';').")
+SourceArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="torchvision:NAME, timm:NAME, file.py:FACTORY, a model dir, or .pt2")
 ]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape", "-s", metavar="SHAPE", rich_help_panel=MODEL,
+        help="Input shape(s), e.g. 1,3,224,224 (several: ';').",
+    ),
+]  # fmt: skip
 TrustOpt = Annotated[
     bool,
     typer.Option(
         "--trust",
+        rich_help_panel=MODEL,
         help="Allow running code from the model: a file.py:FACTORY, a model directory built from Python code, a "
         "pickled .pt, or a .pt2 with pickled parts. Only for models you trust (docs/security.md).",
     ),
 ]
 ModelArgOpt = Annotated[
-    list[str] | None, typer.Option("--model-arg", help="Builder keyword, NAME=VALUE (repeatable), e.g. num_classes=10.")
+    list[str] | None,
+    typer.Option(
+        "--model-arg", metavar="NAME=VALUE", rich_help_panel=MODEL,
+        help="Builder keyword, NAME=VALUE (repeatable), e.g. num_classes=10.",
+    ),
+]  # fmt: skip
+JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print one JSON object on stdout.")]
+OutputDirOpt = Annotated[
+    Path, typer.Option("--output", "-o", metavar="DIR", rich_help_panel=OUTPUT, help="Output model directory.")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 DataOpt = Annotated[
     str,
     typer.Option(
         "--data",
         "-d",
+        metavar="DATA",
+        rich_help_panel=DATA,
         help="digits | shapes[:n=,size=,classes=] | fashion-mnist[:DIR] | an image folder | unlabeled:DIR | a CSV.",
     ),
 ]
-ImageSizeOpt = Annotated[str | None, typer.Option("--image-size", help="Resize images to H or H,W.")]
+ImageSizeOpt = Annotated[
+    str | None, typer.Option("--image-size", metavar="H[,W]", rich_help_panel=DATA, help="Resize images to H or H,W.")
+]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
         "--overwrite",
+        rich_help_panel=OUTPUT,
         help="Replace what -o holds (a previous output too); the old copy is removed only once the new one is "
         "complete. Never the model being read.",
     ),
 ]
+
+
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights", metavar="PATH", rich_help_panel=MODEL,
+        help="Weights (safetensors or a state dict) for a model built from code. Cached ones, never downloaded: "
+        "--model-arg weights=DEFAULT (torchvision), pretrained=true (timm).",
+    ),
+]  # fmt: skip
+NewHeadOpt = Annotated[bool, typer.Option("--new-head", rich_help_panel=MODEL,
+                                          help="A new classifier for the data's classes.")]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- helpers
@@ -93,7 +147,9 @@ def _model_kwargs(items: list[str] | None) -> dict[str, Any]:
             out[key] = value
     from presso.models.sources import check_kwargs
 
-    return check_kwargs(out, "--model-arg")  # plain names and values; never trust=, build=, ...
+    weights = out.pop("weights", None)  # torchvision's weights=DEFAULT: load_model's own weights= (the local cache)
+    kwargs = check_kwargs(out, "--model-arg")  # plain names and values; never trust=, build=, ...
+    return {**kwargs, "weights": weights} if weights is not None else kwargs
 
 
 def _input_spec(source: str, model, given: str | None):
@@ -111,14 +167,54 @@ def _check_output(output, overwrite: bool, *sources: str | None, what: str = "fo
     outdir.check(output, overwrite=overwrite, sources=paths, what=what)
 
 
-def _load(source: str, trust: bool, model_arg: list[str] | None, teacher: str | None = None, show: bool = True):
-    """The model named on the command line (builder kwargs from --model-arg), and its teacher if one is named."""
+def _load(source: str, trust: bool, model_arg: list[str] | None, teacher: str | None = None, show: bool = True, *,
+          weights: Path | None = None, new_head: bool = False, fit=None):  # fmt: skip
+    """The model named on the command line (builder kwargs from --model-arg, weights from --weights or the local
+    cache), and its teacher if one is named. ``fit``: a ``DataBundle`` a zoo model built from random init takes its
+    class and channel counts from, unless --model-arg gives them (one line says so)."""
     import presso
+    from presso.errors import ConfigError
+    from presso.models.weights import fit_to_data
 
+    kwargs = _model_kwargs(model_arg)
+    if weights is not None and "weights" in kwargs:
+        raise ConfigError("Give the weights once: --weights PATH, or --model-arg weights=NAME (torchvision's cache).")
+    weights = kwargs.pop("weights", weights)
+    if fit is not None and fit.labeled:
+        kwargs, added = fit_to_data(source, kwargs, classes=fit.num_classes, channels=fit.train.native()[1],
+                                    weights=weights)  # fmt: skip
+        if added and show:
+            said = ", ".join(f"{k}={v}" for k, v in added.items())
+            err.print(f"building {source} for '{fit.name}': {said} (from the data; --model-arg to choose)",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     with err.status(f"Loading {source} ...") if show else contextlib.nullcontext():
-        model = presso.load_model(source, trust=trust, **_model_kwargs(model_arg))
+        model = presso.load_model(source, trust=trust, weights=weights, new_head=new_head, **kwargs)
         original = presso.load_model(teacher, trust=trust) if teacher else None
     return model, original
+
+
+@contextlib.contextmanager
+def _warning_lines():
+    """The library's warnings (labels that differ, unreadable images, a cache file with a wrong hash) as one yellow
+    line each on stderr, instead of Python's file:line format."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+    with warnings.catch_warnings():  # the filters stay as they are; only the display changes
+        warnings.showwarning = show
+        yield
+
+
+def _checked_spec(source: str, model, given: str | None):
+    """``_input_spec``, refusing a given shape that the preprocessing recorded in the model's card contradicts."""
+    from presso.models.card import check_input_spec, get_card
+
+    spec = _input_spec(source, model, given)
+    if given:
+        check_input_spec(get_card(model), spec)
+    return spec
 
 
 def _emit(payload: dict[str, Any], as_json: bool, render) -> None:
@@ -202,7 +298,10 @@ class ProgressBars:
                     if self._task(t).finished:
                         self.progress.remove_task(t)
                         del self.tasks[stage]
-            task = self.tasks[event.stage] = self.progress.add_task(description, total=event.total)
+            # started where the stage stands (a resumed profile): a first jump would make the remaining time a guess
+            task = self.tasks[event.stage] = self.progress.add_task(
+                description, total=event.total, completed=event.done
+            )
         elif event.done < self._task(task).completed:  # the stage runs again: its clock starts over
             self.progress.reset(task, total=event.total, description=description)
         # always an update, even for a new task: only an update marks a task finished (one event may be its last)
@@ -224,6 +323,26 @@ def _epoch_line(e: ProgressEvent) -> str:
     return "  ".join(parts)
 
 
+def _search_step(e: ProgressEvent) -> str:
+    """A budget search's latest try, e.g. ``search — allocation 3/8 uniform — try 7/16 — 0.52 of MACs — score 0.01``."""
+    from rich.markup import escape
+
+    i = e.info
+    parts = ["[bold]search[/bold]"]
+    if i.get("phase"):
+        parts.append(escape(str(i["phase"])))
+    if i.get("allocation"):
+        parts.append(f"allocation {i['candidate']}/{e.total:g} {escape(str(i['allocation']))}")
+    if i.get("attempt"):
+        parts.append(f"try {i['attempt']}/{i['tries']}")
+    if i.get("kept") is not None:
+        ms = f" ({i['ms']:.3g} ms)" if i.get("ms") is not None else ""
+        parts.append(f"{i['kept']:.3g} of {i.get('of', 'the original')}{ms}")
+    if i.get("score") is not None:
+        parts.append(f"score {i['score']:.4g}")
+    return " — ".join(parts)
+
+
 def _trial_line(e: ProgressEvent) -> str:
     i = e.info
     what = f"skipped: predicted {i['predicted_ms']:.3f} ms" if i.get("skipped") else (
@@ -231,7 +350,7 @@ def _trial_line(e: ProgressEvent) -> str:
     return f"trial {i['number']}: {what}"
 
 
-_DESCRIBE: dict[str, Callable[[ProgressEvent], str]] = {"train": _train_step}
+_DESCRIBE: dict[str, Callable[[ProgressEvent], str]] = {"train": _train_step, "search": _search_step}
 _LINES: dict[str, Callable[[ProgressEvent], str | None]] = {"epoch": _epoch_line, "trial": _trial_line}
 
 
@@ -246,12 +365,30 @@ def _describe(event: ProgressEvent) -> str:
     return " ".join(parts)
 
 
+def _elapsed() -> float:
+    """Seconds since the command started (its whole wall time so far: loading, searching, saving)."""
+    return time.perf_counter() - _state["started"]
+
+
+def _duration(seconds: float) -> str:
+    """``0.4s``, ``42s``, ``5 min 30 s``, ``1 h 02 min``."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def _run(fn):
     """Run a command body, turning Presso's errors into one red line and a non-zero exit."""
     from presso.errors import PressoError
 
     try:
-        return fn()
+        with _warning_lines():
+            return fn()
     except typer.Exit:
         raise
     except PressoError as e:

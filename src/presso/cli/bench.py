@@ -1,4 +1,5 @@
-"""The bench verbs: ``benchmark``, ``predict-latency``, and the ``devices``, ``agent`` and ``db`` command groups.
+"""The bench verbs: ``benchmark``, ``predict-latency``, and the ``devices`` and ``agent`` command groups (``db``:
+``presso.cli.db``).
 
 Each command is a thin layer over ``presso.bench``; nothing heavy (ONNX Runtime, SQLAlchemy, FastAPI) is imported
 at module level, so ``presso --help`` stays instant.
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from presso.bench.results import NOISY_PCT
 from presso.cli.app import (
     JsonOpt,
     ModelArgOpt,
@@ -26,17 +28,35 @@ from presso.cli.app import (
     app,
     err,
 )
+from presso.cli.panels import MEASURE, OUTPUT
 
-DeviceOpt = Annotated[str, typer.Option("--device", "-D", help="'local' or a device added with 'presso devices add'.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", "-D", metavar="DEVICE", rich_help_panel=MEASURE,
+        help="'local' or a device added with 'presso devices add'.",
+    ),
+]  # fmt: skip
 DbOpt = Annotated[
-    str | None, typer.Option("--db", help="Latency database: SQLAlchemy URL or file (default $PRESSO_HOME/latency.db).")
+    str | None,
+    typer.Option(
+        "--db", metavar="URL|FILE", rich_help_panel=OUTPUT,
+        help="Latency database: SQLAlchemy URL or file (default $PRESSO_HOME/latency.db).",
+    ),
+]  # fmt: skip
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", rich_help_panel=MEASURE, help="Intra-op threads (default: all cores).")
 ]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Intra-op threads (default: all cores).")]
 
 
-def _model_and_spec(source: str, trust: bool, model_arg, input_shape: str | None) -> tuple[Any, str | None]:
-    """An .onnx path as it is (its own input shapes, unless given), or the loaded model and its input spec."""
-    if source.endswith(".onnx"):
+def _model_and_spec(
+    source: str, trust: bool, model_arg, input_shape: str | None, runtime: str | None = None
+) -> tuple[Any, str | None]:
+    """An export as it is -- an .onnx file, an OpenVINO .xml, a 'presso convert' folder: its own input shapes,
+    unless given -- or the loaded model and its input spec. Exports are routed before any model loading."""
+    from presso.bench.exports import export_path
+
+    if export_path(source, runtime) is not None:
         return source, input_shape
     model, _ = _load(source, trust, model_arg)
     return model, str(_input_spec(source, model, input_shape))
@@ -44,29 +64,50 @@ def _model_and_spec(source: str, trust: bool, model_arg, input_shape: str | None
 
 devices = typer.Typer(help="Named benchmark devices (remote agents).", no_args_is_help=True)
 agent = typer.Typer(help="The benchmark agent that runs on a device.", no_args_is_help=True)
-db = typer.Typer(help="The latency database: list, export, import, profile a device.", no_args_is_help=True)
 app.add_typer(devices, name="devices")
 app.add_typer(agent, name="agent")
-app.add_typer(db, name="db")
 
 
 @app.command()
 def benchmark(
-    source: Annotated[str, typer.Argument(help="A model source (torchvision:NAME, ...), a model dir, or .onnx.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL",
+            help="A model source (torchvision:NAME, ...), a model dir, an .onnx file, an OpenVINO .xml "
+            "(--runtime openvino), or a folder from 'presso convert'.",
+        ),
+    ],
     device: DeviceOpt = "local",
-    runtime: Annotated[str, typer.Option(help="onnxruntime | openvino | torch.")] = "onnxruntime",
+    runtime: Annotated[
+        str, typer.Option(metavar="NAME", rich_help_panel=MEASURE, help="onnxruntime | openvino | torch.")
+    ] = "onnxruntime",
     threads: ThreadsOpt = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="Batch size (replaces the first dimension).")] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option("--batch", rich_help_panel=MEASURE, help="Batch size (replaces the first dimension)."),
+    ] = None,
     precision: Annotated[
-        str | None, typer.Option(help="fp32 | fp16 | int8: checked against the model (default: as it is).")
+        str | None,
+        typer.Option(
+            metavar="PRECISION",
+            rich_help_panel=MEASURE,
+            help="fp32 | fp16 | int8: checked against the model (default: as it is).",
+        ),
     ] = None,
     input_shape: ShapeOpt = None,
-    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 10,
-    repeat: Annotated[int, typer.Option(help="Timed runs (at most).")] = 50,
-    max_seconds: Annotated[float, typer.Option(help="Stop timing after this long (at least 3 runs).")] = 30.0,
-    profile: Annotated[bool, typer.Option("--profile", help="Top operators by time (ONNX Runtime).")] = False,
+    warmup: Annotated[int, typer.Option(rich_help_panel=MEASURE, help="Untimed runs first.")] = 10,
+    repeat: Annotated[int, typer.Option(rich_help_panel=MEASURE, help="Timed runs (at most).")] = 50,
+    max_seconds: Annotated[
+        float, typer.Option(rich_help_panel=MEASURE, help="Stop timing after this long (at least 3 runs).")
+    ] = 30.0,
+    profile: Annotated[
+        bool, typer.Option("--profile", rich_help_panel=MEASURE, help="Top operators by time (ONNX Runtime).")
+    ] = False,
     db_url: DbOpt = None,
-    no_db: Annotated[bool, typer.Option("--no-db", help="Do not store the measurement.")] = False,
+    no_db: Annotated[
+        bool, typer.Option("--no-db", rich_help_panel=OUTPUT, help="Do not store the measurement.")
+    ] = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
@@ -76,7 +117,7 @@ def benchmark(
     def body():
         from presso.bench.api import benchmark as run
 
-        model, spec = _model_and_spec(source, trust, model_arg, input_shape)
+        model, spec = _model_and_spec(source, trust, model_arg, input_shape, runtime)
         with ProgressBars(describe={"benchmark": lambda e: f"[bold]benchmark on {device}[/bold]"}) as bars:
             result = run(
                 model,
@@ -92,6 +133,13 @@ def benchmark(
                 profile=profile,
                 db=False if no_db else db_url,
                 progress=bars,
+            )
+        if result.noisy:
+            err.print(
+                f"[yellow]warning:[/yellow] this run's noise is {result.noise_pct:.0f}% (its block medians spread "
+                f"more than {NOISY_PCT:g}%): the machine was busy. The measurement is flagged noisy in the database; "
+                "rerun it when the machine is quiet.",
+                highlight=False,
             )
         _emit({**result.summary(), "model": source}, as_json, _render_benchmark)
 
@@ -200,138 +248,6 @@ def agent_serve(
         err.print(f"presso agent '{name}' stopped")
 
     _run(body)
-
-
-@db.command("list")
-def db_list(
-    device: Annotated[str | None, typer.Option("--device", help="Only this device.")] = None,
-    kind: Annotated[str, typer.Option(help="model | kernel | overhead | all.")] = "model",
-    limit: Annotated[int, typer.Option(help="At most this many rows (latest).")] = 50,
-    db_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Measurements in the latency database."""
-
-    def body():
-        from presso.bench.latency_db import LatencyDB
-
-        store = LatencyDB(db_url)
-        rows = store.rows(device=device, kind=None if kind == "all" else kind)[-limit:]
-        keep = (
-            "created_at",
-            "kind",
-            "device",
-            "model_name",
-            "input_shape",
-            "runtime",
-            "threads",
-            "precision",
-            "median_ms",
-            "p90_ms",
-            "noise_pct",
-            "model_fp",
-            "device_fp",
-            "kernel_key",
-        )
-        payload = {"count": store.count(), "rows": [{k: r[k] for k in keep} for r in rows]}
-
-        def render(p):
-            t = Table(title=f"latency database ({p['count']} rows)")
-            for col in ("device", "model", "shape", "runtime/threads", "median ms", "p90 ms", "noise %"):
-                t.add_column(col)
-            for r in p["rows"]:
-                t.add_row(
-                    r["device"],
-                    str(r["model_name"] or r["kernel_key"]),
-                    str(r["input_shape"] or ""),
-                    f"{r['runtime']}/{r['threads']}",
-                    f"{r['median_ms']:.3f}",
-                    f"{r['p90_ms'] or 0:.3f}",
-                    f"{r['noise_pct'] or 0:.1f}",
-                )
-            Console().print(t)
-
-        _emit(payload, as_json, render)
-
-    _run(body)
-
-
-@db.command("export")
-def db_export(
-    path: Annotated[Path, typer.Argument(help="Output file: .json or .csv.")],
-    device: Annotated[str | None, typer.Option("--device", help="Only this device.")] = None,
-    db_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write measurements to a JSON or CSV file (to share a device farm's measurements)."""
-
-    def body():
-        from presso.bench.latency_db import LatencyDB
-
-        n = LatencyDB(db_url).export(path, device=device)
-        _emit({"exported": n, "path": str(path)}, as_json, lambda p: err.print(f"exported {n} rows to {path}"))
-
-    _run(body)
-
-
-@db.command("import")
-def db_import(
-    path: Annotated[Path, typer.Argument(help="A file written by 'presso db export'.")],
-    db_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Add the measurements of an export; rows already present are skipped."""
-
-    def body():
-        from presso.bench.latency_db import LatencyDB
-
-        added, skipped = LatencyDB(db_url).import_(path)
-        _emit(
-            {"added": added, "skipped": skipped},
-            as_json,
-            lambda p: err.print(f"imported {added} rows ({skipped} already present)"),
-        )
-
-    _run(body)
-
-
-@db.command("profile")
-def db_profile(
-    device: DeviceOpt = "local",
-    threads: ThreadsOpt = None,
-    size: Annotated[str, typer.Option(help="full (a few minutes) | quick (seconds, a smoke test).")] = "full",
-    db_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Profile a device for the latency predictor: time the calibration kernel set there and store every kernel."""
-
-    def body():
-        from presso.bench.profile import profile_device
-
-        with ProgressBars(describe={"profile": lambda e: f"[bold]profiling {device}[/bold]"}) as bars:
-            result = profile_device(device, threads=threads, size=size, db=db_url, progress=bars)
-        _emit(
-            result.summary(),
-            as_json,
-            lambda p: err.print(
-                f"profiled {p['kernels']} kernels on {p['device']} ({p['threads']} threads) in {p['seconds']}s"
-            ),
-        )
-
-    _run(body)
-
-
-@db.command("calibrate", hidden=True)
-def db_calibrate(
-    device: DeviceOpt = "local",
-    threads: ThreadsOpt = None,
-    size: Annotated[str, typer.Option(help="full | quick.")] = "full",
-    db_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Deprecated: 'presso db profile'."""
-    err.print("[yellow]'presso db calibrate' is now 'presso db profile'.[/yellow]")
-    db_profile(device=device, threads=threads, size=size, db_url=db_url, as_json=as_json)
 
 
 @app.command("predict-latency")

@@ -12,90 +12,168 @@ from rich.table import Table
 from presso.cli.app import (
     JsonOpt,
     ModelArgOpt,
+    OutputDirOpt,
     OverwriteOpt,
     ProgressBars,
     ShapeOpt,
     SourceArg,
     TrustOpt,
+    WeightsOpt,
     _check_output,
+    _checked_spec,
+    _duration,
+    _elapsed,
     _emit,
     _human,
-    _input_spec,
     _load,
     _run,
     app,
+    err,
 )
+from presso.cli.panels import DATA, DECOMPOSE, MEASURE, PRUNE, TARGET
 
 
 @app.command()
 def compress(
     source: SourceArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output model directory.")],
+    output: OutputDirOpt,
     input_shape: ShapeOpt = None,
     prune_ratio: Annotated[
-        float | None, typer.Option("--prune-ratio", "-r", help="Fraction of channels removed per group, in (0, 1).")
+        float | None,
+        typer.Option(
+            "--prune-ratio",
+            "-r",
+            metavar="RATIO",
+            rich_help_panel=PRUNE,
+            help="Fraction of channels removed per group, in (0, 1). Under a target the ratio is searched: this "
+            "only turns pruning on.",
+        ),
     ] = None,
-    criterion: Annotated[str, typer.Option(help="l1 | l2 | gm | taylor | random | index, or a registered one.")] = "l2",
+    criterion: Annotated[
+        str,
+        typer.Option(
+            metavar="NAME", rich_help_panel=PRUNE, help="l1 | l2 | gm | taylor | random | index, or a registered one."
+        ),
+    ] = "l2",
     per_layer: Annotated[
-        Path | None, typer.Option("--per-layer", help="JSON/YAML: layer name -> pruning ratio.")
+        Path | None,
+        typer.Option(
+            "--per-layer", metavar="FILE", rich_help_panel=PRUNE, help="JSON/YAML: layer name -> pruning ratio."
+        ),
     ] = None,
     indices: Annotated[
-        Path | None, typer.Option("--indices", help="JSON: layer name -> channel indices to remove (criterion index).")
+        Path | None,
+        typer.Option(
+            "--indices",
+            metavar="FILE",
+            rich_help_panel=PRUNE,
+            help="JSON: layer name -> channel indices to remove (criterion index).",
+        ),
     ] = None,
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Layer name or glob never pruned.")] = None,
-    round_to: Annotated[int, typer.Option(help="Keep channel counts a multiple of this (0: off).")] = 8,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore", metavar="GLOB", rich_help_panel=PRUNE, help="Layer name or glob never pruned (repeatable)."
+        ),
+    ] = None,
+    round_to: Annotated[
+        int, typer.Option(rich_help_panel=PRUNE, help="Keep channel counts a multiple of this (0: off).")
+    ] = 8,
     attention: Annotated[
-        str, typer.Option(help="head_dim: same dims from every head; heads: whole heads.")
+        str,
+        typer.Option(
+            metavar="MODE", rich_help_panel=PRUNE, help="head_dim: same dims from every head; heads: whole heads."
+        ),
     ] = "head_dim",
     grouped: Annotated[
         str,
-        typer.Option(help="Grouped convolutions: groups: remove whole groups (faster); width: thin every group."),
-    ] = "groups",
-    calib: Annotated[
-        str | None,
         typer.Option(
-            "--calib",
-            help="Calibration data (any --data spec, or 'random'; 128 images are used): "
-            "taylor, and the choice of per-layer ratios under a target.",
+            metavar="MODE",
+            rich_help_panel=PRUNE,
+            help="Grouped convolutions: groups: remove whole groups (faster); width: thin every group.",
         ),
-    ] = None,
+    ] = "groups",
     recommend: Annotated[
         bool | None,
         typer.Option(
             "--recommend/--uniform",
+            rich_help_panel=PRUNE,
             help="Per-layer ratios chosen by Presso (LAMP scores; with --calib under a target, the best of several "
             "allocations judged on that data; under --target-latency-ms, allocations weighted by measured time per "
             "MAC), or one uniform ratio. Default: recommended under a target with --calib or --device, else uniform.",
         ),
     ] = None,
-    decompose: Annotated[str | None, typer.Option("--decompose", help="tucker | cp | svd.")] = None,
-    rank: Annotated[str, typer.Option("--rank", help="Rank rule: vbmf | energy | ratio.")] = "vbmf",
-    vbmf_offset: Annotated[float, typer.Option(help="VBMF calibration offset in [-1, 1] (+: more rank).")] = 0.0,
-    energy: Annotated[float, typer.Option(help="Energy kept, for --rank energy.")] = 0.9,
-    rank_ratio: Annotated[float, typer.Option(help="Share of full rank kept, for --rank ratio.")] = 0.5,
-    ranks: Annotated[
-        Path | None, typer.Option("--ranks", help="JSON/YAML: layer -> rank ([out, in] for tucker); 0 skips.")
+    decompose: Annotated[
+        str | None,
+        typer.Option("--decompose", metavar="METHOD", rich_help_panel=DECOMPOSE, help="tucker | cp | svd."),
     ] = None,
-    target_macs: Annotated[float | None, typer.Option("--target-macs", help="Keep this share of MACs.")] = None,
-    target_params: Annotated[float | None, typer.Option("--target-params", help="Keep this share of params.")] = None,
+    rank: Annotated[
+        str, typer.Option("--rank", metavar="RULE", rich_help_panel=DECOMPOSE, help="Rank rule: vbmf | energy | ratio.")
+    ] = "vbmf",
+    vbmf_offset: Annotated[
+        float, typer.Option(rich_help_panel=DECOMPOSE, help="VBMF calibration offset in \\[-1, 1] (+: more rank).")
+    ] = 0.0,
+    energy: Annotated[float, typer.Option(rich_help_panel=DECOMPOSE, help="Energy kept, for --rank energy.")] = 0.9,
+    rank_ratio: Annotated[
+        float, typer.Option(rich_help_panel=DECOMPOSE, help="Share of full rank kept, for --rank ratio.")
+    ] = 0.5,
+    ranks: Annotated[
+        Path | None,
+        typer.Option(
+            "--ranks",
+            metavar="FILE",
+            rich_help_panel=DECOMPOSE,
+            help="JSON/YAML: layer -> rank (\\[out, in] for tucker); 0 skips.",
+        ),
+    ] = None,
+    target_macs: Annotated[
+        float | None,
+        typer.Option("--target-macs", metavar="SHARE", rich_help_panel=TARGET, help="Keep this share of MACs."),
+    ] = None,
+    target_params: Annotated[
+        float | None,
+        typer.Option("--target-params", metavar="SHARE", rich_help_panel=TARGET, help="Keep this share of params."),
+    ] = None,
     target_latency_ms: Annotated[
-        float | None, typer.Option("--target-latency-ms", help="Latency budget on --device (needs the benchmarker).")
+        float | None,
+        typer.Option(
+            "--target-latency-ms",
+            metavar="MS",
+            rich_help_panel=TARGET,
+            help="Latency budget on --device (needs the benchmarker).",
+        ),
     ] = None,
     device: Annotated[
         str | None,
         typer.Option(
             "--device",
+            metavar="DEVICE",
+            rich_help_panel=MEASURE,
             help="Device for --target-latency-ms; with --target-macs, 'local' picks, among allocations weighted by "
             "measured time per MAC, the one that runs fastest here.",
         ),
     ] = None,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="Intra-op threads latency is measured with (default: all cores).")
+        int | None,
+        typer.Option(
+            "--threads", rich_help_panel=MEASURE, help="Intra-op threads latency is measured with (default: all cores)."
+        ),
     ] = None,
-    tolerance: Annotated[float, typer.Option(help="Relative tolerance of a target.")] = 0.03,
+    tolerance: Annotated[float, typer.Option(rich_help_panel=TARGET, help="Relative tolerance of a target.")] = 0.03,
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            "--calib",
+            metavar="DATA",
+            rich_help_panel=DATA,
+            help="Calibration data (any --data spec, or 'random'; 128 images are used): "
+            "taylor, and the choice of per-layer ratios under a target.",
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Prune and/or decompose a model (or meet a MACs/params target) and save it as a Presso model directory.
@@ -150,8 +228,15 @@ def compress(
             )
         elif rank_map:
             raise ConfigError("--ranks is for decomposition: add --decompose tucker|cp|svd.")
-        model, _ = _load(source, trust, model_arg)
-        spec = _input_spec(source, model, input_shape)
+        if target is not None and prune_ratio is not None:  # the search sets the ratio: never silently
+            err.print(
+                f"[yellow]note:[/yellow] under --target-{target.key.replace('_', '-')} the pruning ratio is searched; "
+                f"--prune-ratio {prune_ratio:g} only turns pruning on (drop the target to prune by exactly that).",
+                highlight=False,
+                soft_wrap=True,
+            )
+        model, _ = _load(source, trust, model_arg, weights=weights)
+        spec = _checked_spec(source, model, input_shape)  # a shape the card's preprocessing contradicts is refused
         if criterion == "taylor" and not calib:
             raise ConfigError("criterion 'taylor' needs data: pass --calib DATA (or --calib random).")
         with ProgressBars() as bars:
@@ -159,7 +244,8 @@ def compress(
                 model, spec, configs, calib=calib, target=target, recommend=recommend, output_dir=output,
                 overwrite=overwrite, progress=bars,
             )  # fmt: skip
-        _emit(result.summary(), as_json, _render_compress)
+        # "seconds" is the final compression's own time; the command's wall time includes loading and any search
+        _emit({**result.summary(), "wall_seconds": round(_elapsed(), 1)}, as_json, _render_compress)
 
     _run(body)
 
@@ -193,8 +279,16 @@ def _render_compress(s: dict[str, Any]) -> None:
         out.print(st)
     if s.get("target"):
         tg = s["target"]
-        key = "macs" if "macs" in tg else "params"
-        out.print(f"target: keep {tg[key]:.1%} of {key} -> kept {tg['achieved']:.1%}")
+        if "latency_ms" in tg:  # a latency budget: what was measured, not a share
+            out.print(
+                f"target: under {tg['latency_ms']:g} ms on {tg['device']} -> {tg['achieved_ms']:g} ms measured "
+                f"(original {tg['original_ms']:g} ms)",
+                highlight=False,
+            )
+        else:
+            key = "macs" if "macs" in tg else "params"
+            out.print(f"target: keep {tg[key]:.1%} of {key} -> kept {tg['achieved']:.1%}", highlight=False)
         for search in tg["search"]:
             out.print(f"  {search['method']}: {search['knob']} = {search['best_knob']} ({search['why']})")
-    out.print(f"saved to [bold]{s['output_dir']}[/bold] in {s['seconds']:.1f}s")
+    took = _duration(s.get("wall_seconds", s["seconds"]))
+    out.print(f"saved to [bold]{s['output_dir']}[/bold] in {took} (the whole command)")

@@ -22,18 +22,24 @@ from presso.cli.app import (
     ShapeOpt,
     SourceArg,
     TrustOpt,
+    WeightsOpt,
     _check_output,
+    _checked_spec,
+    _duration,
+    _elapsed,
     _emit,
     _human,
-    _input_spec,
     _load,
     _run,
     app,
     err,
 )
+from presso.cli.panels import DATA, EXPORT, INT8, OUTPUT
 
-FormatOpt = Annotated[str, typer.Option("--to", help="onnx | openvino.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", "-p", help="fp32 | fp16 | int8.")]
+FormatOpt = Annotated[str, typer.Option("--to", metavar="FORMAT", rich_help_panel=EXPORT, help="onnx | openvino.")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", "-p", metavar="PRECISION", rich_help_panel=EXPORT, help="fp32 | fp16 | int8.")
+]
 
 
 def _convert_options(
@@ -75,35 +81,68 @@ def _convert_options(
 @app.command()
 def convert(
     source: SourceArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (new or empty; see --overwrite).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="DIR",
+            rich_help_panel=OUTPUT,
+            help="Output directory (new or empty; see --overwrite).",
+        ),
+    ],
     to: FormatOpt = "onnx",
     precision: PrecisionOpt = "fp32",
     calib: Annotated[
         str | None,
-        typer.Option("--calib", help="Calibration data for INT8 (any --data spec); labelled: also accuracy."),
+        typer.Option(
+            "--calib",
+            metavar="DATA",
+            rich_help_panel=DATA,
+            help="Calibration data for INT8 (any --data spec); labelled: also accuracy.",
+        ),
     ] = None,
     eval_data: Annotated[
-        str | None, typer.Option("--eval-data", help="Labelled data for FP32 vs converted accuracy.")
+        str | None,
+        typer.Option(
+            "--eval-data", metavar="DATA", rich_help_panel=DATA, help="Labelled data for FP32 vs converted accuracy."
+        ),
     ] = None,
-    eval_samples: Annotated[int, typer.Option(help="Held-out images scored (0: skip).")] = 1000,
-    calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile.")] = "minmax",
-    calib_samples: Annotated[int, typer.Option(help="Calibration images.")] = 128,
+    eval_samples: Annotated[int, typer.Option(rich_help_panel=DATA, help="Held-out images scored (0: skip).")] = 1000,
+    calib_method: Annotated[
+        str, typer.Option(metavar="METHOD", rich_help_panel=INT8, help="minmax | entropy | percentile.")
+    ] = "minmax",
+    calib_samples: Annotated[int, typer.Option(rich_help_panel=INT8, help="Calibration images.")] = 128,
     snr_db: Annotated[
-        float, typer.Option(help="Output SNR vs FP32 that INT8 must keep; sensitive layers fall back (0: off).")
+        float,
+        typer.Option(
+            rich_help_panel=INT8, help="Output SNR vs FP32 that INT8 must keep; sensitive layers fall back (0: off)."
+        ),
     ] = 20.0,
-    max_fallback: Annotated[float, typer.Option(help="Largest share of layers allowed to fall back.")] = 0.5,
+    max_fallback: Annotated[
+        float, typer.Option(rich_help_panel=INT8, help="Largest share of layers allowed to fall back.")
+    ] = 0.5,
     reduce_range: Annotated[
-        str, typer.Option(help="7-bit weights: auto (on for x86 without VNNI) | on | off.")
+        str,
+        typer.Option(
+            metavar="MODE", rich_help_panel=INT8, help="7-bit weights: auto (on for x86 without VNNI) | on | off."
+        ),
     ] = "auto",
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Symbolic batch dimension.")] = False,
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch", rich_help_panel=EXPORT, help="Symbolic batch dimension.")
+    ] = False,
     tolerance: Annotated[
-        float | None, typer.Option(help="Largest output difference vs PyTorch, relative (fp32 1e-3, fp16 3e-2).")
+        float | None,
+        typer.Option(
+            rich_help_panel=EXPORT, help="Largest output difference vs PyTorch, relative (fp32 1e-3, fp16 3e-2)."
+        ),
     ] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
+    opset: Annotated[int, typer.Option(rich_help_panel=EXPORT, help="ONNX opset (>= 17).")] = 18,
     input_shape: ShapeOpt = None,
     overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a model to ONNX or OpenVINO IR in FP32, FP16 or INT8, verified against PyTorch.
@@ -120,8 +159,8 @@ def convert(
             tolerance, opset, eval_samples,
         )  # fmt: skip
         _check_output(output, overwrite, source)
-        model, _ = _load(source, trust, model_arg)
-        spec = _input_spec(source, model, input_shape)
+        model, _ = _load(source, trust, model_arg, weights=weights)
+        spec = _checked_spec(source, model, input_shape)
         with ProgressBars() as bars:
             result = presso.convert(
                 model,
@@ -133,7 +172,7 @@ def convert(
                 overwrite=overwrite,
                 progress=bars,
             )
-        summary = {"source": source, **result.summary()}
+        summary = {"source": source, **result.summary(), "wall_seconds": round(_elapsed(), 1)}
         if result.int8 is not None and not result.int8.met:
             err.print(
                 f"[yellow]warning:[/yellow] INT8 output SNR {result.int8.output_snr_db:.1f} dB stays below "
@@ -156,6 +195,7 @@ def package(
     overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pack a converted model (converting it first if needed) with its card and a torch-free predictor."""
@@ -169,8 +209,8 @@ def package(
         with contextlib.ExitStack() as stack:
             converted, model = Path(source), None
             if not is_converted_dir(converted):
-                model, _ = _load(source, trust, model_arg)  # its status line ends before the bars start
-                spec = _input_spec(source, model, input_shape)
+                model, _ = _load(source, trust, model_arg, weights=weights)  # its status line ends before the bars
+                spec = _checked_spec(source, model, input_shape)
                 # converted beside the bundle, in a folder named as Presso's: a killed run's is cleaned by the next
                 converted = stack.enter_context(outdir.scratch(output)) / "m"
             bars = stack.enter_context(ProgressBars())
@@ -187,7 +227,9 @@ def package(
 @app.command()
 def predict(
     bundle: Annotated[Path, typer.Argument(help="A bundle from 'presso package'.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[
+        list[Path], typer.Argument(metavar="IMAGE|DIR...", help="Image files, or folders of them (read recursively).")
+    ],
     top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 1,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads.")] = None,
     as_json: JsonOpt = False,
@@ -197,10 +239,36 @@ def predict(
     def body():
         from presso.convert.predict import Predictor
 
-        results = Predictor(bundle, threads=threads).predict(images, top_k=top_k)
+        results = Predictor(bundle, threads=threads).predict(_image_files(images), top_k=top_k)
         _emit({"bundle": str(bundle), "predictions": results}, as_json, _render_predict)
 
     _run(body)
+
+
+# the image files a folder given to predict contributes (presso.data.images reads the same; not imported: torch)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    """The images named: files as given, folders as the image files under them (sorted, hidden ones left out)."""
+    from presso.errors import ConfigError
+
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            out.append(path)
+            continue
+        found = sorted(
+            f
+            for f in path.rglob("*")
+            if f.suffix.lower() in IMAGE_SUFFIXES
+            and f.is_file()
+            and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+        if not found:
+            raise ConfigError(f"No images in '{path}' (looked for {', '.join(IMAGE_SUFFIXES)}).")
+        out.extend(found)
+    return out
 
 
 def _render_convert(s: dict[str, Any]) -> None:
@@ -230,7 +298,7 @@ def _render_convert(s: dict[str, Any]) -> None:
                 "FP32" if r["fallback"] else "",
             )  # fmt: skip
         out.print(lt)
-    out.print(f"saved to [bold]{s['output_dir']}[/bold] in {s['seconds']:.1f}s")
+    out.print(f"saved to [bold]{s['output_dir']}[/bold] in {_duration(s.get('wall_seconds', s['seconds']))}")
 
 
 def _render_package(s: dict[str, Any]) -> None:

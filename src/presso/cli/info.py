@@ -30,11 +30,17 @@ def info(
     model_arg: ModelArgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Params, MACs, size and per-layer channels of a model."""
+    """Params, MACs, size and per-layer channels of a model; of an export (.onnx, OpenVINO .xml, a 'presso convert'
+    folder): its inputs, outputs, opset, size and parameter count, read from the graph."""
 
     def body():
         import presso
+        from presso.bench.exports import export_info, export_path
 
+        path = export_path(source)  # an export is read as a graph, never loaded as a PyTorch model
+        if path is not None:
+            _emit({"source": source, **export_info(path)}, as_json, _render_export)
+            return
         model, _ = _load(source, trust, model_arg)
         spec = _input_spec(source, model, input_shape)
         figures = presso.info(model, spec)
@@ -62,6 +68,26 @@ def env(as_json: JsonOpt = False) -> None:
         Console().print(t)
 
     _emit(payload, as_json, render)
+
+
+def _render_export(s: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    def tensors(items: list[dict[str, Any]]) -> str:
+        return escape(", ".join(f"{t['name']} {t['type']}[{','.join(str(d) for d in t['shape'])}]" for t in items))
+
+    t = Table(title=f"presso info: {s['source']} ({s['format']})")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("inputs", tensors(s["inputs"]))
+    t.add_row("outputs", tensors(s["outputs"]))
+    if s.get("opset") is not None:
+        t.add_row("opset", str(s["opset"]))
+    t.add_row("precision", s["precision"])
+    t.add_row("params", f"{_human(s['params'])} ({s['params']})")
+    t.add_row("size (bytes)", f"{_human(s['size_bytes'])} ({s['size_bytes']})")
+    t.add_row("nodes", str(s["nodes"]))
+    Console().print(t, highlight=False)
 
 
 def _render_info(s: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from presso.cli.app import DataOpt, JsonOpt, ProgressBars, _emit, _run, app
+from presso.cli.app import DataOpt, JsonOpt, ProgressBars, _duration, _elapsed, _emit, _run, app
 
 
 @app.command()
@@ -61,7 +61,7 @@ def search(
         )  # fmt: skip
         with ProgressBars() as bars:  # a bar over finished trials, a line per trial, the winner's training
             result = presso.search(data, cfg, output_dir=output, storage=storage, study=study, db=db, progress=bars)
-        _emit(result.summary(), as_json, _render_search)
+        _emit({**result.summary(), "wall_seconds": round(_elapsed(), 1)}, as_json, _render_search)
 
     _run(body)
 
@@ -90,4 +90,5 @@ def _render_search(s: dict[str, Any]) -> None:
             highlight=False,
         )
         out.print(f"model: [bold]{b['model_dir']}[/bold]")
-    out.print(f"report: {s['output_dir']}/pareto.png, trials.csv, search.json ({s['seconds']:.0f}s)")
+    took = _duration(s.get("wall_seconds", s["seconds"]))
+    out.print(f"report: {s['output_dir']}/pareto.png, trials.csv, search.json ({took})")

@@ -15,11 +15,15 @@ from presso.cli.app import (
     ImageSizeOpt,
     JsonOpt,
     ModelArgOpt,
+    NewHeadOpt,
     OverwriteOpt,
     ProgressBars,
     SourceArg,
     TrustOpt,
+    WeightsOpt,
     _check_output,
+    _duration,
+    _elapsed,
     _emit,
     _load,
     _run,
@@ -52,7 +56,9 @@ def train(
     image_size: ImageSizeOpt = None,
     val_fraction: Annotated[float, typer.Option(help="Held-out share when the data has no split.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed for split, order, augmentation and init.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--torch-device", metavar="DEVICE", help="Where PyTorch trains: auto | cpu | cuda | cuda:N.")
+    ] = "auto",
     amp: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | on | off.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Image decoding processes (folders).")] = None,
     resume: Annotated[
@@ -61,6 +67,8 @@ def train(
     overwrite: OverwriteOpt = False,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
+    weights: WeightsOpt = None,
+    new_head: NewHeadOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a model on a dataset, or recover a compressed one by distilling from its original (--teacher).
@@ -94,17 +102,21 @@ def train(
             kd_alpha=kd_alpha,
             temperature=temperature,
             feature_match=feature_match,
+            new_head=new_head,
         )
         main = setup().is_main
         _check_output(output, overwrite, source, teacher)
+        # the data first: a zoo model built from random init takes its class and channel counts from it
+        bundle = presso.load_data(data, val_fraction=val_fraction, seed=seed)
         torch.manual_seed(seed)  # the same initial weights on every torchrun process
-        model, original = _load(source, trust, model_arg, teacher, show=main)
+        model, original = _load(source, trust, model_arg, teacher, show=main, weights=weights, new_head=new_head,
+                                fit=bundle)  # fmt: skip
         bars = ProgressBars() if main else None  # a bar over the run's steps, a line per epoch
         try:
             with bars or contextlib.nullcontext():
                 result = presso.train(
                     model,
-                    data,
+                    bundle,
                     cfg,
                     teacher=original,
                     output_dir=output,
@@ -120,7 +132,7 @@ def train(
                 )
             raise typer.Exit(130) from None
         if main:
-            _emit(result.summary(), as_json, _render_train)
+            _emit({**result.summary(), "wall_seconds": round(_elapsed(), 1)}, as_json, _render_train)
 
     _run(body)
 
@@ -135,6 +147,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 and loss of a model on the held-out split of a dataset (and agreement with a teacher)."""
@@ -143,7 +156,7 @@ def evaluate(
         import presso
         from presso.data import parse_image_size
 
-        model, original = _load(source, trust, model_arg, teacher)
+        model, original = _load(source, trust, model_arg, teacher, weights=weights)
         with ProgressBars() as bars:
             result = presso.evaluate(
                 model, data, teacher=original, image_size=parse_image_size(image_size), seed=seed,
@@ -168,7 +181,8 @@ def _render_train(s: dict[str, Any]) -> None:
         t.add_row(*[f"{row[c]:.4f}" if isinstance(row[c], float) and c != "seconds" else str(row[c]) for c in cols])
     out.print(t)
     best = f"top-1 {s['val_top1']:.4f}" if s.get("val_top1") is not None else f"loss {s['val_loss']:.4f}"
-    out.print(f"best epoch {s['best_epoch']} ({best}); saved to [bold]{s['output_dir']}[/bold] in {s['seconds']:.1f}s")
+    took = _duration(s.get("wall_seconds", s["seconds"]))
+    out.print(f"best epoch {s['best_epoch']} ({best}); saved to [bold]{s['output_dir']}[/bold] in {took}")
 
 
 def _render_eval(s: dict[str, Any]) -> None:

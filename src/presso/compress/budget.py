@@ -40,8 +40,14 @@ def compress_to_target(
     decompose: DecomposeConfig | None = None,
     recommend: bool | None = True,
     data=None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> CompressResult:
+    """Search the knob(s) of ``prune`` / ``decompose`` until the model meets ``target``.
+
+    ``progress(done, total, **info)`` (``presso.progress.reporter``) gets every try of the search: ``attempt`` of
+    ``tries``, the share ``kept`` ``of`` MACs/params/latency (``ms`` for a latency), and, while several allocations
+    are compared, the ``allocation``, its ``candidate`` number and ``score``.
+    """
     if recommend is None:
         # choose per layer where there is evidence to choose by: calibration data, or a device to measure on.
         # Without either, LAMP weight scores lost to the uniform ratio after the same fine-tune (0.6 and 2.1 points
@@ -57,6 +63,8 @@ def compress_to_target(
             raise ConfigError(
                 "A latency target searches pruning; for decomposition give --target-macs/--target-params."
             )
+        if progress:
+            progress(0, None, phase="measuring the original's latency")
         meter = _Meter(target, model, inputs, before)
         result, cfg, search = _search_prune(model, inputs, meter, prune, recommend, data, progress)
         ms = meter.base * search["best"]

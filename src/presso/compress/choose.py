@@ -45,6 +45,7 @@ class _Meter:
                 )
         else:
             self.base, self.share = float(before[target.key]), target.share
+        self.label = {"latency_ms": "latency", "macs": "MACs", "params": "params"}[target.key]  # for progress
         # what a measured search aims at: the middle of the window it accepts
         self.aim = self.share * (1 - self.LATENCY_WINDOW / 2 + target.tolerance / 2) if self.latency else self.share
 
@@ -157,7 +158,13 @@ def _choose(model, inputs, meter: _Meter, base: PruneConfig, data, progress, can
     tried: list[dict] = []
     best = None
     for name, allocation in candidates:
-        result, cfg, search = _bisect(model, inputs, meter, base, allocation, data, None, name,
+        n = done + len(tried)
+
+        def inner(_k, _n, n=n, name=name, **info):  # a try of this candidate: the bar stays at candidates done
+            if progress:
+                progress(n, total, allocation=name, candidate=n + 1, **info)
+
+        result, cfg, search = _bisect(model, inputs, meter, base, allocation, data, inner, name,
                                       tight=meter.target.tolerance / 4)  # fmt: skip
         entry = {"allocation": name, "kept": search["best"]}
         value = score(result, search, entry)
@@ -166,7 +173,9 @@ def _choose(model, inputs, meter: _Meter, base: PruneConfig, data, progress, can
             best = (entry, result, cfg, search)
         tried.append(entry)
         if progress:
-            progress(done + len(tried), total)
+            # its score as measured: the output distance, or the time (ms); not the ranking's sign-flipped MACs
+            progress(n + 1, total, allocation=name, candidate=n + 1, kept=search["best"], of=meter.label,
+                     score=entry.get("distance", entry.get("ms")))  # fmt: skip
     return best, tried
 
 
@@ -181,6 +190,8 @@ def _search_allocations(model, inputs, meter: _Meter, base: PruneConfig, cost: s
     from presso.compress.allocate import N_RANDOM, N_REFINE, SPREAD, ScaledAllocation
     from presso.compress.recommend import ChannelScores, group_sensitivity
 
+    if progress:
+        progress(0, None, phase="scoring layers on the calibration data")
     judge = _Judge(model, data)
     lamp = lamp_scores(model, inputs, cost=cost)
     if not judge.ok or not lamp.scores:
@@ -231,6 +242,8 @@ def _search_on_device(model, inputs, meter: _Meter, base: PruneConfig, data, pro
     members = channel_groups(model, inputs)
     if not members:
         return None
+    if progress:
+        progress(0, None, phase="measuring each layer's time per MAC")
     candidates = time_per_mac_allocations(model, inputs, members, threads=meter.target.threads)
     judge = _Judge(model, data) if data is not None else None
     macs = model_figures(model, inputs)["macs"]
@@ -289,6 +302,7 @@ def _search_prune_once(
     tries = []
     if meter.latency:
         lo_kept, hi_kept = 1.0, None  # the unpruned model keeps all its latency (not measured again)
+    most = LATENCY_TRIES if meter.latency else MAX_TRIES  # the most tries this search can take
     for k in range(MAX_TRIES):
         knob = (lo + hi) / 2
         if meter.latency:
@@ -296,7 +310,8 @@ def _search_prune_once(
         result, kept = attempt(knob)
         tries.append([round(knob, 4), round(kept, 4)])
         if progress:
-            progress(k + 1, MAX_TRIES)
+            progress(k + 1, most, attempt=k + 1, tries=most, kept=round(kept, 4), of=meter.label,
+                     ms=round(kept * meter.base, 3) if meter.latency else None, knob=round(knob, 4))  # fmt: skip
         if meter.better(kept, best[1] if best else None):
             best = (result, kept, knob)
         close = tight is None or meter.latency or abs(kept / meter.share - 1) <= tight
@@ -308,6 +323,9 @@ def _search_prune_once(
             hi, hi_kept = knob, kept
     assert best is not None
     result, kept, knob = best
+    if progress:  # done: the bar ends at the tries taken, not at the most there could have been
+        progress(len(tries), len(tries), attempt=len(tries), tries=len(tries), kept=round(kept, 4), of=meter.label,
+                 ms=round(kept * meter.base, 3) if meter.latency else None, knob=round(knob, 4))  # fmt: skip
     search = {"method": "prune", "knob": "channel_share" if scores is not None else "ratio",
               "best_knob": round(knob, 4), "best": round(kept, 4), "why": why, "tries": tries}  # fmt: skip
     return result, config(knob), search

@@ -178,8 +178,9 @@ def convert(
         labelled, also gives FP32 vs converted accuracy (or ``eval_data`` names another labelled set).
     progress: called with a ``ProgressEvent`` per step of each stage (exporting, verifying, calibrating, ...).
     """
-    from presso.data import calibration_batches
+    from presso.data import DataBundle, calibration_batches, load_data, preprocess_for, warn_if_labels_differ
     from presso.data.images import Preprocess
+    from presso.models.card import check_input_spec
 
     cfg = config or ConvertConfig()
     t0 = time.perf_counter()
@@ -194,10 +195,18 @@ def convert(
         )
     output = Path(output_dir)
     card = ensure_card(model)
+    check_input_spec(card, spec)  # the card's preprocessing and the exported file must take the same images
     sources = [card.source.get("code_from")]
     outdir.check(output, overwrite=overwrite, sources=sources)  # before the work, not after it
     pp = Preprocess.from_json(card.preprocess) if card.preprocess else None
     batch = None if cfg.dynamic_batch else int(inputs[0].shape[0])
+    image = spec.tensors[0].shape if len(spec.tensors[0].shape) == 4 else None
+    bundle = None  # the data meets the model: resized and channel-converted to its input, never the reverse
+    if calib and (isinstance(calib, DataBundle) or str(calib) != "random"):
+        bundle = calib if isinstance(calib, DataBundle) else load_data(calib)
+        warn_if_labels_differ(model, bundle)
+        if pp is None and image is not None:  # recorded in the card, so prediction normalises as calibration did
+            pp = preprocess_for(bundle, image_size=(image[2], image[3]), channels=image[1], stats_sample=256)
 
     # reference inputs: the example (random) inputs plus real images when calibration data is given
     calibration: list[np.ndarray] = []
@@ -206,7 +215,7 @@ def convert(
     if calib:
         report("reading calibration data", 0, 1)
         need = cfg.int8.samples + cfg.int8.check_samples if cfg.precision == "int8" else 16
-        x = torch.cat(calibration_batches(calib, spec, batches=1, batch_size=need, preprocess=pp))
+        x = torch.cat(calibration_batches(bundle or calib, spec, batches=1, batch_size=need, preprocess=pp))
         calibration = [x[: len(x) - cfg.int8.check_samples].numpy()] if cfg.precision == "int8" else []
         held = x[len(x) - cfg.int8.check_samples :] if cfg.precision == "int8" else x
         held_out = [held.numpy()]
@@ -214,7 +223,8 @@ def convert(
 
     with outdir.writing(output, overwrite=overwrite, sources=sources) as tmp:
         result = _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibration, held_out,
-                          labelled=eval_data or calib, tmp=tmp, output=output, report=report, t0=t0)  # fmt: skip
+                          labelled=eval_data or bundle or calib, tmp=tmp, output=output, report=report,
+                          t0=t0)  # fmt: skip
     report.close()
     return result
 
@@ -281,7 +291,8 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
         bundle = labelled if isinstance(labelled, DataBundle) else load_data(labelled)
         if bundle.labeled:
             report("scoring FP32 and converted models", 0, 1)
-            eval_pp = pp or preprocess_for(bundle, model)
+            shape = spec.tensors[0].shape  # at the model's input size, whatever the data's own
+            eval_pp = pp or preprocess_for(bundle, model, image_size=(shape[2], shape[3]) if len(shape) == 4 else None)
             fp32_top1, n = _accuracy(_ort_runner(fp32), bundle, eval_pp, cfg.eval_samples, batch)
             conv_top1, _ = _accuracy(runner, bundle, eval_pp, cfg.eval_samples, batch)
             accuracy = {
@@ -312,7 +323,7 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
         files=files,
     )
     shutil.rmtree(work)
-    _write_card(tmp, card, spec, result)
+    _write_card(tmp, card, spec, result, pp)
     return result
 
 
@@ -337,10 +348,12 @@ class _Stages:
             self.current = None
 
 
-def _write_card(output: Path, card, spec: InputSpec, result: ConvertResult) -> None:
+def _write_card(output: Path, card, spec: InputSpec, result: ConvertResult, pp=None) -> None:
     summary = result.summary()
     data = card.to_json()
     data["input_spec"] = data.get("input_spec") or str(spec)
+    if not data.get("preprocess") and pp is not None:  # chosen for calibration: the file's input, and its pixels
+        data["preprocess"], data["input_spec"] = pp.to_json(), str(spec)
     data["conversion"] = {k: v for k, v in summary.items() if k not in ("int8",)}
     data["history"] = [*data.get("history", []), {"verb": "convert", **data["conversion"]}]
     (output / "presso.json").write_text(json.dumps(data, indent=2, default=str))

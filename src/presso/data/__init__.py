@@ -14,6 +14,7 @@ is chosen once per model and recorded in its card, so training, export and predi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "model_channels",
     "parse_image_size",
     "preprocess_for",
+    "warn_if_labels_differ",
 ]
 
 BUILTIN = ("digits", "shapes", "fashion-mnist")
@@ -314,7 +316,31 @@ def model_calibration_batches(
 
     recorded = getattr(get_card(model), "preprocess", None)
     pp = Preprocess.from_json(recorded) if recorded else None
+    if not isinstance(source, DataBundle) and str(source) != "random":
+        source = load_data(source)
+    if isinstance(source, DataBundle):
+        warn_if_labels_differ(model, source)
     return calibration_batches(source, InputSpec.parse(spec), batches=batches, batch_size=batch_size, preprocess=pp)
+
+
+def warn_if_labels_differ(model: nn.Module, bundle: DataBundle, use: str = "calibration") -> str | None:
+    """Warn (and return the line) when the model's card names classes other than the data's: calibrating a
+    Fashion-MNIST model on digits runs, but its ranges and scores then describe other images."""
+    from presso.models.card import get_card
+
+    labels = getattr(get_card(model), "labels", None)
+    if not labels or not bundle.classes or list(labels) == list(bundle.classes):
+        return None
+
+    def few(names: list[str]) -> str:
+        return f"{len(names)} classes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+    line = (
+        f"The model was trained on {few(list(labels))} but the {use} data '{bundle.name}' has "
+        f"{few(list(bundle.classes))}: use data like the model's own inputs, or its figures describe other images."
+    )
+    warnings.warn(line, stacklevel=3)
+    return line
 
 
 # ArrayImages is part of the public surface for users who hold pixels in memory already.

@@ -17,7 +17,8 @@ CARD_ATTR = "presso_card"  # where a loaded model carries its card
 class ModelCard:
     """Source, input spec, the recipe of every structural change, and the figures measured along the way."""
 
-    source: dict[str, Any]  # {"source": "torchvision:resnet18", "kwargs": {...}}
+    # {"source": "torchvision:resnet18", "kwargs": {...}, "weights": "random init" | {"from", "path", "sha256"}}
+    source: dict[str, Any]
     input_spec: str | None = None
     recipe: list[dict[str, Any]] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +47,8 @@ class ModelCard:
             raise ModelSourceError(f'{where}: "source.source" must be a string such as "torchvision:resnet18".')
         if not isinstance(source.get("kwargs", {}), dict):
             raise ModelSourceError(f'{where}: "source.kwargs" must be an object of name: value pairs.')
+        if "weights" in source and not isinstance(source["weights"], (str, dict)):
+            raise ModelSourceError(f'{where}: "source.weights" must be a string or an object (file, sha256).')
         if "code" in source and not isinstance(source["code"], str):
             raise ModelSourceError(f'{where}: "source.code" must be a relative path inside the directory.')
         recipe = _field(data, "recipe", list, where)
@@ -106,3 +109,27 @@ def copy_card(src, dst) -> None:
     card = get_card(src)
     if card is not None:
         set_card(dst, copy.deepcopy(card))
+
+
+def check_input_spec(card: ModelCard | None, spec) -> None:
+    """Refuse an input spec (``presso.models.spec.InputSpec``) whose image size or channel count differs from the
+    preprocessing recorded in the card: the model was trained on those inputs, the card keeps them for prediction,
+    and a file exported at another size would fail there (or, size-agnostic, quietly see other pixels)."""
+    from presso.errors import InputSpecError
+
+    pp = card.preprocess if card is not None else None
+    shape = spec.tensors[0].shape if spec.tensors else ()
+    if not isinstance(pp, dict) or len(shape) != 4:
+        return
+    try:
+        h, w = (int(v) for v in pp["size"])
+        c = int(pp["channels"])
+    except (KeyError, TypeError, ValueError):
+        return  # a malformed record is reported where it is read
+    if tuple(shape[1:]) != (c, h, w):
+        raise InputSpecError(
+            f"--input-shape {spec} does not match the model: it was trained on {h}x{w} images with {c} channel"
+            f"{'s' if c != 1 else ''} (input {shape[0]},{c},{h},{w}, recorded in its card). Drop -s to use that, "
+            f"or retrain it at the new size first (presso train MODEL --data DATA --image-size "
+            f"{shape[2]},{shape[3]})."
+        )

@@ -23,11 +23,20 @@ from torch import nn
 from presso.errors import ModelSourceError, UntrustedFileError, closest
 from presso.models.card import CARD_ATTR, ModelCard, set_card
 from presso.models.figures import set_mode
+from presso.models.weights import (
+    ZOO,
+    file_record,
+    flag,
+    load_weights,
+    looks_like_pickle,
+    read_state_dict,
+    timm_cached_file,
+)
 from presso.safeio import regular_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt")
 # Keyword arguments a model's kwargs (from --model-arg or a card) may never carry: they are load_model's own.
-RESERVED_KWARGS = frozenset({"trust", "build", "source", "weights_only", "map_location"})
+RESERVED_KWARGS = frozenset({"trust", "build", "source", "weights", "new_head", "weights_only", "map_location"})
 # Installed packages whose modules a python: source may import without trust: importing them runs only their own,
 # already-installed code (a python: class from anywhere else could be any module on sys.path, even the cwd's).
 SAFE_PACKAGES = frozenset({"presso", "torch", "torchvision", "timm"})
@@ -35,7 +44,13 @@ TRUST_HINT = "Pass --trust (trust=True in Python) only if you trust where it cam
 
 
 def load_model(
-    source: str | Path, *, trust: bool = False, build: Callable[[], nn.Module] | None = None, **kwargs: Any
+    source: str | Path,
+    *,
+    trust: bool = False,
+    build: Callable[[], nn.Module] | None = None,
+    weights: str | Path | None = None,
+    new_head: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a model from a source string.
 
@@ -50,8 +65,16 @@ def load_model(
     - ``model.pt2`` -- a ``torch.export`` program; one holding pickled parts only with ``trust=True``.
     - ``model.pt`` holding a whole pickled module -- only with ``trust=True`` (unpickling runs arbitrary code).
 
-    The model is returned in eval mode and carries a model card (``presso_card``) naming its source, so verbs can
-    record lineage.
+    Weights, for the sources built from code (``presso:``, ``torchvision:``, ``timm:``, ``file.py:factory``):
+
+    - ``weights=PATH``: safetensors, or a state dict read weights-only (a full pickle only with ``trust=True``).
+      ``new_head=True`` loads weights whose classifier has another class count without it.
+    - ``torchvision:NAME`` with ``weights="DEFAULT"`` (or any of its weights enum names) or ``pretrained=True``, and
+      ``timm:NAME`` with ``pretrained=True``: the file already in the local torch.hub / Hugging Face cache, or one
+      error line naming the file looked for. Nothing is downloaded.
+
+    The model is returned in eval mode and carries a model card (``presso_card``) naming its source and its weights
+    (``source["weights"]``: the file's path and SHA-256, or ``"random init"``), so verbs can record lineage.
     """
     text = str(source).strip()
     if not text:
@@ -68,20 +91,37 @@ def load_model(
                 f"'{text}' is a Presso model directory: its card fixes how it is built, so model arguments "
                 f"({', '.join(kwargs)}) do not apply; drop them."
             )
+        _no_weights(weights, text)
         return load_model_dir(path, trust=trust, build=build)
     prefix, sep, rest = text.partition(":")
+    zoo = bool(sep) and prefix in ZOO
+    pretrained = flag(kwargs.pop("pretrained", False), text) if zoo else False
+    if pretrained and weights is not None:
+        raise ModelSourceError(
+            f"'{text}': give either pretrained=true (the cached weights) or a weights file, not both."
+        )
+    if weights is not None and not (zoo or (sep and prefix.endswith(".py"))) and path.exists():
+        _no_weights(weights, text)  # a .pt2 or a pickled model: refused before it is opened
+    record: Any = "random init" if zoo else None
     if sep and prefix == "presso":
+        if pretrained:
+            raise ModelSourceError(
+                f"presso:{rest} has no published pretrained weights; give a file with --weights PATH."
+            )
         model = _builtin(rest, kwargs)
     elif sep and prefix == "torchvision":
+        weights = "DEFAULT" if pretrained else weights
         model = _torchvision(rest, kwargs)
     elif sep and prefix == "timm":
-        model = _timm(rest, kwargs)
+        model, cached = _timm(rest, kwargs, pretrained, trust)
+        record = cached or record
     elif sep and prefix.endswith(".py"):
         if not trust:
             raise UntrustedFileError(
                 f"Loading '{text}' runs the Python file '{prefix}' (its function '{rest}'). {TRUST_HINT}"
             )
         model = _from_file(Path(prefix), rest, kwargs)
+        record = "as the factory builds them"
     elif path.suffix == ".py":
         raise ModelSourceError(f"'{text}' names a Python file but no factory: write it as {text}:FUNCTION_NAME.")
     elif path.suffix == ".pt2":
@@ -95,8 +135,22 @@ def load_model(
             f"Unknown model source '{text}': use presso:NAME, torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, "
             "a Presso model directory, or a .pt2 file."
         )
-    set_card(model, ModelCard(source={"source": text, "kwargs": _jsonable(kwargs)}))
+    if weights is not None:
+        if not (zoo or prefix.endswith(".py")):
+            _no_weights(weights, text)
+        record = load_weights(model, text, weights, trust=trust, new_head=new_head)
+    elif record is None:
+        record = "in the model file"
+    set_card(model, ModelCard(source={"source": text, "kwargs": _jsonable(kwargs), "weights": record}))
     return set_mode(model, False)
+
+
+def _no_weights(weights: Any, text: str) -> None:
+    if weights is not None:
+        raise ModelSourceError(
+            f"'{text}' carries its own weights: --weights is for models built from code (torchvision:, timm:, "
+            "presso:, file.py:factory)."
+        )
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -188,13 +242,26 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     )
 
 
-def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm(name: str, kwargs: dict[str, Any], pretrained: bool, trust: bool) -> tuple[nn.Module, dict | None]:
     import timm
 
     if not timm.is_model(name):
         raise ModelSourceError(f"timm has no model '{name}'.{closest(name, timm.list_models())}")
-    kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
-    return _call_builder(lambda **kw: timm.create_model(name, pretrained=False, **kw), f"timm:{name}", kwargs)
+    if not pretrained:
+        return _call_builder(lambda **kw: timm.create_model(name, pretrained=False, **kw), f"timm:{name}", kwargs), None
+    # timm's own loader (its key filters, and a new classifier when num_classes differs), fed the cached file read
+    # here weights-only: timm is never left to find, download or unpickle anything itself
+    file = timm_cached_file(name)
+    state = read_state_dict(file, trust=trust)
+    overlay = {"state_dict": state, "source": ""}
+    model = _call_builder(
+        lambda **kw: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kw),
+        f"timm:{name}",
+        kwargs,
+    )
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg.pop("state_dict", None)  # not a second copy of the weights kept on the model
+    return model, file_record(file, "timm cache")
 
 
 def _from_file(path: Path, factory: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -257,7 +324,7 @@ def _from_pickle(path: Path, trust: bool) -> nn.Module:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any failure of the safe loader: decide from the file's bytes what to tell the user
-            if _looks_like_pickle(path):
+            if looks_like_pickle(path):
                 raise UntrustedFileError(
                     f"'{path}' is a full pickle: loading it runs code from the file. If you trust its origin, pass "
                     "--trust (trust=True); otherwise save the model as a Presso model directory or .pt2."
@@ -281,12 +348,6 @@ def _from_pickle(path: Path, trust: bool) -> nn.Module:
     return obj
 
 
-def _looks_like_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
-
-
 def build_from_card(card: ModelCard, base: Path | None = None, *, trust: bool = False) -> nn.Module:
     """Rebuild the *source* architecture a card names (before any recipe).
 
@@ -300,6 +361,8 @@ def build_from_card(card: ModelCard, base: Path | None = None, *, trust: bool = 
         raise ModelSourceError(f"The card of {where} names no source; re-create the model directory.")
     kwargs = check_kwargs(card.source.get("kwargs", {}), src)
     prefix, sep, rest = src.partition(":")
+    if sep and prefix in ZOO:
+        kwargs.pop("pretrained", None)  # the architecture only: the weights are the directory's (older cards kept it)
     if sep and prefix.endswith(".py"):
         code = card.source.get("code")
         if code is not None:
@@ -331,8 +394,10 @@ def _inside(base: Path, rel: Any) -> Path:
     """``base/rel`` if ``rel`` is a relative path that stays inside ``base`` (symlinks resolved)."""
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
         raise ModelSourceError(f"The card of '{base}' names code {rel!r}: it must be a path inside the directory.")
-    root = base.resolve()
-    file = (base / rel).resolve()
+    try:
+        root, file = base.resolve(), (base / rel).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+        raise ModelSourceError(f"The card of '{base}' names code {rel!r}, which is not a usable path ({e}).") from None
     if not file.is_relative_to(root):
         raise ModelSourceError(
             f"The card of '{base}' names code '{rel}', outside the model directory; refusing to run it."

@@ -1,7 +1,9 @@
 """The run report: one self-contained HTML file (inline CSS, plots embedded as PNG data) a person can read offline.
 
-Sections: the verdict (budget, accuracy), the stage table, accuracy vs latency, channels kept per layer, the
-slowest operators before and after, INT8 fallbacks, and the commands that reproduce each stage.
+Sections: the headline (what was delivered and why, speed-ups and size ratios against the original FP32 and the
+baseline INT8, the accuracy drop, the budget), the candidates measured side by side, the stage table, accuracy vs
+latency, channels kept per layer, the slowest operators before and after, INT8 fallbacks, and the commands that
+reproduce each stage.
 """
 
 from __future__ import annotations
@@ -57,24 +59,22 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _points(s: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """(label, latency ms, accuracy) of every measured model of the run."""
-    st, prec = s["stages"], s["config"]["precision"]
-    pts = []
-    base, dep = st.get("baseline", {}), st.get("deploy", {})
-    orig_acc = st.get("original", {}).get("val_top1")
-    final_acc = (st.get("recover") or {}).get("val_top1") or orig_acc
-    for label, rec, acc in (
-        ("original FP32", base.get("fp32"), orig_acc),
-        (f"original {prec.upper()}", base.get(prec), None),
-        ("final FP32", dep.get("fp32"), final_acc),
-        (f"final {prec.upper()}", dep.get(prec), None),
-    ):
-        if rec and rec.get("latency_ms") is not None:
-            a = (rec.get("accuracy") or {}).get("converted_top1", acc)
-            if a is not None:
-                pts.append((label, float(rec["latency_ms"]), float(a)))
-    return pts
+def _points(s: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """(label, latency ms, accuracy, delivered) of every candidate measured side by side."""
+    chosen = (s.get("delivered") or {}).get("candidate")
+    return [
+        (c["label"], float(c["latency_ms"]), float(c["accuracy"]), c["id"] == chosen)
+        for c in s.get("candidates") or []
+        if c.get("latency_ms") is not None and c.get("accuracy") is not None
+    ]
+
+
+def _trained_pareto(search: dict[str, Any] | None) -> list[tuple[float, float]]:
+    """The search's Pareto front: trained candidates only (one skipped by the predictor has no accuracy to plot)."""
+    rows = (search or {}).get("pareto") or []
+    return [(r["predicted_ms"], r["proxy_top1"]) for r in rows
+            if r.get("proxy_top1") is not None and r.get("predicted_ms") is not None and not r.get("skipped")
+            and r.get("trained", True) and r.get("state", "COMPLETE") == "COMPLETE"]  # fmt: skip
 
 
 def _accuracy_plot(s: dict[str, Any]) -> str | None:
@@ -84,21 +84,22 @@ def _accuracy_plot(s: dict[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
 
     pts = _points(s)
-    search = (s["stages"].get("original") or {}).get("search")
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    if search and search.get("pareto"):
-        pareto = [(r["predicted_ms"], r["proxy_top1"]) for r in search["pareto"] if r.get("proxy_top1") is not None]
-        if pareto:
-            ax.scatter(*zip(*pareto, strict=True), c="#9aa5b1", s=25, label="searched: Pareto front (proxy, predicted)")
-    colors = {"original": "#2d72d2", "final": "#0f9960"}
-    for label, ms, acc in pts:
+    pareto = _trained_pareto((s["stages"].get("original") or {}).get("search"))
+    if pareto:
+        ax.scatter(*zip(*pareto, strict=True), c="#9aa5b1", s=25, label="searched: Pareto front (proxy, predicted)")
+    colors = {"original": "#2d72d2", "baseline": "#2d72d2", "compressed": "#0f9960"}
+    for label, ms, acc, chosen in pts:
         marker = "o" if "FP32" in label else "s"
-        ax.scatter([ms], [acc], c=colors[label.split()[0]], marker=marker, s=70, label=label, zorder=3)
+        ax.scatter([ms], [acc], c=colors[label.split()[0]], marker=marker, s=70, label=label, zorder=3,
+                   edgecolors="#1c2127" if chosen else "none", linewidths=2)  # fmt: skip
+        if chosen:
+            ax.annotate("delivered", (ms, acc), textcoords="offset points", xytext=(8, 8), fontsize=8)
     if s["config"].get("latency_ms"):
         ax.axvline(s["config"]["latency_ms"], ls="--", c="k", lw=1, label=f"budget {s['config']['latency_ms']:g} ms")
-    ax.set_xlabel(f"measured latency on {s['config']['device']} (ms, median)")
+    ax.set_xlabel(f"measured latency on {s['config']['device']} (ms, median of interleaved rounds)")
     ax.set_ylabel("held-out top-1")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -128,28 +129,61 @@ def _channels_plot(per_layer: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def _headline(s: dict[str, Any]) -> list[str]:
+    lines = s.get("headline") or []
+    parts = ['<div id="headline">']
+    for i, line in enumerate(lines):
+        bad = "BREACHED" in line or "MISSED" in line
+        tag = "h2" if i == 0 else "p"
+        parts.append(f'<{tag} class="{"bad" if bad else "ok" if i == 0 else ""}">{_e(line)}</{tag}>')
+    parts.append("</div>")
+    return parts
+
+
+def _candidates(s: dict[str, Any]) -> list[str]:
+    cands = s.get("candidates") or []
+    if not cands:
+        return []
+    chosen = (s.get("delivered") or {}).get("candidate")
+    ref = next((c for c in cands if c["id"] == "original-fp32"), {})
+    rows = []
+    for c in sorted(cands, key=lambda c: c["latency_ms"]):
+        speed = ref.get("latency_ms") / c["latency_ms"] if ref.get("latency_ms") and c["latency_ms"] else None
+        yes = '<span class="ok">yes</span>'
+        no = '<span class="bad">no</span>'
+        rows.append([("<b>" + _e(c["label"]) + " (delivered)</b>") if c["id"] == chosen else _e(c["label"]),
+                     _num(c["latency_ms"], "{:.3f}"), _num(c.get("noise_pct"), "{:.1f}%"), _num(speed, "{:.2f}x"),
+                     _num(c.get("size_bytes")), _num(c.get("accuracy"), "{:.4f}"),
+                     _num(c.get("accuracy_drop_points"), "{:+.2f}"), yes if c.get("accuracy_ok") else no,
+                     yes if c.get("budget_ok") else no, _e(c.get("path"))])  # fmt: skip
+    t = s["candidates"][0]
+    note = (f'<p class="muted">Measured side by side: {t.get("rounds")} interleaved rounds on '
+            f'{_e(s["budget"]["device"])} ({t.get("threads")} thread(s)), medians of the round medians; noise '
+            "is their interquartile range.</p>")  # fmt: skip
+    headers = ["candidate", "latency (ms)", "noise", "speed-up vs original FP32", "size (bytes)", "top-1",
+               "drop (points)", "within bound", "meets budget", "file"]  # fmt: skip
+    return ["<h2>Candidates</h2>", note, _table(headers, rows, "candidates")]
+
+
+def _stage_seconds(stages: dict[str, Any]) -> float:
+    return sum(float(r.get("seconds") or 0) for r in stages.values())
+
+
 def render(s: dict[str, Any]) -> str:
     st, cfg = s["stages"], s["config"]
     prec = cfg["precision"]
-    budget, acc = s["budget"], s["accuracy"]
     parts = [f"<h1>Presso run: {_e(s['data'])}</h1>"]
     target = (f"{cfg['latency_ms']:g} ms on {cfg['device']}" if cfg.get("latency_ms") is not None
               else f"{cfg['target_macs']:.0%} of MACs")  # fmt: skip
     parts.append(f'<p class="muted">budget {_e(target)}; model {_e(cfg.get("model") or "searched")}; '
-                 f"deployed as {_e(prec.upper())}; {s['seconds']:.0f} s in all</p>")  # fmt: skip
+                 f"deployed as {_e(prec.upper())}; {_stage_seconds(st):.0f} s of stage work, {s['seconds']:.0f} s "
+                 "this invocation (reused stages take none)</p>")  # fmt: skip
     if s.get("error"):
         parts.append(f'<p class="bad">Stopped: {_e(s["error"])}</p>')
+    parts += _headline(s)
     for note in s.get("notes") or []:
         parts.append(f'<p class="bad">Note: {_e(note)}</p>')
-    if "met" in budget:
-        got = (f"{budget['measured_ms']:.3f} ms measured" if budget.get("measured_ms") is not None
-               else f"{budget.get('macs_ratio', 0):.1%} of MACs")  # fmt: skip
-        cls = "ok" if budget["met"] else "bad"
-        parts.append(f'<p>Budget: <span class="{cls}">{"met" if budget["met"] else "missed"}</span> ({_e(got)}). ')
-        if acc.get("drop") is not None:
-            cls = "ok" if acc["within_bound"] else "bad"
-            parts.append(f'Accuracy: <span class="{cls}">{acc["original"]:.4f} &rarr; {acc["final"]:.4f}</span> '
-                         f"(drop {acc['drop']:+.4f}; bound {acc['max_drop']:.3f}).</p>")  # fmt: skip
+    parts += _candidates(s)
 
     # ---- stage table
     rows = []
@@ -158,23 +192,21 @@ def render(s: dict[str, Any]) -> str:
         if not r:
             continue
         if r.get("skipped"):
-            rows.append([_e(name), *(["&ndash;"] * 5), _num(r.get("seconds"), "{:.1f}"), _e(r["skipped"])])
+            rows.append([_e(name), *(["&ndash;"] * 4), _num(r.get("seconds"), "{:.1f}"), _e(r["skipped"])])
             continue
         if name in ("baseline", "deploy"):
             for p in ("fp32", prec) if prec != "fp32" else ("fp32",):
                 if p in r:
                     a = (r[p].get("accuracy") or {}).get("converted_top1")
                     rows.append([_e(f"{name} {p.upper()}"), "&ndash;", "&ndash;", _num(r[p].get("size_bytes")),
-                                 _num(a, "{:.4f}"), _num(r[p].get("latency_ms"), "{:.3f}"),
-                                 _num(r.get("seconds"), "{:.1f}"),
+                                 _num(a, "{:.4f}"), _num(r.get("seconds"), "{:.1f}"),
                                  _e(", ".join(r[p].get("fallback_layers") or []))])  # fmt: skip
             continue
         rows.append([_e(name), _num(r.get("params")), _num(r.get("macs")), _num(r.get("size_bytes")),
-                     _num(r.get("val_top1") or r.get("agreement"), "{:.4f}"), "&ndash;",
-                     _num(r.get("seconds"), "{:.1f}"), _e(r.get("how") or r.get("why") or "")])  # fmt: skip
+                     _num(r.get("val_top1") or r.get("agreement"), "{:.4f}"), _num(r.get("seconds"), "{:.1f}"),
+                     _e(r.get("how") or r.get("why") or "")])  # fmt: skip
     parts.append("<h2>Stages</h2>")
-    parts.append(_table(["stage", "params", "MACs", "size (bytes)", "top-1", "latency (ms)", "time (s)", "note"],
-                        rows, "stages"))  # fmt: skip
+    parts.append(_table(["stage", "params", "MACs", "size (bytes)", "top-1", "time (s)", "note"], rows, "stages"))
 
     # ---- plots
     parts.append('<h2>Accuracy vs latency</h2><div class="grid">')
@@ -193,18 +225,21 @@ def render(s: dict[str, Any]) -> str:
         parts.append(_table(["layer", "before", "after", "removed / ranks"], lrows, "layers"))
 
     # ---- slowest operators
+    deploy = st.get("deploy") or {}
+    delivered = deploy.get("delivered") or {}
     before = ((st.get("baseline") or {}).get("fp32") or {}).get("top_ops") or {}
-    after = ((st.get("deploy") or {}).get(prec) or (st.get("deploy") or {}).get("fp32") or {}).get("top_ops") or {}
+    after = delivered.get("top_ops") or {}
     if before or after:
         parts.append('<h2>Slowest operators (ONNX Runtime profile)</h2><div class="grid">')
-        for title, ops in (("original FP32", before), (f"final {prec.upper()}", after)):
+        for title, ops in (("original FP32", before), (f"delivered: {delivered.get('label', '')}", after)):
             orows = [[_e(o["op"]), _num(o.get("nodes")), _num(o.get("ms"), "{:.4f}"), _num(o.get("share"), "{:.1%}")]
                      for o in ops.get("ops", [])]  # fmt: skip
             parts.append(f"<div><h3>{_e(title)}</h3>{_table(['operator', 'nodes', 'ms', 'share'], orows)}</div>")
         parts.append("</div>")
 
-    # ---- quantization
-    q = ((st.get("deploy") or {}).get(prec) or {}).get("int8")
+    # ---- quantization of the delivered model (or, when FP32 was delivered, of the model it was chosen over)
+    conv_stage, _, conv_prec = (delivered.get("dir") or "").partition("/")
+    q = ((st.get(conv_stage) or {}).get(conv_prec) or {}).get("int8") or ((deploy.get(prec) or {}).get("int8"))
     if q:
         parts.append("<h2>INT8 quantization</h2>")
         fb = ", ".join(q.get("fallback_layers") or []) or "none"
@@ -219,8 +254,9 @@ def render(s: dict[str, Any]) -> str:
     parts.append("<h2>Reproduce</h2><pre>" + _e("\n".join(s.get("commands") or [])) + "</pre>")
     if s.get("bundle"):
         b = s["bundle"]
-        parts.append(f"<p>Bundle: <code>{_e(b['path'])}</code> ({_num(b['size_bytes'])} bytes); predictions match "
-                     f"ONNX Runtime: {'yes' if b.get('predicts') else 'NO'}.</p>")  # fmt: skip
+        parts.append(f"<p>Bundle: <code>{_e(b['path'])}</code> ({_num(b['size_bytes'])} bytes, from "
+                     f"<code>{_e(b.get('from', ''))}</code>); predictions match ONNX Runtime: "
+                     f"{'yes' if b.get('predicts') else 'NO'}.</p>")  # fmt: skip
     body = "\n".join(parts)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Presso report</title>'
             f"<style>{CSS}</style></head><body>{body}</body></html>")  # fmt: skip

@@ -145,10 +145,10 @@ def plot_pareto(path: Path, rows, pareto, best, budget: float) -> Path:
     skipped = [r for r in rows if r["state"] == "PRUNED" and r["predicted_ms"]]
     ax.scatter([r["predicted_ms"] for r in trained], [r["proxy_top1"] for r in trained], c="#9aa5b1",
                label=f"trained by proxy ({len(trained)})")  # fmt: skip
-    if skipped:
-        low = min([r["proxy_top1"] for r in trained] or [0.0])
-        ax.scatter([r["predicted_ms"] for r in skipped], [low] * len(skipped), marker="x", c="#d9822b",
-                   label=f"skipped: predicted over budget ({len(skipped)})")  # fmt: skip
+    if skipped:  # never trained, so no accuracy: a strip along the bottom (x in ms, y in axes units)
+        ax.scatter([r["predicted_ms"] for r in skipped], [0.03] * len(skipped), marker="|", s=120, c="#d9822b",
+                   transform=ax.get_xaxis_transform(), clip_on=False,
+                   label=f"skipped, not trained: predicted over budget ({len(skipped)})")  # fmt: skip
     if pareto:
         pts = sorted((r["predicted_ms"], r["proxy_top1"]) for r in pareto)
         ax.plot(*zip(*pts, strict=True), "-o", c="#c23030", label="Pareto front")

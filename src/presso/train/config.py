@@ -42,6 +42,8 @@ class TrainConfig:
     temperature: float = 4.0
     feature_match: bool = False
     feature_weight: float = 1.0
+    # a new classifier for the data's classes (``presso.models.weights.replace_head``), e.g. for pretrained weights
+    new_head: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:

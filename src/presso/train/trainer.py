@@ -128,6 +128,8 @@ class _Run:
             set_mode(self.teacher, False)  # its forward runs under no_grad; its parameters are left as they are
         example = self.pp.normalize(next(batches(self.val_set, np.arange(min(2, len(self.val_set))), 2))[0])
         example = example.to(self.device)
+        if cfg.new_head and self.bundle.labeled:
+            _new_head(self.model, example, self.bundle.num_classes or 0)
         _check_model(self.model, example, self.bundle, self.teacher)
         self.taps = None
         if self.teacher is not None and cfg.feature_match:
@@ -382,13 +384,26 @@ def _check_model(model: nn.Module, example: torch.Tensor, bundle: DataBundle, te
         if n_out < n_cls:
             raise DataError(
                 f"The model outputs {n_out} classes but the data has {n_cls}; build it with "
-                f"--model-arg num_classes={n_cls}."
+                f"--model-arg num_classes={n_cls}, or pass --new-head to give it a new classifier."
             )
         if n_out != n_cls and teacher is None:
             raise DataError(
                 f"The model outputs {n_out} classes but '{bundle.name}' has {n_cls}; build it with "
-                f"--model-arg num_classes={n_cls}."
+                f"--model-arg num_classes={n_cls}, or pass --new-head to give it a new classifier."
             )
+
+
+def _new_head(model: nn.Module, example: torch.Tensor, classes: int) -> None:
+    """Replace the classifier of ``model`` by a new one with ``classes`` outputs (found by the outputs it gives)."""
+    from presso.models.weights import replace_head
+
+    set_mode(model, False)
+    with torch.no_grad():
+        first = leaves(model(example))
+    current = int(first[0].shape[1]) if first and is_class_scores(first[0]) else None
+    if current is None:
+        raise ConfigError("--new-head: the model does not output class scores [N, classes]; it has no classifier.")
+    replace_head(model, classes, current=current)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -411,7 +426,7 @@ def _device(name: str, local_rank: int) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"Unknown device '{name}': use auto, cpu, cuda or cuda:N.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but this machine has no usable GPU; use --device cpu.")
+        raise ConfigError("device 'cuda' was asked for but this machine has no usable GPU; use --torch-device cpu.")
     return dev
 
 

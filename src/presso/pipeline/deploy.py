@@ -1,0 +1,99 @@
+"""The deploy stage: the compressed model converted, every candidate measured side by side on the device, the best
+one delivered (``pipeline/candidates.py``), profiled and packaged into ``OUT/deploy/bundle.zip``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from presso.pipeline.candidates import label, measure_interleaved, select
+from presso.pipeline.config import PIPELINE_VERSION, key
+from presso.pipeline.stages import Job
+from presso.progress import reporter
+
+
+def deploy(job: Job, recovered: dict) -> dict[str, Any]:
+    cfg, recs = job.cfg, job.stages.records
+    settings = (
+        cfg.precision,
+        cfg.device,
+        cfg.threads,
+        cfg.calib,
+        cfg.max_accuracy_drop,
+        cfg.latency_ms,
+        cfg.target_macs,
+    )
+    k = key("deploy", PIPELINE_VERSION, recs["recover"]["key"], recs["baseline"]["key"], *settings)
+
+    def fn(work: Path) -> dict[str, Any]:
+        from presso.convert.package import package
+
+        out: dict[str, Any] = {"commands": []}
+        where: dict[str, Path] = {}  # candidate -> its converted folder now (the baseline's, or this stage's work)
+        cands = []
+        original, base = recs["original"], recs["baseline"]
+        for p in job.precisions():
+            cands.append(_candidate("original", p, base[p], original))
+            where[f"original-{p}"] = job.out / "baseline" / p
+        if not recovered.get("skipped"):
+            out["source"] = "recover/model"
+            for p in job.precisions():
+                out[p] = job.convert(job.out / "recover" / "model", work / p, p, f"deploy/{p}")
+                out["commands"].append(job.convert_command("recover/model", p, f"deploy/{p}"))
+                cands.append(_candidate("compressed", p, out[p], recovered))
+                where[f"compressed-{p}"] = work / p
+        times = measure_interleaved({c["id"]: where[c["id"]] / "model.onnx" for c in cands}, cfg.device,
+                                    cfg.threads, progress=reporter(job.progress, "measuring candidates"))  # fmt: skip
+        for c in cands:
+            c.update(times[c["id"]])
+        chosen, why = select(cands, max_drop=cfg.max_accuracy_drop, latency_ms=cfg.latency_ms,
+                             target_macs=cfg.target_macs)  # fmt: skip
+        folder = where[chosen["id"]]
+        out["candidates"] = cands
+        out["delivered"] = {"candidate": chosen["id"], "label": chosen["label"], "dir": chosen["dir"],
+                            "path": chosen["path"], "why": why}  # fmt: skip
+        prof = job.measure(folder / "model.onnx", profile=True)  # its slowest operators (and a row in the DB)
+        out["delivered"]["top_ops"] = prof.get("top_ops")
+        bundle = package(folder, work, name="bundle.zip", progress=job.progress)
+        predicts = _bundle_predicts(job, bundle.path, folder / "model.onnx")
+        out["bundle"] = {"path": "deploy/bundle.zip", "size_bytes": bundle.size_bytes, "predicts": predicts,
+                         "from": chosen["dir"]}  # fmt: skip
+        out["commands"] += [
+            f"presso package {chosen['dir']} -o deploy/bundle.zip",
+            f"presso benchmark {chosen['path']} --device {cfg.device}"
+            + (f" --threads {cfg.threads}" if cfg.threads else "") + " --profile",
+        ]  # fmt: skip
+        return out
+
+    return job.stages.run("deploy", k, fn)
+
+
+def _candidate(model: str, precision: str, conv: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    """A candidate's figures before timing: its file, size, accuracy (scored after conversion when the data has
+    labels; else the PyTorch model's agreement with the original), MACs and parameters."""
+    acc = (conv.get("accuracy") or {}).get("converted_top1")
+    source = "converted, held-out images"
+    if acc is None:
+        acc = stage.get("val_top1", stage.get("agreement", 1.0 if model == "original" else None))
+        source = "PyTorch model (the conversion was not scored: the data has no labels)"
+    return {"id": f"{model}-{precision}", "label": label(model, precision), "model": model, "precision": precision,
+            "dir": conv["dir"], "path": conv["path"], "size_bytes": conv["size_bytes"], "accuracy": acc,
+            "accuracy_source": source, "macs": stage.get("macs"), "params": stage.get("params"),
+            "fallback_layers": conv.get("fallback_layers")}  # fmt: skip
+
+
+def _bundle_predicts(job: Job, bundle: Path, onnx_path: Path) -> bool:
+    """The bundle's predictor gives the classes ONNX Runtime gives on held-out images."""
+    import numpy as np
+
+    from presso.convert.predict import Predictor, normalize
+    from presso.models.onnx import session
+
+    pred = Predictor(bundle)
+    size = tuple(int(v) for v in pred.pp["size"])
+    images = job.bundle.val.sample(16, int(pred.pp["channels"]), size).numpy()
+    sess = session(onnx_path)
+    name = sess.get_inputs()[0].name
+    x = normalize(images, pred.pp)
+    direct = np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))]).argmax(1)
+    return bool((pred.scores(images).argmax(1) == direct).all())
