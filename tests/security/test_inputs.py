@@ -428,17 +428,19 @@ def test_the_cli_imports_timm_before_torch_pruning_wherever_that_is_imported():
 def test_ctrl_c_held_during_tracing_is_raised_after_it():
     from presso.compress.prune.tp_patches import interrupts_deferred
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("a SIGINT handler other than Python's is installed")
-    swallowed = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            try:  # what Torch-Pruning's build_dependency does around the forward
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
-            except:  # noqa: E722
-                swallowed.append(True)
-    assert not swallowed and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in the CLI
+    try:
+        swallowed = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                try:  # what Torch-Pruning's build_dependency does around the forward
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.05)
+                except:  # noqa: E722
+                    swallowed.append(True)
+        assert not swallowed and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _compress(out: Path, prelude: str | None = None) -> subprocess.Popen:
@@ -482,7 +484,9 @@ def test_a_ctrl_c_inside_the_timm_import_stops_compress(tmp_path):
 def test_ctrl_c_in_the_first_seconds_stops_compress(tmp_path, delay):
     proc = _compress(tmp_path / "out")
     time.sleep(delay)
-    if proc.poll() is not None:
-        pytest.skip(f"compress finished within {delay} s on this machine")
+    if proc.poll() is not None:  # finished before the interrupt could land: then it must have finished cleanly
+        _, stderr = proc.communicate()
+        assert proc.returncode == 0 and (tmp_path / "out" / "presso.json").is_file(), stderr[-2000:]
+        return
     proc.send_signal(signal.SIGINT)
     _assert_interrupted(proc, f"SIGINT after {delay} s")
