@@ -130,6 +130,14 @@ WeightsOpt = Annotated[
 ]  # fmt: skip
 NewHeadOpt = Annotated[bool, typer.Option("--new-head", rich_help_panel=MODEL,
                                           help="A new classifier for the data's classes.")]  # fmt: skip
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        rich_help_panel=MODEL,
+        help="classify | detect | file.py:Class (a user's task, with --trust). Default: from the model and data.",
+    ),
+]
 
 
 # --------------------------------------------------------------------------- helpers

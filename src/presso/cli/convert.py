@@ -231,16 +231,33 @@ def predict(
         list[Path], typer.Argument(metavar="IMAGE|DIR...", help="Image files, or folders of them (read recursively).")
     ],
     top_k: Annotated[int, typer.Option(help="Classes shown per image.")] = 1,
+    conf: Annotated[float, typer.Option(help="Detectors: the lowest box score kept.")] = 0.25,
+    iou: Annotated[float, typer.Option(help="Detectors: NMS IoU threshold (a box goes above it).")] = 0.7,
+    save: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="Write each image with its boxes, labels and scores drawn (a classifier's: its label) as DIR/NAME.png "
+            "(DIR created; an input image is never overwritten).",
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Classify images with a bundle, on ONNX Runtime only (no PyTorch)."""
+    """Classify images, or detect objects in them, with a bundle, on ONNX Runtime only (no PyTorch).
+
+    A detector's boxes are in each image's own pixels (x1, y1, x2, y2).
+    """
 
     def body():
-        from presso.convert.predict import Predictor
+        from presso.convert.predict import Predictor, save_drawn
 
-        results = Predictor(bundle, threads=threads).predict(_image_files(images), top_k=top_k)
-        _emit({"bundle": str(bundle), "predictions": results}, as_json, _render_predict)
+        results = Predictor(bundle, threads=threads).predict(_image_files(images), top_k=top_k, conf=conf, iou=iou)
+        summary: dict[str, Any] = {"bundle": str(bundle), "predictions": results}
+        if save is not None:
+            save_drawn(results, save)  # each result names its file ("saved")
+            summary["saved_to"] = str(save)
+        _emit(summary, as_json, _render_predict)
 
     _run(body)
 
@@ -284,8 +301,11 @@ def _render_convert(s: dict[str, Any]) -> None:
         q = s["int8"]
         t.add_row("output SNR (dB)", f"{q['output_snr_db']} (all INT8: {q['output_snr_db_all_int8']})")
         t.add_row("fell back to FP32", ", ".join(s["fallback_layers"]) or "none")
-    if s.get("accuracy"):
-        a = s["accuracy"]
+    a = s.get("accuracy")
+    if a and a.get("metric") == "map50_95":
+        t.add_row(f"mAP50-95 on {a['n']} images", f"FP32 {a['fp32_map50_95']:.4f} -> {a['converted_map50_95']:.4f}")
+        t.add_row(f"mAP50 on {a['n']} images", f"FP32 {a['fp32_map50']:.4f} -> {a['converted_map50']:.4f}")
+    elif a:
         t.add_row(f"top-1 on {a['samples']} images", f"FP32 {a['fp32_top1']:.4f} -> {a['converted_top1']:.4f}")
     out.print(t)
     if s.get("int8"):
@@ -309,10 +329,18 @@ def _render_package(s: dict[str, Any]) -> None:
 
 def _render_predict(s: dict[str, Any]) -> None:
     t = Table(title=f"presso predict: {s['bundle']}")
-    for col in ("image", "class", "score"):
+    detect = any("detections" in r for r in s["predictions"])
+    for col in ("image", "class", "score", *(["box (x1, y1, x2, y2)"] if detect else [])):
         t.add_column(col)
     for r in s["predictions"]:
+        if detect:  # one row per box, an image without any one row of its own
+            for d in r["detections"] or [{"label": "(none)", "score": None, "box": None}]:
+                score = "" if d["score"] is None else f"{d['score']:.4f}"
+                t.add_row(r["image"], d["label"], score, ", ".join(f"{v:g}" for v in d["box"] or []))
+            continue
         # the k best classes and, in the same order, each one's score
         labels, scores = " | ".join(x["label"] for x in r["top"]), " | ".join(f"{x['score']:.4f}" for x in r["top"])
         t.add_row(r["image"], labels, scores)
     Console().print(t)
+    if s.get("saved_to"):
+        Console().print(f"drawn images saved to [bold]{s['saved_to']}[/bold]", highlight=False)

@@ -57,6 +57,8 @@ RANGES: dict[str, Range] = {
     "--max-fallback": (0, 1, "[]"),
     "--opset": (17, 30, "[]"),
     "--top-k": (1, 100_000, "[]"),
+    "--conf": (0, 1, "[)"),  # a detector's lowest box score kept
+    "--iou": (0, 1, "[]"),  # NMS overlap threshold
     "--threads": (1, 4096, "[]"),
     # benchmark
     "--batch": (1, 65_536, "[]"),

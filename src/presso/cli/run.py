@@ -22,6 +22,7 @@ from presso.cli.app import (
     OverwriteOpt,
     ProgressBars,
     ShapeOpt,
+    TaskOpt,
     TrustOpt,
     _duration,
     _elapsed,
@@ -54,7 +55,9 @@ def run_(
     max_accuracy_drop: Annotated[
         float,
         typer.Option(
-            rich_help_panel=TARGET, help="Accuracy bound: the top-1 drop the delivered model may have (0.02: 2 points)."
+            rich_help_panel=TARGET,
+            help="Accuracy bound: the drop of the task's metric (top-1, mAP50-95) the delivered model may have "
+            "(0.02: 2 points).",
         ),  # fmt: skip
     ] = 0.02,
     allow_miss: Annotated[
@@ -99,6 +102,7 @@ def run_(
     db: Annotated[str | None, typer.Option(rich_help_panel=MEASURE, help="Latency database URL or path.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data splits, training and search.")] = 0,
     overwrite: OverwriteOpt = False,
+    task: TaskOpt = None,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -118,7 +122,7 @@ def run_(
             model_args=_model_kwargs(model_arg), image_size=_image_size(image_size, input_shape), calib=calib,
             precision=precision, train_epochs=train_epochs, recover_epochs=recover_epochs,
             search_trials=search_trials, search_proxy_epochs=search_proxy_epochs,
-            max_accuracy_drop=max_accuracy_drop, allow_miss=allow_miss, threads=threads, db=db, seed=seed,
+            max_accuracy_drop=max_accuracy_drop, allow_miss=allow_miss, threads=threads, db=db, seed=seed, task=task,
         )  # fmt: skip
         # a bar over the pipeline's stages (and a line as each starts), below it the bars of what the stage runs
         with ProgressBars(describe={"pipeline": _stage_text}, prune=True) as bars:

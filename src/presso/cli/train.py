@@ -19,6 +19,7 @@ from presso.cli.app import (
     OverwriteOpt,
     ProgressBars,
     SourceArg,
+    TaskOpt,
     TrustOpt,
     WeightsOpt,
     _check_output,
@@ -53,6 +54,11 @@ def train(
     feature_match: Annotated[
         bool, typer.Option("--feature-match", help="Also match layers with the same name and shape.")
     ] = False,
+    pseudo_labels: Annotated[
+        bool,
+        typer.Option("--pseudo-labels", help="Detection without labels: learn from the teacher's boxes after NMS."),
+    ] = False,
+    task: TaskOpt = None,
     image_size: ImageSizeOpt = None,
     val_fraction: Annotated[float, typer.Option(help="Held-out share when the data has no split.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed for split, order, augmentation and init.")] = 0,
@@ -103,6 +109,8 @@ def train(
             temperature=temperature,
             feature_match=feature_match,
             new_head=new_head,
+            task=task,
+            pseudo_labels=pseudo_labels,
         )
         main = setup().is_main
         _check_output(output, overwrite, source, teacher)
@@ -122,6 +130,7 @@ def train(
                     output_dir=output,
                     resume=resume,
                     overwrite=overwrite,
+                    trust=trust,
                     progress=bars,
                 )
         except KeyboardInterrupt:
@@ -145,12 +154,14 @@ def evaluate(
     image_size: ImageSizeOpt = None,
     val_fraction: Annotated[float, typer.Option(help="Held-out share when the data has no split.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    task: TaskOpt = None,
     trust: TrustOpt = False,
     model_arg: ModelArgOpt = None,
     weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Top-1 and loss of a model on the held-out split of a dataset (and agreement with a teacher)."""
+    """Score a model on the held-out split of a dataset: top-1 and loss (classification), COCO mAP50-95, mAP50 and
+    per-class AP (detection); and agreement with a teacher."""
 
     def body():
         import presso
@@ -160,7 +171,7 @@ def evaluate(
         with ProgressBars() as bars:
             result = presso.evaluate(
                 model, data, teacher=original, image_size=parse_image_size(image_size), seed=seed,
-                val_fraction=val_fraction, progress=bars,
+                val_fraction=val_fraction, task=task, trust=trust, progress=bars,
             )  # fmt: skip
         _emit({"source": source, **result.summary()}, as_json, _render_eval)
 
@@ -172,7 +183,7 @@ def _render_train(s: dict[str, Any]) -> None:
     t = Table(title=f"presso train: {s['data'].get('data')}")
     cols = [
         k
-        for k in ("epoch", "train_loss", "val_top1", "val_loss", "agreement", "seconds")
+        for k in ("epoch", "train_loss", "val_top1", "map50_95", "map50", "val_loss", "agreement", "seconds")
         if s["history"] and k in s["history"][0]
     ]
     for c in cols:
@@ -180,7 +191,12 @@ def _render_train(s: dict[str, Any]) -> None:
     for row in s["history"]:
         t.add_row(*[f"{row[c]:.4f}" if isinstance(row[c], float) and c != "seconds" else str(row[c]) for c in cols])
     out.print(t)
-    best = f"top-1 {s['val_top1']:.4f}" if s.get("val_top1") is not None else f"loss {s['val_loss']:.4f}"
+    if s.get("map50_95") is not None:
+        best = f"mAP50-95 {s['map50_95']:.4f}, mAP50 {s['map50']:.4f}"
+    elif s.get("val_top1") is not None:
+        best = f"top-1 {s['val_top1']:.4f}"
+    else:
+        best = f"loss {s['val_loss']:.4f}"
     took = _duration(s.get("wall_seconds", s["seconds"]))
     out.print(f"best epoch {s['best_epoch']} ({best}); saved to [bold]{s['output_dir']}[/bold] in {took}")
 
@@ -190,7 +206,9 @@ def _render_eval(s: dict[str, Any]) -> None:
     t = Table(title=f"presso eval: {s['source']} on {s['data']['data']} ({s['val_n']} images)")
     t.add_column("figure")
     t.add_column("value", justify="right")
-    for key in ("val_top1", "val_loss", "agreement", "match_loss"):
+    for key in ("val_top1", "map50_95", "map50", "val_loss", "agreement", "match_loss"):
         if s.get(key) is not None:
             t.add_row(key, f"{s[key]:.4f}")
+    for name, ap in (s.get("per_class") or {}).items():
+        t.add_row(f"AP50-95 {name}", "-" if ap is None else f"{ap:.4f}")
     out.print(t)

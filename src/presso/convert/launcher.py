@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import presso.outdir as outdir
+from presso.convert.accuracy import compare_accuracy, task_kind
 from presso.convert.quantize import Int8Config, Int8Result, quantize_int8, to_fp16
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
@@ -141,21 +142,6 @@ def _batches_of(x: torch.Tensor, batch: int | None) -> list[tuple[torch.Tensor]]
     return [(x[i : i + step],) for i in range(0, len(x), step)]
 
 
-def _accuracy(run: Callable, bundle, pp, n: int, batch: int | None) -> tuple[float, int]:
-    from presso.data import batches
-
-    dataset = bundle.val.at(pp.size, pp.channels)
-    order = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int)
-    correct = total = 0
-    for x, y in batches(dataset, np.unique(order), 256):
-        xs = pp.normalize(x)
-        for (chunk,), labels in zip(_batches_of(xs, batch), torch.split(y, batch or 32), strict=False):
-            pred = run((chunk,))[0].argmax(axis=1)
-            correct += int((pred == labels.numpy()).sum())
-            total += len(labels)
-    return correct / max(total, 1), total
-
-
 def convert(
     model: nn.Module,
     example_inputs: str | InputSpec | tuple,
@@ -205,6 +191,8 @@ def convert(
     if calib and (isinstance(calib, DataBundle) or str(calib) != "random"):
         bundle = calib if isinstance(calib, DataBundle) else load_data(calib)
         warn_if_labels_differ(model, bundle)
+        if cfg.eval_samples and bundle.labeled:  # scored later: a detector's data must hold boxes, before the work
+            task_kind(model, bundle)
         if pp is None and image is not None:  # recorded in the card, so prediction normalises as calibration did
             pp = preprocess_for(bundle, image_size=(image[2], image[3]), channels=image[1], stats_sample=256)
 
@@ -236,10 +224,12 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
 
     work = tmp / ".scratch"  # the intermediate ONNX files; removed before the rename
     work.mkdir()
+    # PyTorch first: a model that caches tensors on its first call (a YOLO head's anchors) would otherwise cache the
+    # export trace's fake tensors in itself; ones cached before the export are restored after it
+    reference = [torch_outputs(model, i) for i in check_inputs]
     report("exporting to ONNX", 0, 1)
     raw = export_onnx(model, inputs, work / "raw.onnx", opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
     fp32 = optimize_onnx(raw, work / "model.fp32.onnx")
-    reference = [torch_outputs(model, i) for i in check_inputs]
     fp32_diff = compare_outputs(reference, [_ort_runner(fp32)(i) for i in check_inputs])
     if fp32_diff.max_rel_diff > TOLERANCE["fp32"] if cfg.tolerance is None else cfg.tolerance:
         raise ConversionError(
@@ -293,15 +283,8 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
             report("scoring FP32 and converted models", 0, 1)
             shape = spec.tensors[0].shape  # at the model's input size, whatever the data's own
             eval_pp = pp or preprocess_for(bundle, model, image_size=(shape[2], shape[3]) if len(shape) == 4 else None)
-            fp32_top1, n = _accuracy(_ort_runner(fp32), bundle, eval_pp, cfg.eval_samples, batch)
-            conv_top1, _ = _accuracy(runner, bundle, eval_pp, cfg.eval_samples, batch)
-            accuracy = {
-                "data": bundle.name,
-                "samples": n,
-                "fp32_top1": round(fp32_top1, 4),
-                "converted_top1": round(conv_top1, 4),
-                "top1_change": round(conv_top1 - fp32_top1, 4),
-            }
+            kind = task_kind(model, bundle)  # top-1 for a classifier, COCO mAP for a detector
+            accuracy = compare_accuracy(kind, _ort_runner(fp32), runner, bundle, eval_pp, cfg.eval_samples, batch)
 
     result = ConvertResult(
         format=cfg.to,

@@ -28,13 +28,16 @@ Run it on any machine with Python 3.10+ (no PyTorch needed):
 
     pip install onnxruntime numpy pillow
     python -c "import zipfile; zipfile.ZipFile('{zip}').extract('predict.py')"
-    python predict.py {zip} IMAGE [IMAGE ...] [--top-k 3] [--json]
+    python predict.py {zip} IMAGE [IMAGE ...] {options}
 
 or, where Presso is installed:  presso predict {zip} IMAGE ...
 
 Input: {spec}; images are resized to {size} ({channels} channel(s)) and normalised with the recorded mean/std.
-Precision: {precision}. Classes: {classes}.
+Precision: {precision}. Classes: {classes}.{task}
 """
+DETECT_README = """
+Task: detect. Each image gives boxes (label, score, x1 y1 x2 y2 in the image's own pixels), the best first;
+--conf is the lowest score kept (0.25), --iou the NMS threshold (0.7), --save DIR writes the images with boxes drawn."""
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -117,6 +120,7 @@ def package(
     card["bundle"] = {"model_sha256": hashlib.sha256(model_bytes).hexdigest(), "runtime": "onnxruntime"}
     pp = card["preprocess"]
     labels = card.get("labels")
+    detect = card.get("task") == "detect"
     readme = README.format(
         name=card.get("source", {}).get("source", "model"),
         zip=output.name,
@@ -125,6 +129,8 @@ def package(
         channels=pp["channels"],
         precision=card.get("conversion", {}).get("precision", "fp32"),
         classes=", ".join(labels[:20]) + (" ..." if len(labels) > 20 else "") if labels else "not recorded",
+        options="[--conf 0.25] [--iou 0.7] [--save DIR] [--json]" if detect else "[--top-k 3] [--json]",
+        task=DETECT_README if detect else "",
     )
     members = {
         MODEL_MEMBER: model_bytes,

@@ -3,7 +3,7 @@
 This file is self-contained on purpose: ``presso package`` copies it into every bundle as ``predict.py``, so on a
 device ``python predict.py bundle.zip image.jpg`` works with ``pip install onnxruntime numpy pillow`` alone, and
 ``presso predict`` runs exactly the same code. Keep its imports to the standard library, NumPy, Pillow and ONNX
-Runtime.
+Runtime. Over 500 lines because of that: all a device runs (bundle checks, classification, detection) is one file.
 
 Opening a bundle never extracts it: only ``model.onnx`` and ``presso.json`` are read, into memory, after checking
 every member's name (no absolute paths, no ``..``, no links), their count, their declared sizes against a limit
@@ -301,11 +301,13 @@ def _location(entry: bytes) -> str:
 
 
 class Predictor:
-    """Class scores for images, from a bundle, on ONNX Runtime's CPU provider.
+    """Class scores (a classifier) or boxes (a detector: the card's ``task`` is ``detect``) for images, from a
+    bundle, on ONNX Runtime's CPU provider.
 
     Everything the card and the model declare is checked against each other before the first image: the
     preprocessing (``check_preprocess``), the model's one image input ``[N, C, H, W]`` (channels and size as the
-    card says), its ``[N, classes]`` output, the labels (one per class), and no external data.
+    card says), its output (``[N, classes]``; a detector's dense ``[N, 4 + classes, anchors]``), the labels (one per
+    class), and no external data.
     """
 
     def __init__(self, bundle: Bundle | str | Path, threads: int | None = None):
@@ -315,6 +317,7 @@ class Predictor:
             raise ConfigError(f"threads must be a positive number of threads, not {threads!r}.")
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.pp = check_preprocess(self.bundle.preprocess)
+        self.task = "detect" if self.bundle.card.get("task") == "detect" else "classify"
         labels = self.bundle.labels
         if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
             raise BundleError("The bundle's card has malformed labels (not a list of names).")
@@ -359,17 +362,27 @@ class Predictor:
             )
         self.batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None  # None: dynamic batch
         out = list(outputs[0].shape or [])
+        labels = self.bundle.labels
+        if self.task == "detect":  # one dense output: 4 box rows (centre x, centre y, width, height), one per class
+            rows = out[1] if len(out) == 3 and isinstance(out[1], int) else None
+            if (out and len(out) != 3) or (rows is not None and (rows < 5 or (labels and rows != 4 + len(labels)))):
+                need = f"4 + {len(labels)} labels" if labels else "4 + classes"
+                raise BundleError(
+                    f"The bundle's card says it detects, but its model outputs shape {out}, not the dense detections "
+                    f"[batch, {need}, anchors]; re-export the detector in eval mode with presso convert."
+                )
+            self.num_classes = rows - 4 if rows else (len(labels) if labels else None)
+            return
         if out and len(out) != 2:
             raise BundleError(f"The bundle's model outputs shape {out}, not [batch, classes]: it is not a classifier.")
         self.num_classes = out[1] if len(out) == 2 and isinstance(out[1], int) and out[1] > 0 else None
-        labels = self.bundle.labels
         if labels is not None and self.num_classes is not None and len(labels) != self.num_classes:
             raise BundleError(
                 f"The bundle's card names {len(labels)} labels but the model scores {self.num_classes} classes."
             )
 
-    def scores(self, images: np.ndarray) -> np.ndarray:
-        """Softmax class scores ``[N, classes]`` for uint8 images ``[N, C, H, W]`` at the model's size."""
+    def _outputs(self, images: np.ndarray, rank: int) -> np.ndarray:
+        """The model's first output for uint8 images ``[N, C, H, W]`` at its size, checked to be ``rank``-D."""
         x = normalize(images, self.pp).astype(self.dtype)
         step = self.batch or 32
         outs = []
@@ -382,23 +395,44 @@ class Predictor:
             except Exception as e:  # onnxruntime's errors on a model that does not fit what the card says
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise BundleError(f"The bundle's model fails on its own inputs: {first}") from None
-            if out.ndim != 2 or out.shape[0] != len(chunk) or out.shape[1] < 1:
-                raise BundleError(f"The bundle's model outputs shape {list(out.shape)}, not [batch, classes].")
+            if out.ndim != rank or out.shape[0] != len(chunk) or out.shape[1] < (5 if rank == 3 else 1):
+                want = "[batch, 4 + classes, anchors]" if rank == 3 else "[batch, classes]"
+                raise BundleError(f"The bundle's model outputs shape {list(out.shape)}, not {want}.")
             outs.append(out[: min(step, len(x) - i)])
-        logits = np.concatenate(outs).astype(np.float64)
-        if not np.isfinite(logits).all():
+        out = np.concatenate(outs)
+        if not np.isfinite(out).all():
             raise BundleError("The bundle's model gives NaN or infinite scores; the bundle is damaged.")
+        return out
+
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """Softmax class scores ``[N, classes]`` for uint8 images ``[N, C, H, W]`` at the model's size."""
+        logits = self._outputs(images, 2).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
+
+    def boxes(self, images: np.ndarray, conf: float = 0.25, iou: float = 0.7) -> list[dict[str, Any]]:
+        """A detector's boxes for uint8 images ``[N, C, H, W]`` at the model's size: per image ``{"boxes": xyxy
+        [K, 4] in the model's input pixels, "scores", "labels"}``, best first (``decode_dense_numpy``)."""
+        _check_thresholds(conf, iou)
+        y = self._outputs(images, 3)
+        if self.num_classes and y.shape[1] != 4 + self.num_classes:
+            raise BundleError(f"The bundle's model outputs {y.shape[1]} rows, not 4 + {self.num_classes} classes.")
+        return decode_dense_numpy(y, conf, iou)
 
     def _check_top_k(self, top_k: Any, classes: int | None) -> None:
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1 or (classes and top_k > classes):
             most = f"1..{classes} (the model's classes)" if classes else "at least 1"
             raise ConfigError(f"top_k must be {most}, not {top_k!r}.")
 
-    def predict(self, paths: list[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
-        """Per image: the best class, its label and score, and ``top``: the ``top_k`` best, each with its score."""
+    def predict(
+        self, paths: list[str | Path], top_k: int = 1, *, conf: float = 0.25, iou: float = 0.7
+    ) -> list[dict[str, Any]]:
+        """Per image: the best class, its label and score, and ``top``: the ``top_k`` best, each with its score. A
+        detector's: ``detections``, each a label, class, score and box (x1, y1, x2, y2 in the image's own pixels,
+        clipped to it), best first; ``conf`` the lowest score kept, ``iou`` the NMS threshold."""
+        if self.task == "detect":
+            return self._detect(paths, conf, iou)
         self._check_top_k(top_k, self.num_classes)
         size = (int(self.pp["size"][0]), int(self.pp["size"][1]))
         labels = self.bundle.labels
@@ -419,9 +453,80 @@ class Predictor:
                 results.append({"image": str(path), **top[0], "top": top})
         return results
 
+    def _detect(self, paths: list[str | Path], conf: float, iou: float) -> list[dict[str, Any]]:
+        _check_thresholds(conf, iou)  # before any image is read
+        h, w = (int(v) for v in self.pp["size"])
+        labels, results = self.bundle.labels, []
+        for start in range(0, len(paths), CHUNK):
+            part = [_decode_image(p, int(self.pp["channels"]), (h, w)) for p in paths[start : start + CHUNK]]
+            found = self.boxes(np.stack([a for a, _ in part]), conf, iou)
+            for path, (_, (h0, w0)), d in zip(paths[start : start + CHUNK], part, found, strict=True):
+                # the model saw the image resized to (h, w): its boxes scale back to the image's own pixels
+                boxes = (d["boxes"] * np.array([w0 / w, h0 / h] * 2)).clip(0, [w0, h0, w0, h0])
+                results.append({"image": str(path), "detections": [
+                    {"label": labels[c] if labels else str(c), "class": c, "score": round(float(sc), 4),
+                     "box": [round(float(v), 2) for v in b]}
+                    for b, sc, c in zip(boxes, d["scores"], d["labels"].tolist(), strict=True)
+                ]})  # fmt: skip
+        return results
+
+
+def _check_thresholds(conf: Any, iou: Any) -> None:
+    number = (int, float)
+    if not (isinstance(conf, number) and not isinstance(conf, bool) and 0 <= conf < 1):
+        raise ConfigError(f"conf (the lowest box score kept) must be in [0, 1), not {conf!r}.")
+    if not (isinstance(iou, number) and not isinstance(iou, bool) and 0 <= iou <= 1):
+        raise ConfigError(f"iou (the NMS threshold) must be in [0, 1], not {iou!r}.")
+
+
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (240, 50, 230))
+
+
+def save_drawn(results: list[dict[str, Any]], folder: str | Path) -> list[Path]:
+    """Each image of ``results`` with its boxes and scores (a detector's) or its best label (a classifier's) drawn on
+    a copy, written as ``folder/<name>.png`` (``folder`` created; an input image is never overwritten). Each result
+    gets ``saved``: the file written."""
+    from PIL import Image, ImageDraw
+
+    folder, names = Path(folder), []
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--save takes a folder, and '{folder}' is a file.")
+    inputs = {Path(r["image"]).resolve() for r in results}
+    for r in results:  # every name first: refuse before anything is written
+        stem, k = Path(r["image"]).stem, 1
+        while (name := f"{stem}{f'-{k}' if k > 1 else ''}.png") in names:
+            k += 1
+        names.append(name)
+        if (folder / name).resolve() in inputs:
+            raise ConfigError(f"--save would overwrite the input image '{folder / name}'; save to another folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    for r, name in zip(results, names, strict=True):
+        try:
+            with Image.open(r["image"]) as im:
+                im = im.convert("RGB")
+        except Exception as e:  # read a moment ago; it changed since
+            raise BundleError(f"Cannot read image '{r['image']}' again to draw on it: {e}") from None
+        draw, width = ImageDraw.Draw(im), max(1, min(im.size) // 200)
+        labels = [(r["label"], r["score"], 0, (2.0, 2.0))] if "top" in r else []  # a classifier's best class
+        for d in r.get("detections", []):
+            (x1, y1, x2, y2), color = d["box"], PALETTE[d["class"] % len(PALETTE)]
+            draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=width)
+            labels.append((d["label"], d["score"], d["class"], (x1, y1 - 11 if y1 >= 11 else y1 + width)))
+        for label, score, k, at in labels:  # white on the class's colour: legible on any image
+            draw.rectangle(draw.textbbox(at, f"{label} {score:.2f}"), fill=PALETTE[k % len(PALETTE)])
+            draw.text(at, f"{label} {score:.2f}", fill=(255, 255, 255))
+        im.save(folder / name)
+        r["saved"] = str(folder / name)
+    return [folder / n for n in names]
+
 
 def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     """One image as uint8 ``[C, H, W]`` at ``size`` (H, W): the decoding training used (Pillow, bilinear)."""
+    return _decode_image(path, channels, size)[0]
+
+
+def _decode_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """``load_image`` and the image's own (H, W)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -429,6 +534,7 @@ def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> np.nda
             raise BundleError(f"Cannot read image '{path}': not a regular file.")
         with Image.open(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
+            own = (im.size[1], im.size[0])
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
@@ -438,7 +544,7 @@ def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> np.nda
         raise BundleError(f"Cannot read image '{path}': {e}") from None
     except Exception as e:  # a hostile file can make a decoder fail in its own ways (struct.error, IndexError, ...)
         raise BundleError(f"Cannot read image '{path}': {type(e).__name__}: {e}") from None
-    return arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
+    return (arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()), own
 
 
 def normalize(images: np.ndarray, preprocess: dict[str, Any]) -> np.ndarray:
@@ -449,23 +555,68 @@ def normalize(images: np.ndarray, preprocess: dict[str, Any]) -> np.ndarray:
     return (x - mean) / std
 
 
+# --------------------------------------------------------------------------- detection: NMS, dense YOLO-style output
+def nms_numpy(boxes: Any, scores: Any, iou: float, labels: Any = None, max_det: int | None = None) -> np.ndarray:
+    """Indices greedy NMS keeps of xyxy ``boxes [K, 4]``, best score first (ties: lower index first): a box goes when
+    its IoU with a kept one is over ``iou``. With ``labels`` it is class-aware (classes never suppress each other)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if labels is not None and len(b):  # each class moved to its own region, apart from the others'
+        b = b + (np.asarray(labels, dtype=np.float64) * (b.max() - b.min() + 1))[:, None]
+    area = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    order, keep = np.argsort(-np.asarray(scores, dtype=np.float64).reshape(-1), kind="stable"), []
+    while order.size and (max_det is None or len(keep) < max_det):  # greedy: the first max_det kept are final
+        i, order = order[0], order[1:]
+        keep.append(i)
+        wh = (np.minimum(b[i, 2:], b[order, 2:]) - np.maximum(b[i, :2], b[order, :2])).clip(0)
+        inter = wh[:, 0] * wh[:, 1]
+        order = order[inter <= iou * (area[i] + area[order] - inter)]  # IoU <= iou, without 0 / 0
+    return np.asarray(keep, dtype=np.int64)
+
+
+def decode_dense_numpy(y: Any, conf: float = 0.25, iou: float = 0.7, max_det: int = 300) -> list[dict[str, Any]]:
+    """Per image of a dense output ``[N, 4 + classes, anchors]`` (centre x, centre y, width, height, then class
+    probabilities): ``{"boxes": xyxy [K, 4], "scores", "labels"}``, best first -- each anchor's best class if over
+    ``conf``, the 30000 best, class-aware NMS at ``iou``, ``max_det`` kept (as ``presso.tasks.boxes.decode_dense``)."""
+    y = np.asarray(y, dtype=np.float32)
+    if y.ndim != 3 or y.shape[1] < 5:
+        raise ConfigError(f"A dense detection output is [batch, 4 + classes, anchors], not {list(y.shape)}.")
+    out = []
+    for p in y.transpose(0, 2, 1):  # [anchors, 4 + classes]
+        labels = p[:, 4:].argmax(1)
+        scores = np.take_along_axis(p[:, 4:], labels[:, None], 1)[:, 0]
+        idx = np.flatnonzero(scores > conf)
+        idx = idx[np.argsort(-scores[idx], kind="stable")[:30000]]
+        boxes = np.concatenate([p[idx, :2] - p[idx, 2:4] / 2, p[idx, :2] + p[idx, 2:4] / 2], axis=1)
+        scores, labels = scores[idx], labels[idx].astype(np.int64)
+        keep = nms_numpy(boxes, scores, iou, labels, max_det)
+        out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Classify images with a Presso bundle (ONNX Runtime only).")
+    parser = argparse.ArgumentParser(description="Classify images, or detect objects, with a Presso bundle.")
     parser.add_argument("bundle", nargs="?", default=str(Path(__file__).with_name("bundle.zip")))
     parser.add_argument("images", nargs="+")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--conf", type=float, default=0.25, help="detectors: the lowest score kept")
+    parser.add_argument("--iou", type=float, default=0.7, help="detectors: NMS IoU threshold")
+    parser.add_argument("--save", metavar="DIR", help="write each image, boxes drawn, as DIR/NAME.png")
     args = parser.parse_args(argv)
     try:
-        results = Predictor(args.bundle).predict(args.images, top_k=args.top_k)
+        results = Predictor(args.bundle).predict(args.images, top_k=args.top_k, conf=args.conf, iou=args.iou)
+        if args.save:
+            save_drawn(results, args.save)
     except (BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"predictions": results}))
     else:  # one line per image: its k best labels, each with its score
-        for r in results:
-            print("\t".join([r["image"], *(f"{t['label']}\t{t['score']:.4f}" for t in r["top"])]))
+        for r in results:  # a detector's: each box's label, score and x1,y1,x2,y2
+            best = [f"{t['label']}\t{t['score']:.4f}" for t in r.get("top", [])]
+            boxes = [f"{d['label']}\t{d['score']:.4f}\t{','.join(map(str, d['box']))}" for d in r.get("detections", [])]
+            print("\t".join([r["image"], *best, *boxes]))
     return 0
 
 

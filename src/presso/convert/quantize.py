@@ -217,6 +217,7 @@ class _Quantizer:
         self.cache = work / "calibration.cache"
         graph = onnx.load(str(fp32), load_external_data=False).graph
         self.nodes = [n for n in graph.node if n.op_type in COMPUTE_OPS]
+        self.tail = _tail(graph)
         self.layer_of = {n.name: _layer_name(n) for n in self.nodes}
         consumers: dict[str, list] = {}
         for n in graph.node:
@@ -247,7 +248,7 @@ class _Quantizer:
                 str(out),
                 _Reader(self.calib),
                 quant_format=QuantFormat.QDQ,
-                nodes_to_exclude=list(exclude),
+                nodes_to_exclude=[*exclude, *self.tail],
                 nodes_to_quantize=list(only) if only else None,
                 calibration_cache_path=str(self.cache),
                 **self.kwargs,
@@ -283,6 +284,23 @@ class _Quantizer:
             if "xmodel_err" in errors.get(tensor, {}):
                 out[n.name] = float(errors[tensor]["xmodel_err"])
         return out
+
+
+def _tail(graph) -> list[str]:
+    """The nodes after the last compute layer on every path to the outputs (a detector's box decoding, the sigmoid of
+    its class scores, their concatenation): they stay FP32. One INT8 scale for a tensor holding pixel coordinates
+    and probabilities rounds the probabilities away, and these cheap nodes gain nothing from INT8."""
+    nodes = list(graph.node)
+    consumers: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in n.input:
+            consumers.setdefault(i, []).append(k)
+    feeds_compute = [False] * len(nodes)
+    for k in reversed(range(len(nodes))):  # ONNX graphs are topologically sorted: consumers come later
+        n = nodes[k]
+        after = [c for o in n.output for c in consumers.get(o, [])]
+        feeds_compute[k] = n.op_type in COMPUTE_OPS or any(feeds_compute[c] for c in after)
+    return [n.name for n, f in zip(nodes, feeds_compute, strict=True) if not f and n.name]
 
 
 def quantize_int8(
@@ -378,6 +396,12 @@ def to_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True) -> 
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=keep_io_types)
+    # a tensor two FP32-only ops read (the scales of two Resize nodes in a YOLO) gets the same Cast twice: keep one
+    unique = {n.SerializeToString(): n for n in model.graph.node}
+    if len(unique) < len(model.graph.node):
+        nodes = list(unique.values())
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     # the converter appends its input casts at the end of the node list; the ONNX checker wants topological order
     graph = ir.from_proto(model)
     graph.graph.sort()

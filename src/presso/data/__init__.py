@@ -7,6 +7,8 @@
 - a folder: ``train/`` + ``val/`` (or ``test/``) ImageFolders, one ImageFolder (a sub-folder per class), or loose
   images (unlabeled; ``unlabeled:DIR`` forces that reading) -- for distillation and calibration.
 - ``labels.csv`` -- rows of ``path,label``.
+- object detection (``task == "detect"``; ``presso.data.detection``): ``shapes-det``, ``fashion-scenes``, a COCO
+  instances JSON, an Ultralytics dataset YAML, a Pascal VOC folder (``presso.data.detection_formats``).
 
 Formats without a held-out split are split by seed (``val_fraction``). ``Preprocess`` (size, channels, mean, std)
 is chosen once per model and recorded in its card, so training, export and prediction see identical inputs.
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from presso.data import builtin, formats
+from presso.data import builtin, detection, detection_formats, formats
+from presso.data.detection import DetectionImages, _DetectionTensors
 from presso.data.images import (
     IMAGE_SUFFIXES,
     ArrayImages,
@@ -54,7 +57,7 @@ __all__ = [
     "warn_if_labels_differ",
 ]
 
-BUILTIN = ("digits", "shapes", "fashion-mnist")
+BUILTIN = ("digits", "shapes", "fashion-mnist", *detection_formats.DETECTION_BUILTIN)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class DataBundle:
     classes: list[str] | None
     flip: bool = True  # whether a horizontal flip keeps the label (not for digits)
     val_from: str = "split"  # "split" (by seed) or the format's own held-out set
+    task: str = "classify"  # or "detect": train/val are DetectionImages (targets of boxes and labels)
 
     @property
     def labeled(self) -> bool:
@@ -78,7 +82,7 @@ class DataBundle:
 
     def describe(self) -> dict[str, Any]:
         size, channels = self.train.native()
-        return {
+        out = {
             "data": self.name,
             "train": len(self.train),
             "val": len(self.val),
@@ -86,7 +90,11 @@ class DataBundle:
             "classes": self.num_classes,
             "native_size": list(size) if size else None,
             "native_channels": channels,
+            "task": self.task,
         }
+        if isinstance(self.train, DetectionImages):
+            out["boxes"] = detection.box_stats(self.train.targets, self.classes)
+        return out
 
 
 def load_data(spec: str | Path, *, val_fraction: float = 0.1, seed: int = 0) -> DataBundle:
@@ -99,6 +107,13 @@ def load_data(spec: str | Path, *, val_fraction: float = 0.1, seed: int = 0) -> 
     name, sep, arg = text.partition(":")
     flip = True
     path = Path(text)
+    detected = detection_formats.load_detection(text, seed=seed)
+    if detected is not None:
+        train, val, classes = detected
+        val_from = "given" if val is not None else "split"
+        if val is None:
+            train, val = _split(train, val_fraction, seed)
+        return DataBundle(text, train, val, classes, flip=True, val_from=val_from, task="detect")
     if name in ("digits", "shapes") and not path.exists():
         opts = _options(arg, name)
         if name == "digits":
@@ -224,7 +239,7 @@ def preprocess_for(
             size = (int(shape[2]), int(shape[3]))
     if size is None:
         if native_size is None:
-            sizes = sorted(bundle.train.sizes())[:3] if isinstance(bundle.train, FileImages) else []
+            sizes = sorted(bundle.train.sizes())[:3] if hasattr(bundle.train, "sizes") else []
             shown = ", ".join(f"{w}x{h}" for w, h in sizes)
             raise DataError(
                 f"Images in '{bundle.name}' have different sizes ({shown}, ...); pass --image-size H[,W] to resize "
@@ -257,20 +272,24 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, 
 
 
 def batches(dataset, order: np.ndarray, batch_size: int, *, workers: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-    """uint8 image batches and labels in ``order``. In-memory sets are sliced directly (no per-item overhead);
-    file sets decode in ``workers`` processes."""
+    """uint8 image batches and labels in ``order`` (for detection: a list of target dicts). In-memory sets are
+    sliced directly (no per-item overhead); file sets decode in ``workers`` processes."""
     if isinstance(dataset, _TensorImages):
         for start in range(0, len(order), batch_size):
             idx = torch.from_numpy(order[start : start + batch_size])
             labels = dataset.labels[idx] if dataset.labels is not None else torch.full((len(idx),), -1)
             yield dataset.images[idx], labels
         return
+    if isinstance(dataset, _DetectionTensors):
+        for start in range(0, len(order), batch_size):
+            yield dataset.take(order[start : start + batch_size])
+        return
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=order.tolist(),
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=getattr(dataset, "collate", collate),
         persistent_workers=False,
     )
     yield from loader
@@ -344,4 +363,4 @@ def warn_if_labels_differ(model: nn.Module, bundle: DataBundle, use: str = "cali
 
 
 # ArrayImages is part of the public surface for users who hold pixels in memory already.
-__all__ += ["ArrayImages", "FileImages", "ImageSet", "epoch_order"]
+__all__ += ["ArrayImages", "DetectionImages", "FileImages", "ImageSet", "epoch_order"]

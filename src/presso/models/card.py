@@ -25,6 +25,7 @@ class ModelCard:
     history: list[dict[str, Any]] = field(default_factory=list)  # verbs run, with their settings and figures
     preprocess: dict[str, Any] | None = None  # presso.data.Preprocess.to_json(): how images become inputs
     labels: list[str] | None = None  # class names, in output order (recorded by supervised training)
+    task: str | None = None  # "classify", "detect", or a user's "file.py:Class" (presso.tasks); None: inferred
 
     def to_json(self) -> dict[str, Any]:
         return {"format": CARD_FORMAT, "version": CARD_VERSION, **asdict(self)}
@@ -65,6 +66,7 @@ class ModelCard:
             history=list(_field(data, "history", list, where)),
             preprocess=_field(data, "preprocess", dict, where, default=None),
             labels=labels,
+            task=_field(data, "task", str, where, default=None),
         )
 
 

@@ -16,6 +16,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ def export_onnx(
         kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
     was_training = model.training
     set_mode(model, False)
+    cached = _attributes(model)
     try:
         # The exporter reports its progress on stdout; keep stdout for the CLI's --json object.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -66,9 +68,28 @@ def export_onnx(
             f"{str(e).splitlines()[0][:300] if str(e) else ''}"
         ) from None
     finally:
+        _restore_attributes(model, cached)
         set_mode(model, was_training)
     onnx.checker.check_model(str(path))
     return path
+
+
+def _attributes(model: nn.Module) -> dict[nn.Module, dict[str, Any]]:
+    """Every module's plain attributes: caches a forward may fill (a YOLO head's anchors, strides and input shape).
+    The export's trace stores fake tensors and symbolic shapes there, which the next eager call would trip on."""
+    return {m: dict(vars(m)) for m in model.modules()}
+
+
+def _restore_attributes(model: nn.Module, before: dict[nn.Module, dict[str, Any]]) -> None:
+    for m in model.modules():
+        old = before.get(m)
+        if old is None:
+            continue
+        for k in [k for k in vars(m) if k not in old]:
+            delattr(m, k)  # set by the trace: the class's own default shows through again
+        for k, v in old.items():
+            if k != "training" and vars(m).get(k) is not v:
+                object.__setattr__(m, k, v)
 
 
 def optimize_onnx(src: str | Path, dst: str | Path) -> Path:

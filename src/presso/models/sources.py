@@ -1,5 +1,6 @@
-"""Where models come from: ``torchvision:NAME``, ``timm:NAME``, ``presso:NAME``, a Presso model directory,
-``model.pt2`` (torch.export), and -- only when trusted -- ``path/to/file.py:factory`` and a full-pickle ``.pt``.
+"""Where models come from: ``torchvision:NAME``, ``timm:NAME``, ``presso:NAME``, ``ultralytics:NAME`` (YOLO YAMLs,
+the optional extra ``presso[yolo]``), a Presso model directory, ``model.pt2`` (torch.export), and -- only when
+trusted -- ``path/to/file.py:factory`` and a full-pickle ``.pt`` (an Ultralytics checkpoint included).
 
 The trust model (docs/security.md): without ``trust=True`` (``--trust``, given by the user, never read from a file)
 Presso instantiates only registered builders and reads only data. Running a user's Python file, importing a
@@ -57,15 +58,21 @@ def load_model(
     - ``presso:resnet8`` -- Presso's small ResNets for small images (``presso.models.builtin``).
     - ``torchvision:resnet18`` -- torchvision's builder, random init; kwargs such as ``num_classes`` pass through.
     - ``timm:mobilenetv3_small_100`` -- ``timm.create_model(..., pretrained=False, **kwargs)``.
+    - ``ultralytics:yolov8n.yaml`` -- an Ultralytics YOLO YAML it ships, or ``ultralytics:path/to/own.yaml``, random
+      init; kwargs ``num_classes`` (or ``nc``) and ``ch``. A YAML naming anything but Ultralytics' building blocks
+      needs ``trust=True``. In eval mode it returns its dense predictions ``[N, 4 + nc, A]`` (``presso.models.
+      ultralytics``).
     - ``path/to/file.py:factory`` -- calls ``factory(**kwargs)`` from the user's own file; only with ``trust=True``
       (it runs the file).
     - a Presso model directory (holds ``presso.json``) -- rebuilt, recipe replayed, weights loaded; no pickle. One
       whose architecture comes from Python code (a ``.py`` factory or a ``python:`` class) needs ``trust=True``;
       ``build=callable`` rebuilds the architecture instead.
     - ``model.pt2`` -- a ``torch.export`` program; one holding pickled parts only with ``trust=True``.
-    - ``model.pt`` holding a whole pickled module -- only with ``trust=True`` (unpickling runs arbitrary code).
+    - ``model.pt`` holding a whole pickled module -- only with ``trust=True`` (unpickling runs arbitrary code); an
+      Ultralytics checkpoint (``{"model", "ema", ...}``) gives its EMA (else its model) in float, dense eval output.
 
-    Weights, for the sources built from code (``presso:``, ``torchvision:``, ``timm:``, ``file.py:factory``):
+    Weights, for the sources built from code (``presso:``, ``torchvision:``, ``timm:``, ``ultralytics:``,
+    ``file.py:factory``):
 
     - ``weights=PATH``: safetensors, or a state dict read weights-only (a full pickle only with ``trust=True``).
       ``new_head=True`` loads weights whose classifier has another class count without it.
@@ -103,6 +110,7 @@ def load_model(
     if weights is not None and not (zoo or (sep and prefix.endswith(".py"))) and path.exists():
         _no_weights(weights, text)  # a .pt2 or a pickled model: refused before it is opened
     record: Any = "random init" if zoo else None
+    card_extra: dict[str, Any] = {}
     if sep and prefix == "presso":
         if pretrained:
             raise ModelSourceError(
@@ -115,6 +123,11 @@ def load_model(
     elif sep and prefix == "timm":
         model, cached = _timm(rest, kwargs, pretrained, trust)
         record = cached or record
+    elif sep and prefix == "ultralytics":
+        from presso.models.ultralytics import build_ultralytics
+
+        model, card_extra = build_ultralytics(rest, kwargs, trust=trust)
+        record = "random init"
     elif sep and prefix.endswith(".py"):
         if not trust:
             raise UntrustedFileError(
@@ -128,20 +141,25 @@ def load_model(
         model = _from_pt2(path, trust)
     elif path.suffix in PICKLE_SUFFIXES or path.is_file():
         model = _from_pickle(path, trust)
+        if type(model).__module__.startswith("ultralytics."):  # its card names its YAML, not the pickle
+            from presso.models.ultralytics import checkpoint_source
+
+            card_extra = checkpoint_source(model, path)
     elif path.suffix or "/" in text:
         raise ModelSourceError(f"Model file '{text}' does not exist.")
     else:
         raise ModelSourceError(
-            f"Unknown model source '{text}': use presso:NAME, torchvision:NAME, timm:NAME, path/to/file.py:FACTORY, "
-            "a Presso model directory, or a .pt2 file."
+            f"Unknown model source '{text}': use presso:NAME, torchvision:NAME, timm:NAME, ultralytics:NAME.yaml, "
+            "path/to/file.py:FACTORY, a Presso model directory, or a .pt2 file."
         )
     if weights is not None:
-        if not (zoo or prefix.endswith(".py")):
+        if not (zoo or prefix.endswith(".py") or (sep and prefix == "ultralytics")):
             _no_weights(weights, text)
         record = load_weights(model, text, weights, trust=trust, new_head=new_head)
     elif record is None:
         record = "in the model file"
-    set_card(model, ModelCard(source={"source": text, "kwargs": _jsonable(kwargs), "weights": record}))
+    source = {"source": text, "kwargs": _jsonable(kwargs), "weights": record, **card_extra}
+    set_card(model, ModelCard(source=source))
     return set_mode(model, False)
 
 
@@ -237,9 +255,12 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     names = torchvision.models.list_models()
     if name not in names:
         raise ModelSourceError(f"torchvision has no model '{name}'.{closest(name, names)}")
-    return _call_builder(
-        lambda **kw: torchvision.models.get_model(name, weights=None, **kw), f"torchvision:{name}", kwargs
-    )
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters and "weights_backbone" not in kwargs:
+        # detectors and segmenters default to an ImageNet backbone, which torchvision would download: random init
+        # here, like every other source (pretrained weights come from the local cache with pretrained=true)
+        kwargs = {**kwargs, "weights_backbone": None}
+    return _call_builder(lambda **kw: builder(weights=None, **kw), f"torchvision:{name}", kwargs)
 
 
 def _timm(name: str, kwargs: dict[str, Any], pretrained: bool, trust: bool) -> tuple[nn.Module, dict | None]:
@@ -266,12 +287,27 @@ def _timm(name: str, kwargs: dict[str, Any], pretrained: bool, trust: bool) -> t
 
 def _from_file(path: Path, factory: str, kwargs: dict[str, Any]) -> nn.Module:
     """Import the user's file and call its factory. Callers check trust first: this runs the file."""
-    if not path.is_file():
-        raise ModelSourceError(f"Model file '{path}' does not exist.")
-    regular_file(path, "model file", error=ModelSourceError)
     if not factory.isidentifier():
         raise ModelSourceError(f"'{path}:{factory}': the factory must be a function name, e.g. {path}:build.")
-    # A unique module name per file content keeps two user files with the same name apart.
+    module = import_file(path)
+    builder = getattr(module, factory, None)
+    if builder is None or not callable(builder):
+        members = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise ModelSourceError(f"'{path}' has no callable '{factory}'.{closest(factory, members)}")
+    model = _call_builder(builder, f"{path}:{factory}", kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(
+            f"'{path}:{factory}' returned {type(model).__name__}, not a torch.nn.Module; make it return the model."
+        )
+    return model
+
+
+def import_file(path: Path, what: str = "model file") -> Any:
+    """Import a user's Python file as a module. Callers check trust first: this runs the file."""
+    if not path.is_file():
+        raise ModelSourceError(f"{what.capitalize()} '{path}' does not exist.")
+    regular_file(path, what, error=ModelSourceError)
+    # A unique module name per file path keeps two user files with the same name apart.
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     mod_name = f"presso_user_{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -284,16 +320,7 @@ def _from_file(path: Path, factory: str, kwargs: dict[str, Any]) -> nn.Module:
     except Exception as e:  # the user's code: report, don't crash deep inside
         del sys.modules[mod_name]
         raise ModelSourceError(f"Importing '{path}' failed: {type(e).__name__}: {e}") from e
-    builder = getattr(module, factory, None)
-    if builder is None or not callable(builder):
-        members = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise ModelSourceError(f"'{path}' has no callable '{factory}'.{closest(factory, members)}")
-    model = _call_builder(builder, f"{path}:{factory}", kwargs)
-    if not isinstance(model, nn.Module):
-        raise ModelSourceError(
-            f"'{path}:{factory}' returned {type(model).__name__}, not a torch.nn.Module; make it return the model."
-        )
-    return model
+    return module
 
 
 def _from_pt2(path: Path, trust: bool) -> nn.Module:
@@ -339,10 +366,20 @@ def _from_pickle(path: Path, trust: bool) -> nn.Module:
             return obj
         raise ModelSourceError(f"'{path}' holds a {type(obj).__name__}, not a model.")
     # Reached only with trust=True: the user explicitly trusts this file, so a full unpickle is allowed.
+    if "ultralytics" not in sys.modules:
+        from presso.models.ultralytics import import_ultralytics, needs_ultralytics
+
+        if needs_ultralytics(path):
+            import_ultralytics(f"'{path}' (an Ultralytics checkpoint)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user (--trust)
     except Exception as e:
         raise ModelSourceError(f"'{path}' could not be unpickled: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict) or type(obj).__module__.startswith("ultralytics."):
+        from presso.models.ultralytics import from_checkpoint, is_ultralytics
+
+        if is_ultralytics(obj):
+            return from_checkpoint(obj, str(path))
     if not isinstance(obj, nn.Module):
         raise ModelSourceError(f"'{path}' holds a {type(obj).__name__}, not a torch.nn.Module.")
     return obj
@@ -380,6 +417,13 @@ def build_from_card(card: ModelCard, base: Path | None = None, *, trust: bool = 
         return _from_file(file, rest, kwargs)
     if src.startswith("python:"):
         return _from_python_name(src, kwargs, where, trust)
+    if sep and prefix == "ultralytics":
+        from presso.models.ultralytics import build_ultralytics
+
+        recorded = card.source.get("yaml")
+        if recorded is not None and not isinstance(recorded, dict):
+            raise ModelSourceError(f"The card of {where} records a model YAML that is not a mapping; re-create it.")
+        return build_ultralytics(rest, kwargs, trust=trust, cfg=recorded)[0]
     if base is not None and Path(src).is_dir():
         raise ModelSourceError(
             f"The card of {where} names another model directory ('{src}') as its source; a model directory's source "

@@ -265,19 +265,37 @@ def load_weights(model: nn.Module, text: str, weights: str | Path, *, trust: boo
 def fit_to_data(
     source: str, kwargs: dict[str, Any], *, classes: int | None, channels: int | None, weights: Any = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A zoo model built from random init (``presso:``, ``torchvision:``, ``timm:``; no weights, not pretrained)
+    """A zoo model built from random init (``presso:``, ``torchvision:``, ``timm:``, ``ultralytics:``; no weights)
     gets the data's class count, and its channel count where the builder takes one, unless the user gave them.
     Returns the builder kwargs and what was added (for the one line saying so)."""
     prefix, sep, _ = str(source).partition(":")
-    if not sep or prefix not in ZOO or weights is not None or flag(kwargs.get("pretrained", False), source):
+    if (
+        not sep
+        or prefix not in (*ZOO, "ultralytics")
+        or weights is not None
+        or flag(kwargs.get("pretrained", False), source)
+    ):
         return kwargs, {}
     added: dict[str, Any] = {}
     if classes and "num_classes" not in kwargs:
-        added["num_classes"] = int(classes)
+        added["num_classes"] = int(classes) + (1 if _counts_background(source) else 0)
     arg = _CHANNEL_ARG.get(prefix)
     if arg and channels and channels != 3 and arg not in kwargs:
         added[arg] = int(channels)
     return {**kwargs, **added}, added
+
+
+def _counts_background(source: str) -> bool:
+    """torchvision's detectors count the background as a class: the data's 3 classes are their num_classes=4."""
+    prefix, _, name = str(source).partition(":")
+    if prefix != "torchvision":
+        return False
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_builder(name).__module__.startswith("torchvision.models.detection")
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- the local caches

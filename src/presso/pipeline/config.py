@@ -22,7 +22,9 @@ class RunConfig:
     model_args: builder keywords for ``model`` (``--model-arg``). image_size: (H, W) the model is trained and
     deployed at (``--image-size``; default: the model card's, else the data's). calib: data for INT8 calibration and
     for judging compression (default: the run's data). max_accuracy_drop: the accuracy bound, as a share (0.02: 2
-    points of top-1). allow_miss: a delivered model that misses the budget or the bound is accepted (the CLI exits 0).
+    points of the task's headline metric: top-1, or mAP50-95 for detection). task: ``classify``, ``detect`` or a
+    user's ``file.py:Class`` (default: from the model and the data). allow_miss: a delivered model that misses the
+    budget or the bound is accepted (the CLI exits 0).
     """
 
     device: str = "local"
@@ -42,6 +44,7 @@ class RunConfig:
     threads: int | None = None
     seed: int = 0
     db: str | None = None
+    task: str | None = None
     version: int = PIPELINE_VERSION
 
     def __post_init__(self) -> None:

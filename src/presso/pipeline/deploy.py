@@ -33,14 +33,14 @@ def deploy(job: Job, recovered: dict) -> dict[str, Any]:
         cands = []
         original, base = recs["original"], recs["baseline"]
         for p in job.precisions():
-            cands.append(_candidate("original", p, base[p], original))
+            cands.append(_candidate("original", p, base[p], original, job.headline))
             where[f"original-{p}"] = job.out / "baseline" / p
         if not recovered.get("skipped"):
             out["source"] = "recover/model"
             for p in job.precisions():
                 out[p] = job.convert(job.out / "recover" / "model", work / p, p, f"deploy/{p}")
                 out["commands"].append(job.convert_command("recover/model", p, f"deploy/{p}"))
-                cands.append(_candidate("compressed", p, out[p], recovered))
+                cands.append(_candidate("compressed", p, out[p], recovered, job.headline))
                 where[f"compressed-{p}"] = work / p
         times = measure_interleaved({c["id"]: where[c["id"]] / "model.onnx" for c in cands}, cfg.device,
                                     cfg.threads, progress=reporter(job.progress, "measuring candidates"))  # fmt: skip
@@ -68,13 +68,17 @@ def deploy(job: Job, recovered: dict) -> dict[str, Any]:
     return job.stages.run("deploy", k, fn)
 
 
-def _candidate(model: str, precision: str, conv: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
-    """A candidate's figures before timing: its file, size, accuracy (scored after conversion when the data has
-    labels; else the PyTorch model's agreement with the original), MACs and parameters."""
-    acc = (conv.get("accuracy") or {}).get("converted_top1")
+def _candidate(
+    model: str, precision: str, conv: dict[str, Any], stage: dict[str, Any], headline: str = "val_top1"
+) -> dict[str, Any]:
+    """A candidate's figures before timing: its file, size, accuracy (the task's headline metric -- top-1,
+    mAP50-95 -- scored after conversion when the data has labels; else the PyTorch model's agreement with the
+    original), MACs and parameters."""
+    scored = conv.get("accuracy") or {}
+    acc = scored.get(f"converted_{headline.removeprefix('val_')}")
     source = "converted, held-out images"
     if acc is None:
-        acc = stage.get("val_top1", stage.get("agreement", 1.0 if model == "original" else None))
+        acc = stage.get(headline, stage.get("agreement", 1.0 if model == "original" else None))
         source = "PyTorch model (the conversion was not scored: the data has no labels)"
     return {"id": f"{model}-{precision}", "label": label(model, precision), "model": model, "precision": precision,
             "dir": conv["dir"], "path": conv["path"], "size_bytes": conv["size_bytes"], "accuracy": acc,
@@ -83,7 +87,7 @@ def _candidate(model: str, precision: str, conv: dict[str, Any], stage: dict[str
 
 
 def _bundle_predicts(job: Job, bundle: Path, onnx_path: Path) -> bool:
-    """The bundle's predictor gives the classes ONNX Runtime gives on held-out images."""
+    """The bundle's predictor gives what ONNX Runtime gives on held-out images: the classes, or the boxes."""
     import numpy as np
 
     from presso.convert.predict import Predictor, normalize
@@ -95,5 +99,13 @@ def _bundle_predicts(job: Job, bundle: Path, onnx_path: Path) -> bool:
     sess = session(onnx_path)
     name = sess.get_inputs()[0].name
     x = normalize(images, pred.pp)
-    direct = np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))]).argmax(1)
-    return bool((pred.scores(images).argmax(1) == direct).all())
+    direct = np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+    if pred.task == "detect":  # the same boxes, classes and scores as ONNX Runtime's output decoded here
+        from presso.convert.predict import decode_dense_numpy
+
+        ours, theirs = pred.boxes(images), decode_dense_numpy(direct)
+        return all(
+            a["boxes"].shape == b["boxes"].shape and np.allclose(a["boxes"], b["boxes"], atol=1e-3)
+            and (a["labels"] == b["labels"]).all() for a, b in zip(ours, theirs, strict=True)
+        )  # fmt: skip
+    return bool((pred.scores(images).argmax(1) == direct.argmax(1)).all())

@@ -50,7 +50,7 @@ def run(
             write_summary(job, cfg, where, t0, error=str(e))
             kept = f"kept in {out}" if where == out else "dropped (the old output is untouched)"
             raise BudgetError(
-                f"{e} The finished stages are {kept} (original: {original.get('val_top1')} top-1, "
+                f"{e} The finished stages are {kept} (original: {original.get(job.headline)} {job.headline}, "
                 f"{baseline[cfg.precision]['latency_ms']:.3f} ms {cfg.precision.upper()})."
             ) from None
         recovered = job.recover(compressed)

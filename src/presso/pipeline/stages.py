@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import presso.outdir as outdir
-from presso.errors import BudgetError
+from presso.errors import BudgetError, ConfigError
 from presso.pipeline.config import STAGES, RunConfig, key
 from presso.progress import ProgressCallback, reporter
 
@@ -73,6 +73,15 @@ class Job:
         self.trust = trust  # the user's --trust (never from a file): needed to rebuild a model from Python code
         self.progress = progress  # every nested verb reports through it too: training, search, conversion, ...
         self.stages = Stages(out, progress)
+        from presso.tasks import infer_task
+
+        self.task = infer_task(None, self.bundle, cfg.task, trust=trust)
+        self.headline = self.task.headline  # the accuracy the run bounds: top-1, mAP50-95, ...
+        if cfg.model is None and self.task.name != "classify":
+            raise ConfigError(
+                f"Without --model, Presso searches a classifier; for the {self.task.name} task give the model to "
+                "compress (e.g. --model ultralytics:yolov8n.yaml)."
+            )
 
     # ------------------------------------------------------------------ helpers
     def load(self, model_dir: Path):
@@ -84,9 +93,10 @@ class Job:
         from presso.train import evaluate
 
         t = self.load(teacher) if teacher is not None else None
-        scores = evaluate(self.load(model_dir), self.bundle, teacher=t, seed=self.cfg.seed,
+        scores = evaluate(self.load(model_dir), self.bundle, teacher=t, seed=self.cfg.seed, task=self.task,
                           progress=self.progress).metrics  # fmt: skip
-        return {k: scores[k] for k in ("val_top1", "val_loss", "agreement") if k in scores}
+        keys = dict.fromkeys((self.headline, "map50", "val_top1", "val_loss", "agreement"))
+        return {k: scores[k] for k in keys if k in scores}
 
     def figures(self, model_dir: Path) -> dict[str, Any]:
         from presso.models.figures import model_figures
@@ -157,7 +167,7 @@ class Job:
         size_ok = cfg.image_size is None or (
             bool(card.input_spec) and tuple(InputSpec.parse(card.input_spec).tensors[0].shape[-2:]) == cfg.image_size
         )
-        trained_here = (bool(card.preprocess) and card.labels == self.bundle.classes and "val_top1" in card.figures
+        trained_here = (bool(card.preprocess) and card.labels == self.bundle.classes and self.headline in card.figures
                         and size_ok)  # fmt: skip
         dest = work / "model"
         if trained_here:
@@ -165,13 +175,14 @@ class Job:
             if not dest.exists():
                 save_model_dir(model, dest)
         else:
-            how = ("given model fine-tuned on the data (it was trained elsewhere)" if card.figures.get("val_top1")
+            how = ("given model fine-tuned on the data (it was trained elsewhere)" if card.figures.get(self.headline)
                    else "given model trained on the data (it was not trained)")  # fmt: skip
             from presso.train.checkpoint import has_checkpoint
 
             if not dest.exists():
-                tcfg = TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, image_size=cfg.image_size)
-                train(model, self.bundle, tcfg, output_dir=dest, resume=has_checkpoint(dest), progress=self.progress)
+                tcfg = TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, image_size=cfg.image_size, task=cfg.task)
+                train(model, self.bundle, tcfg, output_dir=dest, resume=has_checkpoint(dest), task=self.task,
+                      progress=self.progress)  # fmt: skip
         if built:
             how += (
                 "; built for the data with "
@@ -304,7 +315,7 @@ class Job:
             if not dest.exists():
                 train(student, self.bundle, TrainConfig(epochs=self.cfg.recover_epochs, seed=self.cfg.seed, lr=1e-3),
                       teacher=teacher, output_dir=dest, resume=(partial_dir(dest) / "last.pt").is_file(),
-                      progress=self.progress)  # fmt: skip
+                      task=self.task, progress=self.progress)  # fmt: skip
             command = (f"presso train compress/model --teacher original/model --data {self.data} "
                        f"--epochs {self.cfg.recover_epochs} --lr 1e-3 -o recover/model")  # fmt: skip
             # without labels, agreement with the original is what says how much the compression cost

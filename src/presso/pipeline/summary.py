@@ -38,7 +38,7 @@ def write_summary(job: Job, cfg: RunConfig, out: Path, t0: float, error: str | N
         budget.update({"measured_ms": d["latency_ms"], "macs_ratio": d.get("macs_ratio"), "met": budget_met})
     budget["text"] = _budget_text(cfg, d, budget_met)
     original = recs.get("original", {})
-    metric = "val_top1" if original.get("val_top1") is not None else "agreement"
+    metric = job.headline if original.get(job.headline) is not None else "agreement"
     accuracy = {"metric": metric, "original": ref.get("accuracy"), "final": d.get("accuracy"),
                 "drop": round(ref["accuracy"] - d["accuracy"], 4) if d.get("accuracy") is not None
                 and ref.get("accuracy") is not None else None,

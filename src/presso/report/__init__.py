@@ -197,16 +197,18 @@ def render(s: dict[str, Any]) -> str:
         if name in ("baseline", "deploy"):
             for p in ("fp32", prec) if prec != "fp32" else ("fp32",):
                 if p in r:
-                    a = (r[p].get("accuracy") or {}).get("converted_top1")
+                    scored = r[p].get("accuracy") or {}
+                    a = scored.get("converted_top1", scored.get("converted_map50_95"))
                     rows.append([_e(f"{name} {p.upper()}"), "&ndash;", "&ndash;", _num(r[p].get("size_bytes")),
                                  _num(a, "{:.4f}"), _num(r.get("seconds"), "{:.1f}"),
                                  _e(", ".join(r[p].get("fallback_layers") or []))])  # fmt: skip
             continue
         rows.append([_e(name), _num(r.get("params")), _num(r.get("macs")), _num(r.get("size_bytes")),
-                     _num(r.get("val_top1") or r.get("agreement"), "{:.4f}"), _num(r.get("seconds"), "{:.1f}"),
+                     _num(_first(r, "val_top1", "map50_95", "agreement"), "{:.4f}"), _num(r.get("seconds"), "{:.1f}"),
                      _e(r.get("how") or r.get("why") or "")])  # fmt: skip
     parts.append("<h2>Stages</h2>")
-    parts.append(_table(["stage", "params", "MACs", "size (bytes)", "top-1", "time (s)", "note"], rows, "stages"))
+    metric = {"map50_95": "mAP50-95", "agreement": "agreement"}.get((s.get("accuracy") or {}).get("metric"), "top-1")
+    parts.append(_table(["stage", "params", "MACs", "size (bytes)", metric, "time (s)", "note"], rows, "stages"))
 
     # ---- plots
     parts.append('<h2>Accuracy vs latency</h2><div class="grid">')
@@ -268,3 +270,8 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
     tmp.write_text(render(summary), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _first(row: dict[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` that ``row`` has a value for (the stage's accuracy, whatever the task)."""
+    return next((row[k] for k in keys if row.get(k) is not None), None)

@@ -44,6 +44,11 @@ class TrainConfig:
     feature_weight: float = 1.0
     # a new classifier for the data's classes (``presso.models.weights.replace_head``), e.g. for pretrained weights
     new_head: bool = False
+    # the task (presso.tasks): "classify", "detect"; None infers it from the model's card, the data and the model
+    task: str | None = None
+    # detection without labels: learn from the teacher's boxes after NMS (pseudo-labels) instead of matching its
+    # dense head outputs
+    pseudo_labels: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:

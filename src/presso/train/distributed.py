@@ -45,6 +45,14 @@ class Dist:
             return flag
         return bool(self.sum(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
 
+    def gather(self, items: list) -> list:
+        """Every process's ``items`` (picklable), concatenated in rank order, on every process."""
+        if self.world == 1:
+            return items
+        parts: list = [None] * self.world
+        td.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
     def barrier(self) -> None:
         if self.world > 1:
             td.barrier()

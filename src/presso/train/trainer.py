@@ -21,21 +21,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from presso.data import DataBundle, Preprocess, augment, batches, epoch_order, load_data, preprocess_for
+from presso.data import DataBundle, Preprocess, batches, epoch_order, load_data
 from presso.errors import ConfigError, DataError
 from presso.models.card import ensure_card, get_card
 from presso.models.figures import set_mode
-from presso.models.outputs import is_class_scores, kd_loss, leaves, match_loss
 from presso.progress import ProgressCallback, reporter
 from presso.results import Result
+from presso.tasks import Task, infer_task
 from presso.train import distributed
 from presso.train.checkpoint import Position, Resumable, RunFiles
 from presso.train.config import TrainConfig
 from presso.train.distill import FeatureTaps
-from presso.train.evaluation import evaluate_dataset, same_class_scores
+from presso.train.evaluation import evaluate_dataset
 
 
 @dataclass
@@ -53,6 +52,8 @@ class TrainResult(Result):
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         return {
+            "task": self.best.get("task", "classify"),
+            **{k: v for k, v in self.best.items() if k not in ("task", "epoch", "val_top1", "val_loss")},
             "val_top1": self.best.get("val_top1"),
             "val_loss": self.best.get("val_loss"),
             "best_epoch": self.best.get("epoch"),
@@ -74,23 +75,33 @@ def train(
     output_dir: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    task: str | Task | None = None,
+    trust: bool = False,
     progress: ProgressCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (a data spec or a ``DataBundle``; supervised), or distil it from ``teacher``
     (labels optional).
 
-    Returns the best model (by validation top-1, or by validation loss for unlabeled data) and its history. With
+    ``task`` (``classify``, ``detect``, a ``presso.tasks.Task``, or a user's ``file.py:Class`` with ``trust``) is
+    inferred from the model's card, the data and the model when not given (``presso.tasks.infer_task``).
+
+    Returns the best model (by the task's headline metric -- validation top-1, mAP50-95 --, or by validation loss
+    for unlabeled data) and its history. With
     ``output_dir`` the run is checkpointed and the result saved there as a Presso model directory (a non-empty one,
     a finished model too, is refused before training unless ``overwrite``; see ``presso.outdir``). ``progress``
     gets stage ``train`` events (done/total: steps of the whole run; info: epoch, epochs, step, steps, loss) and one
     ``epoch`` event per finished epoch (info: its metrics and the best epoch so far).
     """
     cfg = config or TrainConfig()
-    return _Run(model, data, cfg, teacher, output_dir, resume, progress, overwrite).execute()
+    run = _Run(model, data, cfg, teacher, output_dir, resume, progress, overwrite, task=task, trust=trust)
+    return run.execute()
 
 
 class _Run:
-    def __init__(self, model, data, cfg: TrainConfig, teacher, output_dir, resume: bool, progress, overwrite=False):
+    def __init__(
+        self, model, data, cfg: TrainConfig, teacher, output_dir, resume: bool, progress, overwrite=False, *,
+        task=None, trust=False,
+    ):  # fmt: skip
         self.cfg = cfg
         self.dist = distributed.setup()
         self.device = _device(cfg.device, self.dist.local_rank)
@@ -99,6 +110,7 @@ class _Run:
         )
         self.model = model
         self.teacher = teacher
+        self.task = infer_task(model, self.bundle, task or cfg.task, trust=trust)
         self.resume = resume
         # only the main process reports under torchrun; without a callback no step reads its loss back (a sync)
         self.reports = progress is not None and self.dist.is_main
@@ -119,7 +131,7 @@ class _Run:
         card = get_card(self.model)
         if card is not None and card.input_spec and ";" in card.input_spec:
             raise DataError(f"The model takes several inputs ({card.input_spec}); image data feeds one.")
-        self.pp = preprocess_for(self.bundle, self.model, image_size=cfg.image_size)
+        self.pp = self.task.preprocess(self.bundle, self.model, image_size=cfg.image_size)
         self.train_set = self.bundle.train.at(self.pp.size, self.pp.channels)
         self.val_set = self.bundle.val.at(self.pp.size, self.pp.channels)
         self.model.to(self.device)
@@ -128,9 +140,8 @@ class _Run:
             set_mode(self.teacher, False)  # its forward runs under no_grad; its parameters are left as they are
         example = self.pp.normalize(next(batches(self.val_set, np.arange(min(2, len(self.val_set))), 2))[0])
         example = example.to(self.device)
-        if cfg.new_head and self.bundle.labeled:
-            _new_head(self.model, example, self.bundle.num_classes or 0)
-        _check_model(self.model, example, self.bundle, self.teacher)
+        self.task.prepare(self.model, self.bundle, example, cfg)
+        self.task.check(self.model, example, self.bundle, self.teacher)
         self.taps = None
         if self.teacher is not None and cfg.feature_match:
             self.taps = FeatureTaps(self.model, self.teacher, example)
@@ -173,21 +184,27 @@ class _Run:
                 except KeyboardInterrupt:
                     self._save_checkpoint(epoch, self._step, history, best)
                     raise
+                scores = self.evaluate_val()
+                per_class = scores.pop("per_class", None)  # kept with the best epoch, not in every history row
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": train_loss,
                     "lr": self.opt.param_groups[0]["lr"],
-                    **self.evaluate_val(),
+                    **scores,
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
                 history = [h for h in history if h["epoch"] != epoch + 1] + [row]
-                score = row["val_top1"] if row.get("val_top1") is not None else -row["val_loss"]
+                headline = self.task.headline
+                score = row[headline] if row.get(headline) is not None else -row["val_loss"]
                 if score > best["score"]:
                     best = {
                         "score": score,
                         "epoch": epoch + 1,
+                        "task": self.task.name,
+                        **({headline: row[headline]} if row.get(headline) is not None else {}),
                         "val_top1": row.get("val_top1"),
-                        "val_loss": row["val_loss"],
+                        "val_loss": row.get("val_loss"),
+                        **({"map50": row["map50"], "per_class": per_class} if "map50" in row else {}),
                     }
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                     self.files.save_best(self.best_state)
@@ -225,10 +242,11 @@ class _Run:
             if len(x) == 0:
                 self._step += 1
                 continue
+            y = y if self.bundle.labeled else None
             if cfg.augment:
-                x = augment(x, self.gen, flip=self.bundle.flip)
+                x, y = self.task.augment(x, y, self.gen, flip=self.bundle.flip)
             x = self.pp.normalize(x).to(self.device, non_blocking=True)
-            y = y.to(self.device)
+            y = self.task.to_device(y, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 loss = self._loss(x, y)
             self.opt.zero_grad(set_to_none=True)
@@ -255,21 +273,9 @@ class _Run:
         loss_sum = self.dist.sum(torch.tensor(self._sums, dtype=torch.float64))
         return round(float(loss_sum[0] / loss_sum[1]), 5) if loss_sum[1] else float("nan")
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, y: Any) -> torch.Tensor:
         cfg = self.cfg
-        out = self.net(x)
-        scores = leaves(out)
-        labeled = bool((y >= 0).all()) and self.bundle.labeled
-        if self.teacher is None:
-            return F.cross_entropy(scores[0].float(), y, label_smoothing=cfg.label_smoothing)
-        with torch.no_grad():
-            t_out = self.teacher(x)
-        t_scores = leaves(t_out)
-        if labeled and same_class_scores(scores, t_scores):
-            ce = F.cross_entropy(scores[0].float(), y, label_smoothing=cfg.label_smoothing)
-            loss = (1 - cfg.kd_alpha) * ce + cfg.kd_alpha * kd_loss(scores[0], t_scores[0], cfg.temperature)
-        else:
-            loss = match_loss(out, t_out, cfg.temperature)
+        loss = self.task.loss(self.net, x, y, teacher=self.teacher, cfg=cfg)
         if self.taps is not None:
             feat = self.taps.loss()
             if feat is not None:
@@ -286,7 +292,8 @@ class _Run:
                 self.pp,
                 labeled=self.bundle.labeled,
                 teacher=self.teacher,
-                temperature=self.cfg.temperature,
+                task=self.task,
+                cfg=self.cfg,
                 device=self.device,
                 dist=self.dist,
                 workers=self._workers_for(self.val_set),
@@ -306,16 +313,13 @@ class _Run:
 
     def _record_on_card(self, result: TrainResult) -> None:
         card = ensure_card(self.model)
+        card.task = self.task.key
         card.preprocess = self.pp.to_json()
         if self.bundle.labeled:  # the data's classes name the outputs (a label-free run keeps the original's)
             card.labels = list(self.bundle.classes)
         card.input_spec = ",".join(str(v) for v in self.pp.input_shape)
         card.figures.update(
-            {
-                k: v
-                for k, v in (("val_top1", result.best.get("val_top1")), ("val_loss", result.best.get("val_loss")))
-                if v is not None
-            }
+            {k: v for k, v in result.best.items() if k not in ("task", "epoch") and isinstance(v, (int, float))}
         )
         card.history.append(
             {
@@ -361,51 +365,6 @@ class _CtrlC:
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_model(model: nn.Module, example: torch.Tensor, bundle: DataBundle, teacher: nn.Module | None) -> None:
-    """Fail early, in the user's words, when the model cannot take the data or its outputs cannot be trained."""
-    set_mode(model, True)
-    try:
-        with torch.no_grad():
-            out = model(example)
-    except Exception as e:
-        raise DataError(
-            f"The model does not accept the data's images ({tuple(example.shape)}): {type(e).__name__}: "
-            f"{str(e)[:200]}. Check --image-size and that the model's input channels match."
-        ) from None
-    first = leaves(out)
-    if bundle.labeled and teacher is None:
-        if not first or not is_class_scores(first[0]):
-            raise ConfigError(
-                "Supervised training needs a classifier (output [N, classes]); this model outputs "
-                f"{[tuple(t.shape) for t in first][:3]}. Distil it from its original instead (--teacher)."
-            )
-    if bundle.labeled and first and is_class_scores(first[0]):
-        n_out, n_cls = first[0].shape[1], bundle.num_classes or 0
-        if n_out < n_cls:
-            raise DataError(
-                f"The model outputs {n_out} classes but the data has {n_cls}; build it with "
-                f"--model-arg num_classes={n_cls}, or pass --new-head to give it a new classifier."
-            )
-        if n_out != n_cls and teacher is None:
-            raise DataError(
-                f"The model outputs {n_out} classes but '{bundle.name}' has {n_cls}; build it with "
-                f"--model-arg num_classes={n_cls}, or pass --new-head to give it a new classifier."
-            )
-
-
-def _new_head(model: nn.Module, example: torch.Tensor, classes: int) -> None:
-    """Replace the classifier of ``model`` by a new one with ``classes`` outputs (found by the outputs it gives)."""
-    from presso.models.weights import replace_head
-
-    set_mode(model, False)
-    with torch.no_grad():
-        first = leaves(model(example))
-    current = int(first[0].shape[1]) if first and is_class_scores(first[0]) else None
-    if current is None:
-        raise ConfigError("--new-head: the model does not output class scores [N, classes]; it has no classifier.")
-    replace_head(model, classes, current=current)
-
-
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from presso.compress.prune import tp_patches
 from presso.compress.prune.config import PruneConfig
 from presso.errors import ConfigError, PressoError, UnsupportedLayerError, closest
 from presso.models.figures import run_model
@@ -123,6 +124,7 @@ class Planner:
                 "layers inlined as functions); prune the source model instead."
             )
         visited: set[Any] = set()
+        deferred = []  # groups holding only some chunks of a channel split: after the group producing the split
         for m in roots:
             if m in visited or m in self.ignored:
                 continue
@@ -138,8 +140,15 @@ class Planner:
                 self.skip(name, f"dependency graph failed: {type(e).__name__}: {str(e)[:160]}")
                 continue
             members = [d.target.module for d, _ in full if DG.is_out_channel_pruning_fn(d.handler)]
+            if tp_patches.split_chunks(full) == tp_patches.SPLIT_PARTIAL:
+                deferred.append((m, name, full, members))
+                continue
             visited.update(members)
             yield m, name, full, members
+        for m, name, full, members in deferred:
+            if m not in visited:
+                visited.update(members)
+                yield m, name, full, members
 
     def plan(self, importance) -> tuple[list[Plan], int]:
         """The plans for every coupled group, and the number of groups considered. ``importance`` is the criterion's
@@ -298,7 +307,8 @@ class Planner:
         hit = [self.names[mod] for mod in members if mod in self.ignored and mod in self.names]
         if hit:
             return f"coupled with ignored layer {hit[0]}"
-        return None
+        chunks = tp_patches.split_chunks(full)
+        return chunks if isinstance(chunks, str) else None
 
     def _plan_group(self, root, name, full, members, importance) -> Plan | None:
         DG = self.DG
@@ -358,7 +368,11 @@ class Planner:
             name = self.names.get(root, name)
             fixups_for = parent
 
-        ch_groups = heads
+        chunks = tp_patches.split_chunks(group)
+        if isinstance(chunks, str):
+            self.skip(name, chunks)
+            return None
+        ch_groups = math.lcm(heads, chunks)  # a chunked layer loses the same channels in every chunk
         for d, _ in group:
             mod = d.target.module
             if isinstance(mod, nn.MultiheadAttention):

@@ -1,4 +1,5 @@
-"""Every patch of Torch-Pruning, and every access to its private internals, in one place.
+"""Every patch of Torch-Pruning, and every access to its private internals, in one place (with
+:mod:`~presso.compress.prune.tp_splits`, the channel-split patches, which :func:`patched` installs too).
 
 Presso uses DepGraph's public API (``build_dependency``, ``get_pruning_group``, ``Group.prune``, the importance
 classes and pruning functions). What that API cannot do is done here, behind one context manager::
@@ -33,6 +34,13 @@ with contextlib.suppress(ImportError):
 import torch_pruning as tp
 from torch import nn
 
+from presso.compress.prune.tp_splits import (
+    SPLIT_FIXED,
+    SPLIT_PARTIAL,
+    split_aware_shapes,
+    split_chunks,
+    update_split_index_mapping,
+)
 from presso.errors import ConfigError
 
 __all__ = [
@@ -46,7 +54,11 @@ __all__ = [
     "patched",
     "restore_graph",
     "snapshot_graph",
+    "split_chunks",
+    "SPLIT_PARTIAL",
+    "SPLIT_FIXED",
 ]
+
 
 REQUIRED_VERSION = "1.6.1"  # the pin in pyproject.toml (tests/compress/test_tp_patches.py keeps the two equal)
 _GROUP_SECONDS = 2.0  # a dependency walk longer than this is cycling, not working (the largest real ones take <0.5 s)
@@ -95,9 +107,120 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 def build_graph(model: nn.Module, inputs: Any) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model`` traced on ``inputs``, with Ctrl-C held while it traces."""
+    """Torch-Pruning's dependency graph of ``model`` traced on ``inputs``, with Ctrl-C held while it traces.
+
+    Layers that run but whose results never reach the outputs are traced too (:func:`_forward_with_dead_ends`)."""
     with interrupts_deferred():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=inputs, forward_fn=_forward_with_dead_ends, verbose=False
+        )
+
+
+def _forward_with_dead_ends(model: nn.Module, inputs: Any) -> Any:
+    """The model's output, plus the outputs of the layers that ran without reaching it, for Torch-Pruning to trace.
+
+    Torch-Pruning traces back from the outputs only, so a branch that runs in eval mode but whose result is thrown
+    away -- YOLOv10/YOLO26's one-to-one head when the one-to-many head gives the predictions -- is missing from the
+    graph, and so is a branch that runs only in training (YOLO26-pose's keypoint sigmas, YOLO26-seg's semantic
+    head, GoogLeNet's auxiliary classifiers): pruning the layers feeding them left their input channels as they
+    were, and the next forward (or the first training step) failed. Here a training-only layer is run once more on
+    the tensor it reads in training, as the eval forward computes it (:func:`_training_only_layers`), and every
+    such dead end is traced from its own output: those layers follow the pruning, and the last layer of a dead end,
+    whose output nothing reads, counts as producing an output and keeps its channels. A model without such layers
+    gets its output unchanged (and the graph Torch-Pruning always built)."""
+    import torch
+
+    links = _training_only_layers(model, inputs)
+    ran: list[torch.Tensor] = []
+    seen: dict[nn.Module, tuple] = {}  # module -> (its first input, its output) in this eval forward
+    wanted = {q for _, q, _ in links}
+
+    def keep(module, args, out):
+        if module in wanted:
+            seen[module] = (args[0] if args else None, out)
+        if isinstance(module, _LAYERS) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            ran.append(out)
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules()]
+    try:
+        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        for layer, q, kind in links:  # a training-only layer on what it reads in training
+            if q in seen and isinstance(x := seen[q][0 if kind == "in" else 1], torch.Tensor):
+                with contextlib.suppress(Exception):
+                    layer(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    reached: set[Any] = set()
+    stack = [t.grad_fn for t in tp.utils.flatten_as_list(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in reached:
+            continue
+        reached.add(fn)
+        stack.extend(f for f, _ in getattr(fn, "next_functions", ()))
+    dead = [t for t in ran if t.grad_fn not in reached]
+    return (out, *dead) if dead else out
+
+
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _training_only_layers(model: nn.Module, inputs: Any) -> list[tuple[nn.Module, nn.Module, str]]:
+    """The outermost modules with weights that run only in training, each with a module that runs in eval mode too
+    and reads (``"in"``) or produces (``"out"``) the tensor it reads: ``(layer, that module, "in" | "out")``.
+
+    Found by one training-mode forward without gradients, on the inputs repeated to a batch of two (batch norm
+    needs more than one value per channel); every buffer (batch-norm statistics) is put back afterwards, and the
+    model is left in eval mode. A model whose training forward fails, or needs more than its inputs, gets none."""
+    import torch
+
+    if not isinstance(inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in inputs):
+        return []
+    train_io: dict[nn.Module, tuple] = {}
+    eval_ran: set[nn.Module] = set()
+
+    def in_train(module, args, out):
+        train_io[module] = (args[0] if args and isinstance(args[0], torch.Tensor) else None, out)
+
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    pairs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() and t.shape[0] == 1 else t for t in inputs)
+    try:
+        with torch.no_grad():
+            hooks = [m.register_forward_hook(lambda m, a, o: eval_ran.add(m)) for m in model.modules()]
+            try:
+                model.eval()
+                model(*pairs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            hooks = [m.register_forward_hook(in_train) for m in model.modules()]
+            try:
+                model.train()
+                model(*pairs)
+            finally:
+                for h in hooks:
+                    h.remove()
+    except Exception:  # a model that trains only from a batch dict, or with targets: nothing to add
+        return []
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        model.eval()
+    only = [m for m in model.modules() if m in train_io and m not in eval_ran]
+    weighted = {m for m in only if any(isinstance(x, _LAYERS) for x in m.modules())}
+    inner = {x for m in weighted for x in m.modules() if x is not m}
+    links = []
+    for layer in (m for m in only if m in weighted and m not in inner):
+        x = train_io[layer][0]
+        if x is None:
+            continue
+        for q, (q_in, q_out) in train_io.items():
+            if q in eval_ran and (q_in is x or q_out is x):
+                links.append((layer, q, "in" if q_in is x else "out"))
+                break
+    return links
 
 
 # --------------------------------------------------------------------------- version
@@ -134,8 +257,41 @@ def patched(max_indices: int) -> Iterator[PatchState]:
     bounds the items of one group once the graph's size is known. Installed only while Presso prunes."""
     check_version()
     state = PatchState()
-    with _robust_index_mapping(state), _bounded_traversal(max_indices, state):
+    with (
+        split_aware_shapes(),
+        _sizes_copied_before_pruning(),
+        _robust_index_mapping(state),
+        _bounded_traversal(max_indices, state),
+    ):
         yield state
+
+
+@contextlib.contextmanager
+def _sizes_copied_before_pruning():
+    """Torch-Pruning's concat and split pruners decrement the size list of the placeholder node *in place* before
+    replacing it. The pruner's rollback restores a node's attributes from a shallow copy, so a rolled-back group left
+    the decremented list behind and every later group through that concat or split was mapped to the wrong
+    channels. Copying the list first keeps the snapshot intact."""
+    # one function under both names, as Torch-Pruning has it: it tells in- from out-channel pruning by identity
+    targets = [(cls, cls.__dict__["prune_out_channels"]) for cls in (tp.ops.ConcatPruner, tp.ops.SplitPruner)]
+
+    def copying(fn):
+        @functools.wraps(fn)
+        def prune(self, layer, idxs):
+            for attr in ("concat_sizes", "split_sizes"):
+                if isinstance(getattr(layer, attr, None), list):
+                    setattr(layer, attr, list(getattr(layer, attr)))
+            return fn(self, layer, idxs)
+
+        return prune
+
+    for cls, fn in targets:
+        cls.prune_out_channels = cls.prune_in_channels = copying(fn)
+    try:
+        yield
+    finally:
+        for cls, fn in targets:
+            cls.prune_out_channels = cls.prune_in_channels = fn
 
 
 @contextlib.contextmanager
@@ -158,7 +314,7 @@ def _robust_index_mapping(state: PatchState):
     kinds = tp.ops.OPTYPE
     updaters = {
         kinds.CONCAT: im.update_concat_index_mapping,
-        kinds.SPLIT: im.update_split_index_mapping,
+        kinds.SPLIT: update_split_index_mapping,
         kinds.RESHAPE: im.update_reshape_index_mapping,
         kinds.UNBIND: im.update_unbind_index_mapping,
         kinds.EXPAND: im.update_expand_index_mapping,
