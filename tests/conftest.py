@@ -23,7 +23,9 @@ def _quiet_and_deterministic():
 # The tests `make test-fast` leaves out (with the zoo and timing tests): each takes more than ~10 s of one core
 # (end-to-end runs, searches, training runs, calibrated INT8 accuracy). Named here, not marked in each file, so the
 # fast tier is one list to read and keep up to date; `make test` still runs all of them.
-SLOW_MODULES: set[str] = set()  # tests/test_pipeline.py: its end-to-end runs are listed below; its rule tests are fast
+# tests/test_pipeline.py: its end-to-end runs are listed below, its rule tests are fast; the detection modules train a
+# tiny YOLO once (1-2 min) before their tests
+SLOW_MODULES: set[str] = {"test_detect.py", "test_detect_bundle.py"}
 SLOW_TESTS = {
     "test_killed_search_resumes_with_every_trial_accounted_for",
     "test_two_workers_share_one_postgres_study_without_duplicates",
@@ -44,6 +46,9 @@ SLOW_TESTS = {
     "test_package_and_predict_match_pytorch_without_torch",
     "test_ctrl_c_in_the_first_seconds_stops_compress",  # tests/security/test_inputs.py: 5 runs interrupted, ~10 s
     "test_a_killed_verb_leaves_old_or_new_and_reruns_clean",  # tests/security/test_outputs.py: a CLI run killed, rerun
+    # detection: the end-to-end run, two processes under torchrun, and the trained tiny YOLO's modules
+    "test_a_detection_run_bounds_map_points_and_shows_boxes",
+    "test_torchrun_trains_a_detector_on_two_processes_and_scores_every_held_out_image",
     # tests/test_pipeline.py: each is (or reuses) an end-to-end presso run, 1-4 min
     "test_when_compression_cannot_beat_quantization_the_quantized_original_is_delivered",
     "test_summary_json_headline_and_paths",

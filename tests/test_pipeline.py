@@ -332,3 +332,29 @@ def test_report_renders_in_headless_chromium(model_run, tmp_path):
     assert near((246, 247, 249), 2) > 2000  # table header cells (#f6f7f9)
     assert near((45, 114, 210), 20) > 200  # the plots' blue: the original's markers and the kept-channel bars
     assert near((15, 153, 96), 20) > 50  # the compressed model's markers (and the headline's green)
+
+
+def test_a_detection_run_bounds_map_points_and_shows_boxes(tmp_path):
+    """``run --task detect``: a tiny YOLO on shapes-det, compressed to half its MACs; accuracy is mAP50-95."""
+    pytest.importorskip("ultralytics")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads per process on the two shared cores crawl
+    args = ["run", "--data", "shapes-det", "--task", "detect", "--model", "ultralytics:yolov8n.yaml", "--model-arg",
+            "scale=[0.33,0.0625,1024]", "--model-arg", "reg_max=8", "--target-macs", "0.5", "--train-epochs", "10",
+            "--recover-epochs", "4", "--max-accuracy-drop", "0.05", "--threads", "1", "--db",
+            str(tmp_path / "lat.db"), "-o", str(out), "--json"]  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "presso", *args], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert r.returncode == _expected_exit(s), r.stderr[-2000:]
+    assert s["accuracy"]["metric"] == "map50_95"
+    st = s["stages"]
+    assert st["original"]["map50_95"] > 0.0 and 0.45 <= st["compress"]["macs_ratio"] <= 0.55
+    assert st["recover"]["map50_95"] > st["compress"]["map50_95"]  # distillation recovered what pruning cost
+    for c in s["candidates"]:  # every candidate scored by mAP after conversion, on the held-out images
+        assert 0.0 <= c["accuracy"] <= 1.0 and c["accuracy_source"].startswith("converted"), c
+    assert s["bundle"]["predicts"] is True  # the bundle's boxes are ONNX Runtime's
+    assert "--batch-size 16" in " ".join(s["commands"])  # the detection recipe, written as it ran
+    html = (out / "report.html").read_text()
+    assert "mAP50-95" in html and "Detections on held-out images" in html
+    assert html.count('class="example"') == len(st["deploy"]["examples"]) == 4

@@ -73,6 +73,22 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "run --data fashion-mnist --model out/fm --latency-ms 0.2 -o out/run": B(
         "the whole pipeline (training, search, recovery, INT8, measurement); small runs in tests/test_pipeline.py"
     ),
+    # detection: the same flows, on shapes-det and a tiny YOLO, in tests/tasks/test_detect.py (train, compress --calib
+    # to half the MACs, KD, label-free, eval --json) and tests/convert/test_detect_bundle.py (convert, package, predict)
+    "train ultralytics:yolov8n.yaml --model-arg ch=1 --data fashion-scenes --epochs 30 -o out/det": B(
+        "30 epochs of YOLOv8n on fashion-scenes; tests/tasks/test_detect.py trains a tiny YOLO on shapes-det"),
+    "compress out/det --target-macs 0.5 --calib fashion-scenes -o out/det-half": B(
+        "reads out/det; tests/tasks/test_detect.py (test_the_task_distance_chooses_a_better_allocation_than_no_data)"),
+    "train out/det-half --teacher out/det --data fashion-scenes --epochs 10 -o out/det-kd": B(
+        "reads out/det; tests/tasks/test_detect.py (test_kd_recovers_the_pruned_yolo_within_bounds_of_the_original)"),
+    "eval out/det-kd --data fashion-scenes --json": B(
+        "reads out/det-kd; tests/tasks/test_detect.py (test_presso_eval_prints_map_keys_as_json)"),
+    "convert out/det-kd -p int8 --calib fashion-scenes -o out/det-int8": B(
+        "reads out/det-kd; tests/convert/test_detect_bundle.py (test_int8_cli_reports_map_within_the_bound)"),
+    "package out/det-int8 -o out/det.zip": B(
+        "reads out/det-int8; tests/convert/test_detect_bundle.py packages a converted detector"),
+    "predict out/det.zip scene.png --save drawn/": B(
+        "reads out/det.zip; tests/convert/test_detect_bundle.py (test_save_draws_the_boxes_and_never_overwrites...)"),
     "torchrun --standalone --nproc-per-node 2 -m presso train presso:resnet8 --data digits -o out/ddp": B(
         "two processes training together; tests/cli/test_train.py (test_torchrun_two_gloo_processes_train_like_one)"
     ),

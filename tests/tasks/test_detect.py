@@ -154,3 +154,26 @@ def test_presso_eval_prints_map_keys_as_json(trained):
     s = json.loads(r.stdout)
     assert s["task"] == "detect" and 0.0 < s["map50_95"] <= s["map50"] <= 1.0
     assert set(s["per_class"]) == {"circle", "square", "triangle"}
+
+
+def test_torchrun_trains_a_detector_on_two_processes_and_scores_every_held_out_image(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        torchrun = Path(shutil.which("torchrun") or "torchrun")
+    args = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "presso", "train", "ultralytics:yolov8n.yaml",
+            "--model-arg", "scale=[0.33,0.0625,1024]", "--model-arg", "reg_max=8", "--data", DATA, "--epochs", "2",
+            "--batch-size", "16", "--lr", "1e-2", "-o", str(tmp_path / "ddp"), "--json"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert s["task"] == "detect" and [h["val_n"] for h in s["history"]] == [40, 40]  # both halves gathered
+    assert s["history"][1]["train_loss"] < s["history"][0]["train_loss"]
+    assert presso.load_model(tmp_path / "ddp").presso_card.task == "detect"

@@ -58,6 +58,8 @@ def deploy(job: Job, recovered: dict) -> dict[str, Any]:
         predicts = _bundle_predicts(job, bundle.path, folder / "model.onnx")
         out["bundle"] = {"path": "deploy/bundle.zip", "size_bytes": bundle.size_bytes, "predicts": predicts,
                          "from": chosen["dir"]}  # fmt: skip
+        if job.task.data_kind == "detect" and job.bundle.labeled and not recovered.get("skipped"):
+            out["examples"] = _detection_examples(job, work / "examples")
         out["commands"] += [
             f"presso package {chosen['dir']} -o deploy/bundle.zip",
             f"presso benchmark {chosen['path']} --device {cfg.device}"
@@ -84,6 +86,46 @@ def _candidate(
             "dir": conv["dir"], "path": conv["path"], "size_bytes": conv["size_bytes"], "accuracy": acc,
             "accuracy_source": source, "macs": stage.get("macs"), "params": stage.get("params"),
             "fallback_layers": conv.get("fallback_layers")}  # fmt: skip
+
+
+def _detection_examples(job: Job, folder: Path, n: int = 4) -> list[dict[str, str]]:
+    """A few held-out images with the boxes of the original and of the compressed model (PyTorch, score >= 0.25)
+    and the true boxes, drawn side by side for the report: ``deploy/examples/<i>.png``."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from presso.data import batches
+    from presso.tasks.detectors import detector_for
+
+    models = {name: job.load(job.out / name / "model") for name in ("original", "recover")}
+    pp = job.task.preprocess(job.bundle, models["original"])
+    val = job.bundle.val.at(pp.size, pp.channels)
+    x, targets = next(batches(val, np.arange(min(n, len(val))), n))
+    panels: dict[str, list[dict[str, Any]]] = {"truth": [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]}
+    with torch.no_grad():
+        for name, model in models.items():
+            preds = detector_for(model).predict(model.eval(), pp.normalize(x), conf=0.25, iou=0.7)
+            panels[name] = preds
+    folder.mkdir(parents=True, exist_ok=True)
+    classes, scale, rows = job.bundle.classes or [], max(1, 192 // max(pp.size)), []
+    for i in range(len(x)):
+        tiles = []
+        for name in ("truth", "original", "recover"):
+            im = Image.fromarray(x[i].permute(1, 2, 0).numpy().squeeze()).convert("RGB")
+            im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+            draw = ImageDraw.Draw(im)
+            p = panels[name][i]
+            for box, cls in zip(p["boxes"].tolist(), p["labels"].tolist(), strict=True):
+                draw.rectangle([v * scale for v in box], outline=(255, 64, 64) if name != "truth" else (64, 255, 64))
+                draw.text((box[0] * scale + 2, box[1] * scale + 1), classes[cls] if cls < len(classes) else str(cls))
+            tiles.append(im)
+        sheet = Image.new("RGB", (sum(t.width for t in tiles) + 8 * 2, tiles[0].height), (255, 255, 255))
+        for k, tile in enumerate(tiles):
+            sheet.paste(tile, (k * (tile.width + 8), 0))
+        sheet.save(folder / f"{i}.png")
+        rows.append({"image": f"deploy/examples/{i}.png", "boxes": {k: len(v[i]["boxes"]) for k, v in panels.items()}})
+    return rows
 
 
 def _bundle_predicts(job: Job, bundle: Path, onnx_path: Path) -> bool:

@@ -141,7 +141,8 @@ class Job:
     def original(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.model:
-            k = key("original", self.data, cfg.model, cfg.model_args, cfg.image_size, cfg.train_epochs, cfg.seed)
+            k = key("original", self.data, cfg.model, cfg.model_args, cfg.image_size, cfg.train_epochs, cfg.seed,
+                    self.task.key, self.task.train_defaults)  # fmt: skip
             return self.stages.run("original", k, self._original_from_model)
         settings = (self.data, cfg.device, cfg.latency_ms, cfg.search_trials, cfg.search_proxy_epochs,
                     cfg.train_epochs, cfg.seed, cfg.threads)  # fmt: skip
@@ -162,6 +163,9 @@ class Job:
             kwargs, built = fit_to_data(
                 cfg.model, kwargs, classes=self.bundle.num_classes, channels=channels, weights=kwargs.get("weights")
             )
+        import torch
+
+        torch.manual_seed(cfg.seed)  # a model built from random init starts from the same weights in every run
         model = load_model(cfg.model, trust=self.trust, **kwargs)
         card = model.presso_card
         size_ok = cfg.image_size is None or (
@@ -180,7 +184,8 @@ class Job:
             from presso.train.checkpoint import has_checkpoint
 
             if not dest.exists():
-                tcfg = TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, image_size=cfg.image_size, task=cfg.task)
+                tcfg = TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, image_size=cfg.image_size, task=cfg.task,
+                                   **self.task.train_defaults)  # fmt: skip
                 train(model, self.bundle, tcfg, output_dir=dest, resume=has_checkpoint(dest), task=self.task,
                       progress=self.progress)  # fmt: skip
         if built:
@@ -192,7 +197,8 @@ class Job:
         args = "".join(f" --model-arg {k}={json.dumps(v)}" for k, v in cfg.model_args.items())
         size = f" --image-size {cfg.image_size[0]},{cfg.image_size[1]}" if cfg.image_size else ""
         commands = [] if trained_here else [
-            f"presso train {cfg.model}{args} --data {self.data}{size} --epochs {cfg.train_epochs} -o original/model"
+            f"presso train {cfg.model}{args} --data {self.data}{size} --epochs {cfg.train_epochs}"
+            f"{_flags(self.task.train_defaults)} -o original/model"
         ]  # fmt: skip
         return {"how": how, "model_dir": "original/model", "commands": commands, **self.figures(dest),
                 **self.evaluate(dest)}  # fmt: skip
@@ -302,7 +308,7 @@ class Job:
             path.unlink(missing_ok=True)
 
     def recover(self, compressed: dict) -> dict[str, Any]:
-        k = key("recover", self.stages.records["compress"]["key"], self.cfg.recover_epochs)
+        k = key("recover", self.stages.records["compress"]["key"], self.cfg.recover_epochs, self.task.recover_defaults)
 
         def fn(work: Path) -> dict[str, Any]:
             from presso.train import TrainConfig, partial_dir, train
@@ -313,17 +319,25 @@ class Job:
             teacher = self.load(self.out / "original" / "model")
             dest = work / "model"
             if not dest.exists():
-                train(student, self.bundle, TrainConfig(epochs=self.cfg.recover_epochs, seed=self.cfg.seed, lr=1e-3),
+                recipe = {"epochs": self.cfg.recover_epochs, "seed": self.cfg.seed, **self.task.recover_defaults}
+                tcfg = TrainConfig(**recipe)
+                train(student, self.bundle, tcfg,
                       teacher=teacher, output_dir=dest, resume=(partial_dir(dest) / "last.pt").is_file(),
                       task=self.task, progress=self.progress)  # fmt: skip
+            flags = _flags(self.task.recover_defaults)
             command = (f"presso train compress/model --teacher original/model --data {self.data} "
-                       f"--epochs {self.cfg.recover_epochs} --lr 1e-3 -o recover/model")  # fmt: skip
+                       f"--epochs {self.cfg.recover_epochs}{flags} -o recover/model")  # fmt: skip
             # without labels, agreement with the original is what says how much the compression cost
             teacher_dir = None if self.bundle.labeled else self.out / "original" / "model"
             return {"model_dir": "recover/model", "commands": [command], **self.figures(dest),
                     **self.evaluate(dest, teacher_dir)}  # fmt: skip
 
         return self.stages.run("recover", k, fn)
+
+
+def _flags(settings: dict[str, Any]) -> str:
+    """TrainConfig settings as the CLI's flags (``batch_size`` -> `` --batch-size 16``)."""
+    return "".join(f" --{k.replace('_', '-')} {v:g}" for k, v in settings.items())
 
 
 def top_ops(profile: dict[str, Any], n: int = 8) -> dict[str, list[dict[str, Any]]]:

@@ -169,7 +169,7 @@ def _stage_seconds(stages: dict[str, Any]) -> float:
     return sum(float(r.get("seconds") or 0) for r in stages.values())
 
 
-def render(s: dict[str, Any]) -> str:
+def render(s: dict[str, Any], root: Path | None = None) -> str:
     st, cfg = s["stages"], s["config"]
     prec = cfg["precision"]
     parts = [f"<h1>Presso run: {_e(s['data'])}</h1>"]
@@ -252,6 +252,7 @@ def render(s: dict[str, Any]) -> str:
                   _num(r.get("snr_db")), "FP32" if r.get("fallback") else ""] for r in q.get("layers", [])]  # fmt: skip
         parts.append(_table(["layer", "op", "output SNR (dB)", "sensitivity (dB)", "fallback"], qrows, "quant"))
 
+    parts += _examples(s, root)
     # ---- reproduce
     parts.append("<h2>Reproduce</h2><pre>" + _e("\n".join(s.get("commands") or [])) + "</pre>")
     if s.get("bundle"):
@@ -267,7 +268,7 @@ def render(s: dict[str, Any]) -> str:
 def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(render(summary), encoding="utf-8")
+    tmp.write_text(render(summary, path.parent), encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -275,3 +276,19 @@ def write_report(path: str | Path, summary: dict[str, Any]) -> Path:
 def _first(row: dict[str, Any], *keys: str) -> Any:
     """The first of ``keys`` that ``row`` has a value for (the stage's accuracy, whatever the task)."""
     return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
+def _examples(s: dict[str, Any], root: Path | None) -> list[str]:
+    """A detector's held-out images with the true boxes, the original's and the compressed model's (embedded)."""
+    rows = ((s.get("stages") or {}).get("deploy") or {}).get("examples") or []
+    if not rows or root is None:
+        return []
+    parts = ["<h2>Detections on held-out images</h2><p class=\"muted\">left to right: the true boxes, the original "
+             "model's, the compressed model's (score &ge; 0.25)</p><div class=\"grid\">"]  # fmt: skip
+    for r in rows:
+        file = root / r["image"]
+        if file.is_file():
+            data = "data:image/png;base64," + base64.b64encode(file.read_bytes()).decode()
+            parts.append(f'<img class="example" alt="{_e(r["image"])}" src="{data}">')
+    parts.append("</div>")
+    return parts

@@ -31,6 +31,10 @@ class Task(abc.ABC):
     # which --data readers give this task's targets: "classify" (class indices) or "detect" (boxes)
     data_kind: ClassVar[str] = "classify"
     classes: list[str] | None = None  # the data's class names, set when the task is resolved for a dataset
+    # training settings that suit the task better than TrainConfig's defaults, used by the pipeline (and shown in the
+    # commands it writes): a recipe for training from scratch, and one for recovering a compressed model
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    recover_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
     spec: str = ""  # how to find this task again ("detect", "path/to/file.py:Class"); set by get_task
 
     @property

@@ -33,6 +33,10 @@ class Detect(Task):
     name = "detect"
     headline = "map50_95"
     data_kind = "detect"
+    # detectors learn from many small steps: batch 16 (a whole-set batch of 128 gives a few steps per epoch on small
+    # data), a higher peak rate for AdamW, a longer warm-up (tests/tasks/test_detect.py: the tiny YOLO's recipe)
+    train_defaults = {"batch_size": 16, "lr": 1e-2, "warmup": 0.1}
+    recover_defaults = {"batch_size": 16, "lr": 5e-3, "warmup": 0.1}
 
     def preprocess(self, bundle: Any, model: nn.Module | None, image_size: Any = None) -> Any:
         from presso.data import Preprocess, preprocess_for

@@ -210,9 +210,11 @@ class TorchvisionDetector(Detector):
         losses = net(list(x), self._shift(targets))
         return sum(losses.values())
 
-    def predict(self, model, x) -> list[dict]:
+    def predict(self, model, x, conf: float = 0.0, iou: float | None = None) -> list[dict]:
+        """The model's own post-processing (its NMS); ``conf`` drops boxes scored below it."""
         out = model(list(x))
-        return [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out]
+        return [{"boxes": o["boxes"][keep], "scores": o["scores"][keep], "labels": o["labels"][keep] - 1}
+                for o in out for keep in [o["scores"] >= conf]]  # fmt: skip
 
     def pseudo_labels(self, teacher: nn.Module, x: torch.Tensor, threshold: float = 0.3) -> list[dict]:
         with torch.no_grad():
