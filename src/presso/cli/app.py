@@ -67,7 +67,10 @@ def _root(
 
 # --------------------------------------------------------------------------- option types
 SourceArg = Annotated[
-    str, typer.Argument(metavar="MODEL", help="torchvision:NAME, timm:NAME, file.py:FACTORY, a model dir, or .pt2")
+    str,
+    typer.Argument(
+        metavar="MODEL", help="torchvision:NAME, timm:NAME, ultralytics:NAME.yaml, file.py:FACTORY, a model dir or .pt2"
+    ),
 ]
 ShapeOpt = Annotated[
     str | None,

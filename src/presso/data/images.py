@@ -313,7 +313,9 @@ def _probe(path: Path) -> tuple[tuple[int, int], str] | None:
             return None
         with Image.open(path) as im:
             return im.size, im.mode
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+    # ImportError: a library may replace Image.open process-wide (Ultralytics does, when a user's script imports it)
+    # with one that tries to import a plugin for files Pillow cannot identify: still an unreadable image here
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, ImportError):
         return None
 
 
