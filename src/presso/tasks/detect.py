@@ -93,7 +93,7 @@ class Detect(Task):
         if targets is None and getattr(cfg, "pseudo_labels", False):
             with torch.no_grad():
                 set_mode(teacher, False)
-                preds = det.predict(teacher, x) if hasattr(det, "predict") else []
+                preds = det.predict(teacher, x)
             targets = [{"boxes": p["boxes"][p["scores"] >= 0.3], "labels": p["labels"][p["scores"] >= 0.3]}
                        for p in preds]  # fmt: skip
             return det.loss(model, x, targets)

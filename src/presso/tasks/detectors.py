@@ -16,6 +16,7 @@ Targets are per-image dicts ``{"boxes": [K,4] xyxy pixels, "labels": [K] in 0..C
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Any
 
@@ -31,28 +32,32 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-class Detector:
+class Detector(abc.ABC):
     """The family interface: ``num_classes``, ``prepare``, ``loss``, ``predict``, ``distill``."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    @abc.abstractmethod
     def num_classes(self) -> int:
-        raise NotImplementedError
+        """Classes the detector predicts (without a background class)."""
 
-    def prepare(self, size: tuple[int, int]) -> None:
+    def prepare(self, size: tuple[int, int]) -> None:  # noqa: B027 (optional hook)
         """Adapt the model to inputs of ``size`` (H, W) when it resizes internally."""
 
+    @abc.abstractmethod
     def loss(self, net: nn.Module, x: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        raise NotImplementedError
+        """The detector's own training loss on a batch with boxes (``net`` may be DDP-wrapped)."""
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> list[dict]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def predict(self, model: nn.Module, x: torch.Tensor, conf: float = 0.001, iou: float = 0.7) -> list[dict]:
+        """Boxes after NMS, per image: ``{"boxes", "scores", "labels"}`` (labels 0..C-1)."""
 
+    @abc.abstractmethod
     def distill(
         self, net: nn.Module, teacher: nn.Module, x: torch.Tensor, targets: list[dict] | None, cfg: Any
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """The distillation loss from ``teacher`` (mixed with the supervised loss when ``targets`` are given)."""
 
 
 def detector_for(model: nn.Module) -> Detector:
