@@ -173,21 +173,29 @@ def test_search_flow_without_a_model(tmp_path, latency_db):
     assert (out / "original" / "search" / "pareto.png").is_file()
 
 
-def test_impossible_budget_ends_early_and_keeps_finished_stages(model_run, tmp_path):
+def test_an_unreachable_budget_delivers_the_closest_original_and_says_why(model_run, tmp_path):
+    """A latency budget below what 90% pruning reaches: nothing is compressed (no hours lost on a hopeless search),
+    the original's files are measured and the closest is delivered; exit 3, or 0 with --allow-miss."""
     out, args, _, _ = model_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    swapped = [a for a in args if a != "--json"]
+    swapped = list(args)
     i = swapped.index("--target-macs")
     swapped[i : i + 2] = ["--latency-ms", "0.0001"]
     swapped[swapped.index("-o") + 1] = str(copy)
     r = _run(*swapped)
-    assert r.returncode == 2
-    assert "smallest latency reachable" in r.stderr and "finished stages are kept" in r.stderr
-    assert "Traceback" not in r.stderr
-    assert (copy / "original" / "stage.json").is_file() and (copy / "baseline" / "stage.json").is_file()
-    s = json.loads((copy / "summary.json").read_text())
-    assert s["error"] and s["stages"]["original"]["cached"] and s["budget_met"] is False
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    s = json.loads(r.stdout)
+    assert s["stages"]["original"]["cached"] and s["stages"]["compress"]["unreachable"]
+    assert "smallest latency reachable" in s["stages"]["compress"]["skipped"]
+    assert s["stages"]["recover"]["skipped"] and not s["error"]
+    assert {c["model"] for c in s["candidates"]} == {"original"}
+    fastest = min(s["candidates"], key=lambda c: c["latency_ms"])
+    assert s["delivered"]["candidate"] == fastest["id"] and s["budget_met"] is False
+    assert any(n.startswith("Nothing was compressed: the smallest latency") for n in s["notes"])
+    assert (copy / "deploy").is_dir() and s["bundle"]["predicts"] is True
+    allowed = _run(*swapped, "--allow-miss")  # every stage reused: only the verdict changes
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- the rule, on made-up figures
@@ -358,3 +366,54 @@ def test_a_detection_run_bounds_map_points_and_shows_boxes(tmp_path):
     html = (out / "report.html").read_text()
     assert "mAP50-95" in html and "Detections on held-out images" in html
     assert html.count('class="example"') == len(st["deploy"]["examples"]) == 4
+    # where its architecture stands: yolov8n.yaml is in the tested list; both whole lists are in the report
+    arch = st["original"]["architecture"]
+    assert arch["status"] == "tested" and arch["row"] == "yolov8n.yaml" and len(arch["supported"]) >= 40
+    assert "Ultralytics architectures" in html and html.count("<tr><td>yolo") >= len(arch["supported"]) - 3
+
+
+def test_run_starts_from_a_weights_file_and_records_it(tmp_path):
+    """``run --weights PATH``: the original is built, loaded from the file (recorded in its card with the file's
+    SHA-256) and fine-tuned; the reproduce command names the file; --weights without --model, or given twice, is one
+    ConfigError."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    import presso
+    from presso.errors import ConfigError
+    from presso.models.weights import fit_to_data
+    from presso.pipeline import RunConfig
+    from presso.pipeline.stages import Job
+
+    bundle = presso.load_data(DATA)
+    kwargs, _ = fit_to_data("presso:resnet8", {}, classes=10, channels=1)
+    torch.manual_seed(1)
+    donor = presso.load_model("presso:resnet8", **kwargs)
+    weights = tmp_path / "donor.safetensors"
+    save_file(donor.state_dict(), str(weights))
+    # with a weights file the model is built as the user says (--model-arg), never refitted to the data
+    cfg = RunConfig(model="presso:resnet8", model_args=kwargs, weights=str(weights), target_macs=0.5, train_epochs=1)
+    job = Job(bundle, cfg, tmp_path / "out", None)
+    record = job.original()
+    card = json.loads((tmp_path / "out" / "original" / "model" / "presso.json").read_text())
+    assert card["source"]["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert f"--weights {weights}" in record["commands"][0]
+    with pytest.raises(ConfigError, match="apply to a given --model"):
+        RunConfig(weights=str(weights), latency_ms=1.0)
+    with pytest.raises(ConfigError, match="Give the weights once"):
+        RunConfig(model="torchvision:resnet18", model_args={"weights": "DEFAULT"}, weights="w.pt", target_macs=0.5)
+
+
+@pytest.mark.parametrize(("drop", "text"), [(0.55, "a drop of 0.55 points"), (-0.55, "a gain of 0.55 points")])
+def test_the_headline_says_drop_or_gain(drop, text):
+    from presso.pipeline.summary import headline
+
+    s = {"delivered": {"label": "compressed INT8", "why": "fastest", "path": "deploy/model.onnx"},
+         "speedup_vs_original_fp32": 2.0,
+         "speedup_vs_baseline_int8": 1.2, "size_ratio": 0.3, "size_ratio_vs_baseline_int8": 0.9,
+         "accuracy_drop_points": drop, "accuracy_bound_met": True, "budget": {"device": "local", "text": "met"},
+         "accuracy": {"original": 0.95, "final": 0.95 - drop / 100, "max_drop": 0.02}}  # fmt: skip
+    line = next(x for x in headline(s) if x.startswith("Accuracy:"))
+    assert f"{text} (bound 2): within." in line and "-" not in line.split(",")[1]

@@ -8,7 +8,9 @@ and never checks for ``None``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,3 +41,17 @@ def reporter(callback: ProgressCallback | None, stage: str) -> Callable[..., Non
             callback(ProgressEvent(stage, done, total, info))
 
     return report
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str | None = None, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the logger ``name`` (None: the root logger) to ``level`` for the block: libraries that log advice on
+    stdout or the root logger (Ultralytics, ONNX Runtime's quantizer) would otherwise mix it into the CLI's output
+    (its ``--json`` goes to stdout)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

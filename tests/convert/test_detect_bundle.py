@@ -123,6 +123,22 @@ def test_int8_cli_reports_map_within_the_bound(detector, tmp_path):
     assert r.exit_code == 2 and "detect model but the labelled data 'digits' holds class labels" in r.output
 
 
+def test_a_detector_without_recorded_preprocessing_is_fed_0_to_1_pixels(detector, tmp_path):
+    """A detector whose card records no preprocessing (a trusted Ultralytics .pt) is calibrated, scored and packaged
+    on 0..1 pixels, as detectors expect -- not normalised by the data's mean/std, which loses its boxes."""
+    import copy
+    import dataclasses
+
+    _, trained = detector
+    model = copy.deepcopy(trained)
+    model.presso_card = dataclasses.replace(model.presso_card, preprocess=None)
+    result = presso.convert(model, "1,3,64,64", ConvertConfig(), output_dir=tmp_path / "onnx", calib="shapes-det")
+    card = json.loads((tmp_path / "onnx" / "presso.json").read_text())
+    assert card["preprocess"]["mean"] == [0.0] * 3 and card["preprocess"]["std"] == [1.0] * 3
+    assert card["preprocess"]["size"] == [64, 64]
+    assert result.accuracy["fp32_map50"] == pytest.approx(trained.presso_card.figures["map50"], abs=0.02)
+
+
 # ----------------------------------------------------------------------------- package and predict
 def test_bundle_boxes_are_ort_and_pytorch_boxes_in_the_image_pixels(detector, fp32, tmp_path):
     from presso.convert.predict import Predictor, decode_dense_numpy

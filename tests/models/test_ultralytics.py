@@ -444,3 +444,25 @@ if __name__ == "__main__":
             )
         else:
             print(f"| {row['name']} | {row['error']} |")
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "row"),
+    [
+        ("yolov8n.yaml", "tested", "yolov8n.yaml"),
+        ("yolov8s.yaml", "tested", "yolov8n.yaml"),  # another scale of the same YAML
+        ("yolo11x-seg.yaml", "tested", "yolo11n-seg.yaml"),
+        ("yolov8s-worldv2.yaml", "refused", "yolov8n-worldv2.yaml"),
+        ("rtdetr-x.yaml", "untested", None),  # its own YAML, not rtdetr-l's
+        ("path/to/custom.yaml", "untested", None),
+    ],
+)
+def test_support_of_names_the_row_of_the_tested_list(name, status, row):
+    from presso.models.ultralytics_support import support_of
+
+    s = support_of({"source": f"ultralytics:{name}", "kwargs": {}})
+    assert (s["status"], s["row"]) == (status, row)
+    assert s["supported"] == uy.SUPPORTED and s["unsupported"] == uy.UNSUPPORTED
+    if status == "refused":
+        assert s["note"] == uy.UNSUPPORTED[row]
+    assert support_of({"source": "torchvision:resnet18"}) is None

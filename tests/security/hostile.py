@@ -71,7 +71,7 @@ def hostile_values(root: Path) -> list[Any]:
     evil = str(root / "evil.py")
     return [
         f"{evil}:build", "evil.py:build", "../evil.py", "../../evil.py:build", evil, "code/../../evil.py",
-        "python:subprocess.Popen", "python:os.system", "python:builtins.eval", "python:evil.Model",
+        "python:subprocess.Popen", "python:os.system", "python:builtins.eval", "python:evil.Model", "timm:test_vit",
         str(root / "evil.pt"), "/dev/zero", "/proc/self/mem", str(root), ".", "",
         "__class__", "__init__", "__globals__", "_modules", "forward", "trust", "build",
         True, None, -1, 0, 2**63, -(2**63), 10**30, float("nan"), float("inf"), 1e308,
@@ -120,7 +120,9 @@ def mutated_cards(bases: dict[str, Path], root: Path, under: str | None = None):
             for key in path[:-1]:
                 parent = parent[key]
             if draw(st.booleans()) and isinstance(parent, dict):
-                parent[draw(st.sampled_from(["trust", "code", "build", "__class__", path[-1]]))] = copy.deepcopy(
+                # names that switch trust on, or make a builder read a file itself (timm's checkpoint_path, ...)
+                names = ["trust", "code", "build", "__class__", "checkpoint_path", "pretrained_cfg_overlay", path[-1]]
+                parent[draw(st.sampled_from(names))] = copy.deepcopy(
                     draw(values)
                 )
             else:

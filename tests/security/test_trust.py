@@ -292,3 +292,15 @@ def test_hostile_card_files(tmp_path):
     card.symlink_to("/dev/zero")
     with pytest.raises(ModelSourceError, match="not a regular file"):
         presso.load_model(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg_overlay"])
+def test_card_kwargs_cannot_make_timm_read_a_file(tmp_path, key):
+    """A card (or --model-arg) naming a file for timm to read itself: one line pointing to --weights, nothing read."""
+    outside = tmp_path / "outside.safetensors"  # would be read as the weights while the card says "random init"
+    value = str(outside) if key == "checkpoint_path" else {"file": str(outside)}
+    d = _model_dir(tmp_path, {"source": "timm:resnet18", "kwargs": {key: value}})
+    with pytest.raises(ModelSourceError, match=f"'{key}' would have timm read files itself.*--weights PATH"):
+        presso.load_model(str(d))
+    r = _cli("info", str(d))
+    assert r.exit_code == 2 and "internal error" not in r.output and "--weights PATH" in r.output

@@ -19,11 +19,13 @@ from presso.cli.app import (
     ImageSizeOpt,
     JsonOpt,
     ModelArgOpt,
+    NewHeadOpt,
     OverwriteOpt,
     ProgressBars,
     ShapeOpt,
     TaskOpt,
     TrustOpt,
+    WeightsOpt,
     _duration,
     _elapsed,
     _emit,
@@ -103,6 +105,8 @@ def run_(
     seed: Annotated[int, typer.Option(help="Seed for data splits, training and search.")] = 0,
     overwrite: OverwriteOpt = False,
     task: TaskOpt = None,
+    weights: WeightsOpt = None,
+    new_head: NewHeadOpt = False,
     trust: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -123,6 +127,7 @@ def run_(
             precision=precision, train_epochs=train_epochs, recover_epochs=recover_epochs,
             search_trials=search_trials, search_proxy_epochs=search_proxy_epochs,
             max_accuracy_drop=max_accuracy_drop, allow_miss=allow_miss, threads=threads, db=db, seed=seed, task=task,
+            weights=weights, new_head=new_head,
         )  # fmt: skip
         # a bar over the pipeline's stages (and a line as each starts), below it the bars of what the stage runs
         with ProgressBars(describe={"pipeline": _stage_text}, prune=True) as bars:

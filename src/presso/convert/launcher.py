@@ -30,6 +30,7 @@ from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, opti
 from presso.models.spec import InputSpec
 from presso.progress import ProgressCallback, reporter
 from presso.results import Result
+from presso.tasks import model_task
 
 if TYPE_CHECKING:
     from presso.data import DataBundle
@@ -164,7 +165,7 @@ def convert(
         labelled, also gives FP32 vs converted accuracy (or ``eval_data`` names another labelled set).
     progress: called with a ``ProgressEvent`` per step of each stage (exporting, verifying, calibrating, ...).
     """
-    from presso.data import DataBundle, calibration_batches, load_data, preprocess_for, warn_if_labels_differ
+    from presso.data import DataBundle, calibration_batches, load_data, warn_if_labels_differ
     from presso.data.images import Preprocess
     from presso.models.card import check_input_spec
 
@@ -194,7 +195,7 @@ def convert(
         if cfg.eval_samples and bundle.labeled:  # scored later: a detector's data must hold boxes, before the work
             task_kind(model, bundle)
         if pp is None and image is not None:  # recorded in the card, so prediction normalises as calibration did
-            pp = preprocess_for(bundle, image_size=(image[2], image[3]), channels=image[1], stats_sample=256)
+            pp = model_task(model).preprocess(bundle, model, (image[2], image[3]), channels=image[1], stats_sample=256)
 
     # reference inputs: the example (random) inputs plus real images when calibration data is given
     calibration: list[np.ndarray] = []

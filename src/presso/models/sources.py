@@ -1,5 +1,6 @@
 """Where models come from: ``torchvision:NAME``, ``timm:NAME``, ``presso:NAME``, ``ultralytics:NAME`` (YOLO YAMLs,
-the optional extra ``presso[yolo]``), a Presso model directory, ``model.pt2`` (torch.export), and -- only when
+the optional extra ``presso[yolo]``), ``transformers:NAME`` (DETR-style detectors from a config or a local folder,
+the optional extra ``presso[hf]``), a Presso model directory, ``model.pt2`` (torch.export), and -- only when
 trusted -- ``path/to/file.py:factory`` and a full-pickle ``.pt`` (an Ultralytics checkpoint included).
 
 The trust model (docs/security.md): without ``trust=True`` (``--trust``, given by the user, never read from a file)
@@ -62,6 +63,8 @@ def load_model(
       init; kwargs ``num_classes`` (or ``nc``) and ``ch``. A YAML naming anything but Ultralytics' building blocks
       needs ``trust=True``. In eval mode it returns its dense predictions ``[N, 4 + nc, A]`` (``presso.models.
       ultralytics``).
+    - ``transformers:DetrForObjectDetection`` or ``transformers:path/to/dir`` -- DETR-style detectors from a config,
+      offline, never running custom code; kwargs are config keys (``presso.models.transformers_hub``).
     - ``path/to/file.py:factory`` -- calls ``factory(**kwargs)`` from the user's own file; only with ``trust=True``
       (it runs the file).
     - a Presso model directory (holds ``presso.json``) -- rebuilt, recipe replayed, weights loaded; no pickle. One
@@ -128,6 +131,11 @@ def load_model(
 
         model, card_extra = build_ultralytics(rest, kwargs, trust=trust)
         record = "random init"
+    elif sep and prefix == "transformers":
+        from presso.models.transformers_hub import build_transformers
+
+        _no_weights(weights, text)  # built from a config; trained weights come in the folder's model.safetensors
+        model, card_extra, record = build_transformers(rest, kwargs)
     elif sep and prefix.endswith(".py"):
         if not trust:
             raise UntrustedFileError(
@@ -150,7 +158,7 @@ def load_model(
     else:
         raise ModelSourceError(
             f"Unknown model source '{text}': use presso:NAME, torchvision:NAME, timm:NAME, ultralytics:NAME.yaml, "
-            "path/to/file.py:FACTORY, a Presso model directory, or a .pt2 file."
+            "transformers:NAME, path/to/file.py:FACTORY, a Presso model directory, or a .pt2 file."
         )
     if weights is not None:
         if not (zoo or prefix.endswith(".py") or (sep and prefix == "ultralytics")):
@@ -232,10 +240,11 @@ def _leaves(value: Any, depth: int = 0):
 
 def _call_builder(builder, name: str, kwargs: dict[str, Any]) -> nn.Module:
     # A registered builder given bad values fails in many ways (TypeError for an unknown name, ValueError or
-    # AssertionError for a negative count, RuntimeError when an allocation fails): each is the user's argument.
+    # AssertionError for a negative count, RuntimeError when an allocation fails, OSError when an argument names a
+    # file it cannot read): each is the user's argument.
     try:
         return builder(**kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError, MemoryError, OverflowError) as e:
+    except (TypeError, ValueError, AssertionError, RuntimeError, MemoryError, OverflowError, OSError) as e:
         raise ModelSourceError(
             f"Could not build '{name}' with {kwargs or 'no arguments'}: {type(e).__name__}: {str(e)[:300]}."
         ) from None
@@ -263,8 +272,20 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return _call_builder(lambda **kw: builder(weights=None, **kw), f"torchvision:{name}", kwargs)
 
 
+# timm.create_model keywords that make timm open (or fetch) files itself, past Presso's checks and unrecorded in the
+# card: weights come in through --weights (read weights-only, hashed in the card) or pretrained=true (the cache)
+TIMM_FILE_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
 def _timm(name: str, kwargs: dict[str, Any], pretrained: bool, trust: bool) -> tuple[nn.Module, dict | None]:
     import timm
+
+    given = [k for k in TIMM_FILE_KWARGS if k in kwargs]
+    if given:
+        raise ModelSourceError(
+            f"timm:{name}: model argument '{given[0]}' would have timm read files itself, unchecked and unrecorded; "
+            "give trained weights with --weights PATH (safetensors or a state dict), or pretrained=true (the cache)."
+        )
 
     if not timm.is_model(name):
         raise ModelSourceError(f"timm has no model '{name}'.{closest(name, timm.list_models())}")
@@ -424,6 +445,10 @@ def build_from_card(card: ModelCard, base: Path | None = None, *, trust: bool = 
         if recorded is not None and not isinstance(recorded, dict):
             raise ModelSourceError(f"The card of {where} records a model YAML that is not a mapping; re-create it.")
         return build_ultralytics(rest, kwargs, trust=trust, cfg=recorded)[0]
+    if sep and prefix == "transformers":  # the checked config a card records (a folder's), else the kwargs
+        from presso.models.transformers_hub import build_transformers
+
+        return build_transformers(rest, kwargs, config=card.source.get("config"), where=where)[0]
     if base is not None and Path(src).is_dir():
         raise ModelSourceError(
             f"The card of {where} names another model directory ('{src}') as its source; a model directory's source "

@@ -15,7 +15,8 @@ segmentation; ``[N, 4 + nc + extra, A]`` for pose (keypoints) and OBB (angle); c
 classification. Train mode keeps Ultralytics' own outputs (its losses need them). The card records the source and
 kwargs; for a custom YAML it also records the checked YAML mapping (``source["yaml"]``), so a model directory
 rebuilds without the file. A trusted Ultralytics checkpoint (``.pt``) gives its EMA model (:func:`from_checkpoint`).
-docs/ultralytics.md lists what prunes, reloads and exports (:data:`SUPPORTED`) and what does not, and why.
+docs/ultralytics.md lists what prunes, reloads and exports and what does not, and why (as data:
+``models/ultralytics_support.py``).
 
 Ultralytics is AGPL-3.0: it is imported only inside these functions, never when Presso is imported.
 """
@@ -23,9 +24,7 @@ Ultralytics is AGPL-3.0: it is imported only inside these functions, never when 
 from __future__ import annotations
 
 import ast
-import contextlib
 import copy
-import logging
 import math
 import os
 import re
@@ -36,6 +35,8 @@ from typing import Any
 from torch import nn
 
 from presso.errors import ModelSourceError, UntrustedFileError, closest
+from presso.models.ultralytics_support import OPEN_VOCABULARY, SUPPORTED, UNSUPPORTED  # noqa: F401 (the lists)
+from presso.progress import quiet_logger
 
 INSTALL_HINT = 'pip install "presso[yolo]"'
 YAML_KEYS = frozenset({"nc", "scales", "scale", "backbone", "head", "activation", "end2end", "reg_max", "kpt_shape",
@@ -73,18 +74,6 @@ def import_ultralytics(source: str = "ultralytics:..."):
         # tries to install pi-heif: Presso's readers would fail on a corrupt image instead of counting it.
         Image.open = pil_open
     return tasks
-
-
-@contextlib.contextmanager
-def quiet():
-    """Ultralytics logs to stdout (where the CLI's --json goes): errors only while Presso builds its models."""
-    logger = logging.getLogger("ultralytics")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------- finding and reading a YAML
@@ -263,73 +252,6 @@ def check_yaml(cfg: dict[str, Any], where: str, *, trust: bool = False) -> dict[
 
 # --------------------------------------------------------------------------- building
 ACCEPTED = ("num_classes", "nc", "ch", "scale", "reg_max")
-_WORLD = (
-    "YOLO-World is open-vocabulary: its class embeddings come from a CLIP text model (downloaded weights) and live "
-    "outside the state dict (txt_feats, random at every build), so no model directory can restore them"
-)
-_YOLOE = (
-    "YOLOE is open-vocabulary: its classes are text or visual prompt embeddings from a MobileCLIP model (downloaded "
-    "weights); built from its YAML it predicts 80 placeholder classes whatever num_classes says"
-)
-OPEN_VOCABULARY = {"WorldDetect": _WORLD, "YOLOEDetect": _YOLOE, "YOLOESegment": _YOLOE, "YOLOESegment26": _YOLOE}
-
-# Measured with Ultralytics 8.4.190 by `python tests/models/test_ultralytics.py` (64 px, 3 classes: load, prune 50% of
-# channels by l2, run at 64 and 128 px, save and reload bit-identical, ONNX within 1e-4); MACs kept at 64 px. The
-# smallest variant of each YAML Ultralytics ships; docs/ultralytics.md has the full table.
-SUPPORTED: dict[str, str] = {
-    "yolov3-tiny.yaml": "detect: keeps 0.26 of MACs",
-    "yolov5n.yaml": "detect: keeps 0.27 of MACs",
-    "yolov5n-p6.yaml": "detect: keeps 0.27 of MACs",
-    "yolov6n.yaml": "detect: keeps 0.25 of MACs",
-    "yolov8n.yaml": "detect: keeps 0.26 of MACs",
-    "yolov8n-p2.yaml": "detect: keeps 0.26 of MACs",
-    "yolov8n-p6.yaml": "detect: keeps 0.28 of MACs",
-    "yolov8n-ghost.yaml": "detect: keeps 0.29 of MACs",
-    "yolov8n-ghost-p2.yaml": "detect: keeps 0.29 of MACs",
-    "yolov8n-ghost-p6.yaml": "detect: keeps 0.30 of MACs",
-    "yolov8n-seg.yaml": "segment: keeps 0.26 of MACs",
-    "yolov8n-seg-p6.yaml": "segment: keeps 0.27 of MACs",
-    "yolov8n-pose.yaml": "pose: keeps 0.25 of MACs",
-    "yolov8n-pose-p6.yaml": "pose: keeps 0.27 of MACs",
-    "yolov8n-cls.yaml": "classify: keeps 0.26 of MACs",
-    "yolov8n-obb.yaml": "obb: keeps 0.26 of MACs",
-    "yolov8-cls-resnet50.yaml": "classify: keeps 0.26 of MACs",
-    "yolov8n-rtdetr.yaml": "detect (RT-DETR): keeps 0.29 of MACs; top-300 queries out",
-    "yolov9t.yaml": "detect: keeps 0.27 of MACs",
-    "yolov9c-seg.yaml": "segment: keeps 0.25 of MACs",
-    "yolov10n.yaml": "detect: keeps 0.27 of MACs; the one-to-one head is pruned alike",
-    "yolo11n.yaml": "detect: keeps 0.27 of MACs",
-    "yolo11n-seg.yaml": "segment: keeps 0.27 of MACs",
-    "yolo11n-pose.yaml": "pose: keeps 0.26 of MACs",
-    "yolo11n-cls.yaml": "classify: keeps 0.28 of MACs",
-    "yolo11n-obb.yaml": "obb: keeps 0.27 of MACs",
-    "yolo11-cls-resnet18.yaml": "classify: keeps 0.27 of MACs",
-    "yolo12n.yaml": "detect: keeps 0.28 of MACs",
-    "yolo12n-seg.yaml": "segment: keeps 0.27 of MACs",
-    "yolo12n-pose.yaml": "pose: keeps 0.28 of MACs",
-    "yolo12n-cls.yaml": "classify: keeps 0.30 of MACs",
-    "yolo12n-obb.yaml": "obb: keeps 0.28 of MACs",
-    "yolo26n.yaml": "detect: keeps 0.29 of MACs; the one-to-one head is pruned alike",
-    "yolo26n-seg.yaml": "segment: keeps 0.28 of MACs; the one-to-one head is pruned alike",
-    "yolo26n-pose.yaml": "pose: keeps 0.27 of MACs; the one-to-one head is pruned alike",
-    "yolo26n-cls.yaml": "classify: keeps 0.28 of MACs",
-    "yolo26n-obb.yaml": "obb: keeps 0.29 of MACs; the one-to-one head is pruned alike",
-    "yolo26n-p2.yaml": "detect: keeps 0.28 of MACs; the one-to-one head is pruned alike",
-    "yolo26n-p6.yaml": "detect: keeps 0.27 of MACs; the one-to-one head is pruned alike",
-    "yolo26n-depth.yaml": "depth: keeps 0.26 of MACs",
-    "yolo26n-sem.yaml": "semantic: keeps 0.27 of MACs",
-    "rtdetr-l.yaml": "detect (RT-DETR): keeps 0.28 of MACs; top-300 queries out",
-}
-UNSUPPORTED: dict[str, str] = {
-    "yolov8n-world.yaml": _WORLD,
-    "yolov8n-worldv2.yaml": _WORLD,
-    "yoloe-v8n.yaml": _YOLOE,
-    "yoloe-v8n-seg.yaml": _YOLOE,
-    "yoloe-11n.yaml": _YOLOE,
-    "yoloe-11n-seg.yaml": _YOLOE,
-    "yoloe-26n.yaml": _YOLOE,
-    "yoloe-26n-seg.yaml": _YOLOE,
-}
 
 
 def _model_class(tasks, cfg: dict[str, Any]):
@@ -388,7 +310,7 @@ def build_ultralytics(
     # a shipped name is rebuilt from the installed Ultralytics; a user's YAML travels in the card (checked again)
     extra = {"yaml": copy.deepcopy(cfg)} if own else {}
     try:
-        with quiet():
+        with quiet_logger("ultralytics"):
             model = _model_class(tasks, cfg)(copy.deepcopy(cfg), ch=ch, nc=nc, verbose=False)
     except Exception as e:  # a checked YAML that still does not build: its values do not fit together
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
@@ -434,7 +356,7 @@ def dense_eval_output(model: nn.Module) -> nn.Module:
     has a one-to-one branch (YOLOv10, YOLO26) is set to infer with its one-to-many branch, whose output is the dense
     ``[N, 4 + nc, A]`` (its one-to-one output is top-k selected instead). Set on the instance, nothing in the
     state dict: rebuilding through the source applies it again."""
-    with quiet():
+    with quiet_logger("ultralytics"):
         for m in model.modules():
             if hasattr(type(m), "export") and isinstance(type(m).export, bool):
                 m.export = True

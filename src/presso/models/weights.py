@@ -265,10 +265,18 @@ def load_weights(model: nn.Module, text: str, weights: str | Path, *, trust: boo
 def fit_to_data(
     source: str, kwargs: dict[str, Any], *, classes: int | None, channels: int | None, weights: Any = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A zoo model built from random init (``presso:``, ``torchvision:``, ``timm:``, ``ultralytics:``; no weights)
-    gets the data's class count, and its channel count where the builder takes one, unless the user gave them.
+    """A zoo model built from random init (``presso:``, ``torchvision:``, ``timm:``, ``ultralytics:``,
+    ``transformers:``; no weights) gets the data's class count, and its channel count where the builder takes one,
+    unless the user gave them.
     Returns the builder kwargs and what was added (for the one line saying so)."""
-    prefix, sep, _ = str(source).partition(":")
+    prefix, sep, rest = str(source).partition(":")
+    if sep and prefix == "transformers":
+        # the data's class count, unless the user gave one or a folder carries trained weights (its head fixes it)
+        if not classes or weights is not None or {"num_classes", "num_labels"} & set(kwargs):
+            return kwargs, {}
+        if (Path(rest) / "model.safetensors").exists():
+            return kwargs, {}
+        return {**kwargs, "num_classes": int(classes)}, {"num_classes": int(classes)}
     if (
         not sep
         or prefix not in (*ZOO, "ultralytics")

@@ -24,7 +24,8 @@ class RunConfig:
     for judging compression (default: the run's data). max_accuracy_drop: the accuracy bound, as a share (0.02: 2
     points of the task's headline metric: top-1, or mAP50-95 for detection). task: ``classify``, ``detect`` or a
     user's ``file.py:Class`` (default: from the model and the data). allow_miss: a delivered model that misses the
-    budget or the bound is accepted (the CLI exits 0).
+    budget or the bound is accepted (the CLI exits 0). weights: a weights file for ``model`` (safetensors, or a
+    state dict read weights-only: ``--weights``); new_head: a new classifier for the data's classes (``--new-head``).
     """
 
     device: str = "local"
@@ -45,6 +46,8 @@ class RunConfig:
     seed: int = 0
     db: str | None = None
     task: str | None = None
+    weights: str | None = None
+    new_head: bool = False
     version: int = PIPELINE_VERSION
 
     def __post_init__(self) -> None:
@@ -52,11 +55,17 @@ class RunConfig:
             raise ConfigError("Give one budget: --latency-ms X (on --device) or --target-macs R.")
         if self.model is None and self.latency_ms is None:
             raise ConfigError("Without --model, Presso searches a model for a latency budget: give --latency-ms.")
-        if self.model is None and (self.model_args or self.image_size):
+        if self.model is None and (self.model_args or self.image_size or self.weights or self.new_head):
             raise ConfigError(
-                "--model-arg and --image-size apply to a given --model; without one, the search designs the model "
-                "for the data at its own size (give the size in the data spec, e.g. shapes:size=64)."
+                "--model-arg, --weights, --new-head and --image-size apply to a given --model; without one, the "
+                "search designs the model for the data at its own size (give the size in the data spec, e.g. "
+                "shapes:size=64)."
             )
+        if self.weights is not None and "weights" in (self.model_args or {}):
+            raise ConfigError(
+                "Give the weights once: --weights PATH, or --model-arg weights=NAME (torchvision's cache)."
+            )
+        self.weights = None if self.weights is None else str(self.weights)
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ConfigError(f"Precision '{self.precision}': use fp32, fp16 or int8.")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:

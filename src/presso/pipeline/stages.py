@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import presso.outdir as outdir
-from presso.errors import BudgetError, ConfigError
+from presso.errors import ConfigError
 from presso.pipeline.config import STAGES, RunConfig, key
 from presso.progress import ProgressCallback, reporter
 
@@ -141,8 +141,9 @@ class Job:
     def original(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.model:
+            weights = cfg.weights and _file_identity(cfg.weights)  # another file at the same path is another model
             k = key("original", self.data, cfg.model, cfg.model_args, cfg.image_size, cfg.train_epochs, cfg.seed,
-                    self.task.key, self.task.train_defaults)  # fmt: skip
+                    self.task.key, self.task.train_defaults, weights, cfg.new_head)  # fmt: skip
             return self.stages.run("original", k, self._original_from_model)
         settings = (self.data, cfg.device, cfg.latency_ms, cfg.search_trials, cfg.search_proxy_epochs,
                     cfg.train_epochs, cfg.seed, cfg.threads)  # fmt: skip
@@ -156,6 +157,8 @@ class Job:
 
         cfg = self.cfg
         kwargs, built = dict(cfg.model_args), {}
+        if cfg.weights is not None:
+            kwargs["weights"] = cfg.weights  # load_model's weights=: a file, or torchvision's cached weights' name
         if self.bundle.labeled:  # a zoo model from random init is built for the data's classes and channels
             from presso.models.weights import fit_to_data
 
@@ -166,7 +169,7 @@ class Job:
         import torch
 
         torch.manual_seed(cfg.seed)  # a model built from random init starts from the same weights in every run
-        model = load_model(cfg.model, trust=self.trust, **kwargs)
+        model = load_model(cfg.model, trust=self.trust, new_head=cfg.new_head, **kwargs)
         card = model.presso_card
         size_ok = cfg.image_size is None or (
             bool(card.input_spec) and tuple(InputSpec.parse(card.input_spec).tensors[0].shape[-2:]) == cfg.image_size
@@ -185,7 +188,7 @@ class Job:
 
             if not dest.exists():
                 tcfg = TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, image_size=cfg.image_size, task=cfg.task,
-                                   **self.task.train_defaults)  # fmt: skip
+                                   new_head=cfg.new_head, **self.task.train_defaults)  # fmt: skip
                 train(model, self.bundle, tcfg, output_dir=dest, resume=has_checkpoint(dest), task=self.task,
                       progress=self.progress)  # fmt: skip
         if built:
@@ -195,13 +198,16 @@ class Job:
                 + " (--model-arg to choose)"
             )
         args = "".join(f" --model-arg {k}={json.dumps(v)}" for k, v in cfg.model_args.items())
+        args += (f" --weights {cfg.weights}" if cfg.weights else "") + (" --new-head" if cfg.new_head else "")
         size = f" --image-size {cfg.image_size[0]},{cfg.image_size[1]}" if cfg.image_size else ""
         commands = [] if trained_here else [
             f"presso train {cfg.model}{args} --data {self.data}{size} --epochs {cfg.train_epochs}"
             f"{_flags(self.task.train_defaults)} -o original/model"
         ]  # fmt: skip
+        from presso.models.ultralytics_support import support_of
+
         return {"how": how, "model_dir": "original/model", "commands": commands, **self.figures(dest),
-                **self.evaluate(dest)}  # fmt: skip
+                **self.evaluate(dest), "architecture": support_of(card.source)}  # fmt: skip
 
     def _original_from_search(self, work: Path) -> dict[str, Any]:
         from presso.search import search
@@ -267,13 +273,12 @@ class Job:
                 # the budget is for the deployed precision: scale it to FP32 by the measured speed ratio
                 ratio = baseline["fp32"]["latency_ms"] / deployed
                 floor = self._latency_floor(model, spec, work) / ratio
-                if cfg.latency_ms < floor:
-                    raise BudgetError(
-                        f"The smallest latency reachable by compressing this model is about {floor:.3f} ms "
+                if cfg.latency_ms < floor:  # no compression reaches it: deliver the closest of the original's files
+                    return {"skipped": (
+                        f"the smallest latency reachable by compressing this model is about {floor:.3f} ms "
                         f"({cfg.precision.upper()} on {cfg.device}, with 90% of its channels pruned); the budget "
-                        f"{cfg.latency_ms:g} ms is below it. Raise --latency-ms, or let Presso search a smaller model "
-                        "(omit --model)."
-                    )
+                        f"{cfg.latency_ms:g} ms is below it: raise --latency-ms, or let Presso search a smaller "
+                        "model (omit --model)"), "unreachable": True}  # fmt: skip
                 target = Target(latency_ms=cfg.latency_ms * ratio * 0.95, device="local")
                 why = (f"{cfg.precision.upper()} runs {ratio:.2f}x faster than FP32 here, so the FP32 target is "
                        f"{target.latency_ms:.3f} ms")  # fmt: skip
@@ -346,3 +351,12 @@ def top_ops(profile: dict[str, Any], n: int = 8) -> dict[str, list[dict[str, Any
         "ops": [{k: r.get(k) for k in ("op", "ms", "nodes", "share")} for r in (profile.get("ops") or [])[:n]],
         "nodes": [{k: r.get(k) for k in ("node", "op", "ms", "share")} for r in (profile.get("nodes") or [])[:n]],
     }
+
+
+def _file_identity(path: str) -> list[Any]:
+    """What keys a stage on a weights file: its path, size and modification time (not its bytes: it may be large)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return [path]  # load_model names the missing file
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]

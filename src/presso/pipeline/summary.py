@@ -97,9 +97,11 @@ def headline(s: dict[str, Any]) -> list[str]:
                  f"Size: {', '.join(size) or 'unknown'}.")  # fmt: skip
     a = s["accuracy"]
     if s["accuracy_drop_points"] is not None:
+        drop = s["accuracy_drop_points"]
+        change = f"a drop of {drop:.2f} points" if drop >= 0 else f"a gain of {-drop:.2f} points"
         lines.append(
-            f"Accuracy: {a['original']:.4f} -> {a['final']:.4f}, a drop of {s['accuracy_drop_points']:.2f} "
-            f"points (bound {100 * a['max_drop']:g}): {'within' if s['accuracy_bound_met'] else 'BREACHED'}."
+            f"Accuracy: {a['original']:.4f} -> {a['final']:.4f}, {change} "
+            f"(bound {100 * a['max_drop']:g}): {'within' if s['accuracy_bound_met'] else 'BREACHED'}."
         )
     else:
         lines.append("Accuracy: not scored (the data has no labels and no agreement figure).")
@@ -110,6 +112,9 @@ def headline(s: dict[str, Any]) -> list[str]:
 def _notes(s: dict[str, Any], cfg: RunConfig) -> list[str]:
     notes = []
     d = s["delivered"] or {}
+    compress = (s.get("stages") or {}).get("compress") or {}
+    if compress.get("unreachable"):
+        notes.append(f"Nothing was compressed: {compress['skipped']}.")
     if d and not (s["budget_met"] and s["accuracy_bound_met"]):
         missed = " and ".join(
             w for w, ok in (("the budget", s["budget_met"]), ("the accuracy bound", s["accuracy_bound_met"])) if not ok

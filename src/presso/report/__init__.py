@@ -253,6 +253,7 @@ def render(s: dict[str, Any], root: Path | None = None) -> str:
         parts.append(_table(["layer", "op", "output SNR (dB)", "sensitivity (dB)", "fallback"], qrows, "quant"))
 
     parts += _examples(s, root)
+    parts += _architectures((st.get("original") or {}).get("architecture"))
     # ---- reproduce
     parts.append("<h2>Reproduce</h2><pre>" + _e("\n".join(s.get("commands") or [])) + "</pre>")
     if s.get("bundle"):
@@ -291,4 +292,22 @@ def _examples(s: dict[str, Any], root: Path | None) -> list[str]:
             data = "data:image/png;base64," + base64.b64encode(file.read_bytes()).decode()
             parts.append(f'<img class="example" alt="{_e(r["image"])}" src="{data}">')
     parts.append("</div>")
+    return parts
+
+
+def _architectures(a: dict[str, Any] | None) -> list[str]:
+    """For an Ultralytics model: where its architecture stands in Presso's tested list, and the whole list (what
+    prunes, reloads and exports; what is refused, and why)."""
+    if not a:
+        return []
+    cls = {"tested": "", "refused": "bad", "untested": "muted"}.get(a.get("status"), "")
+    parts = ["<h2>Ultralytics architectures</h2>",
+             f'<p class="{cls}">This model: <code>{_e(a.get("model"))}</code>, {_e(a.get("status"))}: '
+             f"{_e(a.get('note'))}.</p>"]  # fmt: skip
+    for key, title, rows, head in (
+        ("tested", "prune, reload bit-identically and export", a.get("supported") or {}, "pruned 50% of channels"),
+        ("refused", "refused", a.get("unsupported") or {}, "why"),
+    ):  # fmt: skip
+        table = _table(["YAML", head], [[_e(k), _e(v)] for k, v in rows.items()], f"architectures-{key}")
+        parts.append(f"<details><summary>{len(rows)} {title}</summary>{table}</details>")
     return parts

@@ -17,7 +17,7 @@ from typing import Any
 from presso.errors import ConfigError, UntrustedFileError, closest
 from presso.tasks.base import Task
 
-__all__ = ["TASKS", "Task", "get_task", "infer_task", "register_task", "task_name_of_model"]
+__all__ = ["TASKS", "Task", "get_task", "infer_task", "model_task", "register_task", "task_name_of_model"]
 
 TASKS: dict[str, type[Task]] = {}
 _MODULES = {"classify": "presso.tasks.classify", "detect": "presso.tasks.detect"}
@@ -77,6 +77,8 @@ def task_name_of_model(model: Any) -> str | None:
         return None
     for cls in type(model).__mro__:
         module = cls.__module__ or ""
+        if module == "presso.models.transformers_hub" and cls.__name__ == "HFDetection":
+            return "detect"
         if module.startswith("torchvision.models.detection") and cls.__name__ in (
             "GeneralizedRCNN", "SSD", "RetinaNet", "FCOS",
         ):  # fmt: skip
@@ -84,6 +86,16 @@ def task_name_of_model(model: Any) -> str | None:
         if module.startswith("ultralytics.") and cls.__name__ == "DetectionModel":
             return "detect" if type(model).__name__ in ("DetectionModel",) else None
     return None
+
+
+def model_task(model: Any) -> Task:
+    """The built-in task ``model`` is for, without running anyone's code: its card's task when built in, else its
+    class's (:func:`task_name_of_model`), else ``classify``. A user's own task on the card (code, needing trust) is
+    answered by ``classify``'s defaults; verbs that run it resolve it with :func:`infer_task`."""
+    from presso.models.card import get_card
+
+    recorded = getattr(get_card(model), "task", None) if model is not None else None
+    return get_task(recorded if recorded in _MODULES else task_name_of_model(model) or "classify")
 
 
 def infer_task(model: Any = None, bundle: Any = None, given: str | Task | None = None, *, trust: bool = False) -> Task:

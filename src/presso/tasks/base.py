@@ -43,12 +43,16 @@ class Task(abc.ABC):
         return self.spec or self.name
 
     # ------------------------------------------------------------------ set-up
-    def preprocess(self, bundle: Any, model: nn.Module | None, image_size: Any = None) -> Any:
+    def preprocess(
+        self, bundle: Any, model: nn.Module | None, image_size: Any = None, *, channels: int | None = None,
+        stats_sample: int = 2000,
+    ) -> Any:  # fmt: skip
         """How the data's images become the model's inputs (``presso.data.Preprocess``): by default the model's
-        recorded preprocessing, else the data's size and statistics."""
+        recorded preprocessing, else the data's size (or ``image_size``), ``channels`` (else the model's) and the
+        mean/std of ``stats_sample`` training images."""
         from presso.data import preprocess_for
 
-        return preprocess_for(bundle, model, image_size=image_size)
+        return preprocess_for(bundle, model, image_size=image_size, channels=channels, stats_sample=stats_sample)
 
     def prepare(self, model: nn.Module, bundle: Any, example: torch.Tensor, cfg: Any) -> None:  # noqa: B027
         """Once before training: adapt the model to the data (a new head, the data's image size)."""

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,13 +39,20 @@ class Detect(Task):
     train_defaults = {"batch_size": 16, "lr": 1e-2, "warmup": 0.1}
     recover_defaults = {"batch_size": 16, "lr": 5e-3, "warmup": 0.1}
 
-    def preprocess(self, bundle: Any, model: nn.Module | None, image_size: Any = None) -> Any:
+    def preprocess(
+        self, bundle: Any, model: nn.Module | None, image_size: Any = None, *, channels: int | None = None,
+        stats_sample: int = 2000,
+    ) -> Any:  # fmt: skip
+        """The model's recorded preprocessing; else pixels scaled to 0..1 and no mean/std: detectors (YOLO, and
+        torchvision's, which normalise inside) expect that, whatever the data's statistics."""
         from presso.data import Preprocess, preprocess_for
+        from presso.models.card import get_card
 
-        pp = preprocess_for(bundle, model, image_size=image_size, stats_sample=8)
-        if tuple(pp.mean) == (0.0,) * pp.channels and tuple(pp.std) == (1.0,) * pp.channels:
-            return pp
-        return Preprocess(size=pp.size, channels=pp.channels, mean=(0.0,) * pp.channels, std=(1.0,) * pp.channels)
+        pp = preprocess_for(bundle, model, image_size=image_size, channels=channels, stats_sample=8)
+        recorded = getattr(get_card(model), "preprocess", None) if model is not None else None
+        if recorded and Preprocess.from_json(recorded).channels == pp.channels:  # its statistics, at this size
+            return dataclasses.replace(Preprocess.from_json(recorded), size=pp.size)
+        return dataclasses.replace(pp, mean=(0.0,) * pp.channels, std=(1.0,) * pp.channels)
 
     def prepare(self, model: nn.Module, bundle: Any, example: torch.Tensor, cfg: Any) -> None:
         detector_for(model).prepare(tuple(example.shape[-2:]))

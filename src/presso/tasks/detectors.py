@@ -9,6 +9,10 @@ A detector comes from the customer, so its family is recognised from its class, 
 - **torchvision** (Faster/Mask R-CNN, RetinaNet, FCOS, SSD): the model's own losses in train mode; predictions as it
   returns them (its NMS); distillation matches the backbone/FPN features, and label-free recovery learns from the
   teacher's boxes (pseudo-labels), because these models compute their losses only against boxes.
+- **HF transformers** (DETR, Conditional/Deformable/DAB-DETR, RT-DETR; ``transformers:...``, wrapped by
+  ``presso.models.transformers_hub.HFDetection``): the model's own set loss (Hungarian matching); predictions by HF's
+  post-processing (DETR: softmax, the "no object" class dropped; the sigmoid family: top scores over queries x
+  classes), no NMS; distillation matches each query's class distribution and box before any threshold.
 
 Targets are per-image dicts ``{"boxes": [K,4] xyxy pixels, "labels": [K] in 0..C-1}``; predictions the same plus
 ``"scores"``.
@@ -77,10 +81,13 @@ def detector_for(model: nn.Module) -> Detector:
             "GeneralizedRCNN", "RetinaNet", "FCOS", "SSD",
         ):  # fmt: skip
             return TorchvisionDetector(inner)
+    if kind.__module__ == "presso.models.transformers_hub" and kind.__name__ == "HFDetection":
+        return HFDetector(inner)
     raise ConfigError(
         f"The detect task does not know how to train a {type(inner).__name__}: Presso trains Ultralytics YOLO "
-        "models (ultralytics:yolov8n.yaml, ...) and torchvision detectors (fasterrcnn_*, retinanet_*, fcos_*, "
-        "ssd*); for another detector give your own task (--task file.py:Class, docs/tasks.md)."
+        "models (ultralytics:yolov8n.yaml, ...), torchvision detectors (fasterrcnn_*, retinanet_*, fcos_*, ssd*) "
+        "and transformers DETR-style detectors (transformers:DetrForObjectDetection, ...); for another detector "
+        "give your own task (--task file.py:Class, docs/tasks.md)."
     )
 
 
@@ -247,3 +254,86 @@ class TorchvisionDetector(Detector):
             return sup
         feat = torch.stack([normalized_mse(s, t) for s, t in pairs]).mean()
         return (1 - cfg.kd_alpha) * sup + cfg.kd_alpha * feat
+
+
+# --------------------------------------------------------------------------- HF transformers (DETR-style)
+class HFDetector(Detector):
+    """DETR-style detectors: a fixed set of queries, each a class distribution and a box (normalised cx, cy, w, h)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.softmax = model.kind == "softmax"  # DETR: C+1 logits, "no object" last; else per-class sigmoid
+
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @staticmethod
+    def labels(x: torch.Tensor, targets: list[dict]) -> list[dict]:
+        """Presso's targets (xyxy pixels) as HF's: ``class_labels`` and ``boxes`` as normalised (cx, cy, w, h)."""
+        h, w = x.shape[-2:]
+        out = []
+        for t in targets:
+            b = t["boxes"].float()
+            cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
+                                  (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], 1)  # fmt: skip
+            out.append({"class_labels": t["labels"].long(), "boxes": cxcywh})
+        return out
+
+    def loss(self, net, x, targets) -> torch.Tensor:
+        return net(x, self.labels(x, targets))[2]
+
+    def predict(self, model, x, conf: float = 0.001, iou: float = 0.7) -> list[dict]:
+        """Boxes from the dense eval output (each query's best class, then class-aware NMS, as for YOLO): the same
+        decoding the exported file gets in ``convert`` and in the bundle, so PyTorch and ONNX mAP agree. DETR rarely
+        has two queries on one object, so NMS at 0.7 seldom removes anything."""
+        from presso.tasks.boxes import decode_dense
+
+        was = model.training
+        model.eval()
+        try:
+            return decode_dense(model(x), conf=conf, iou=iou)
+        finally:
+            model.train(was)
+
+    def pseudo_labels(self, teacher: nn.Module, x: torch.Tensor, threshold: float = 0.3) -> list[dict]:
+        with torch.no_grad():
+            preds = self.predict(teacher, x, conf=threshold)
+        return [{"boxes": p["boxes"], "labels": p["labels"]} for p in preds]
+
+    def distill(self, net, teacher, x, targets, cfg) -> torch.Tensor:
+        out = net(x, self.labels(x, targets)) if targets is not None else net(x)
+        with torch.no_grad(), unwrap(teacher).raw_outputs():
+            t_logits, t_boxes = teacher(x)[:2]
+        kd = query_kd(out[0], out[1], t_logits, t_boxes, softmax=self.softmax, temperature=cfg.temperature)
+        if targets is not None:
+            return (1 - cfg.kd_alpha) * out[2] + cfg.kd_alpha * kd
+        return kd
+
+
+def _xyxy(b: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def query_kd(s_logits, s_boxes, t_logits, t_boxes, *, softmax: bool, temperature: float) -> torch.Tensor:
+    """Distillation on a set predictor's dense outputs, query by query (a pruned student keeps its teacher's
+    queries): the class distribution at ``temperature`` (KL over C+1 classes for DETR, binary cross-entropy per class
+    for the sigmoid family) on every query, plus L1 and GIoU between the boxes, weighted by the teacher's confidence
+    that the query holds an object."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    s, t = s_logits.float(), t_logits.float()
+    if softmax:
+        tau = float(temperature)
+        t_log = F.log_softmax(t / tau, -1)
+        cls = (t_log.exp() * (t_log - F.log_softmax(s / tau, -1))).sum(-1).mean() * tau * tau
+        weight = t.softmax(-1)[..., :-1].amax(-1)  # [N, Q]: 1 - p(no object), at most
+    else:
+        t_prob = t.sigmoid()
+        cls = F.binary_cross_entropy_with_logits(s, t_prob, reduction="none").sum(-1).mean()
+        weight = t_prob.amax(-1)
+    sb, tb = s_boxes.float(), t_boxes.float()
+    l1 = (sb - tb).abs().sum(-1)
+    giou = generalized_box_iou_loss(_xyxy(sb).reshape(-1, 4), _xyxy(tb).reshape(-1, 4)).view_as(l1)
+    box = ((l1 + giou) * weight).sum() / weight.sum().clamp_min(1e-6)
+    return cls + box
