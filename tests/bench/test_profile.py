@@ -119,3 +119,90 @@ def test_predicting_from_an_interrupted_profile_says_to_finish_it(home, tmp_path
     timed["stop_after"] = None
     assert presso.profile_device(threads=1, size="quick", runs=3, quiet=False, db=db).resumed == 10
     assert presso.predict_latency(model, threads=1, db=db).latency_ms > 0
+
+
+# `presso db profile` in a process of its own, each kernel model it times logged (after timing, before storing) to
+# LOG; SLOW pauses after each one so the kill lands mid-set whatever the machine's speed. Every window is taken as
+# quiet (QUIET = inf): the windows a busy machine would measure again are another feature, and their pauses would
+# make the run's length a matter of load.
+_PROFILER = """
+import os, sys, time
+import presso.bench.profile as p
+p.QUIET = float("inf")
+real = p.time_spec
+def time_spec(measure, spec):
+    timing = real(measure, spec)
+    with open(os.environ["LOG"], "a") as f:
+        f.write(spec.label() + "\\n")
+    time.sleep(float(os.environ.get("SLOW", "0")))
+    return timing
+p.time_spec = time_spec
+from presso.cli import main
+sys.argv = ["presso", *sys.argv[1:]]
+main()
+"""
+
+
+def _stored(db: str) -> dict[str, set[str]]:
+    """Kernel model -> the uids of its rows, read with the standard library while the profiler writes (WAL)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = con.execute("SELECT model_name, uid FROM measurements WHERE kind IN ('kernel', 'overhead')").fetchall()
+    finally:
+        con.close()
+    out: dict[str, set[str]] = {}
+    for name, uid in rows:
+        out.setdefault(name, set()).add(uid)
+    return out
+
+
+def test_a_killed_profile_process_resumes_without_timing_any_kernel_twice(home, tmp_path):
+    """kill -9 mid-profile (no `finally`, no Ctrl-C handler), rerun: the kernel models stored before the kill are
+    not timed again, every other one is timed once, and the set is the same as an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    reference = str(tmp_path / "whole.db")
+    presso.profile_device(threads=1, size="quick", runs=12, quiet=False, db=reference)
+    script = tmp_path / "profiler.py"
+    script.write_text(_PROFILER)
+    db, logs = str(tmp_path / "killed.db"), [tmp_path / "first.log", tmp_path / "second.log"]
+    cmd = [sys.executable, str(script), "db", "profile", "--size", "quick", "--threads", "1", "--db", db]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    proc = subprocess.Popen(cmd, env={**env, "LOG": str(logs[0]), "SLOW": "0.15"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline, before = time.time() + 60, {}
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            before = _stored(db)
+        except Exception:  # noqa: BLE001 -- the database is being created
+            before = {}
+        if len(before) >= 6:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the profile ended before the kill: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    before = _stored(db)  # what the kill left (a kernel model may have been stored since the last look)
+    total = len(calibration.kernel_set("quick"))
+    assert proc.returncode == -signal.SIGKILL and 6 <= len(before) < total
+
+    r = subprocess.run([*cmd, "--json"], env={**env, "LOG": str(logs[1])}, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert set(before) <= set(logs[0].read_text().split())
+    timed_again = logs[1].read_text().split()
+    assert not set(timed_again) & set(before)  # nothing stored before the kill was timed again ...
+    assert len(timed_again) == len(set(timed_again))  # ... and nothing twice in the rerun
+    assert json.loads(r.stdout)["resumed"] == len(before)
+    after = _stored(db)
+    assert all(after[name] == uids for name, uids in before.items())  # the rows stored before the kill, untouched
+    assert set(after) == set(_stored(reference))  # the whole set, as an uninterrupted run stores it
+    assert presso.predict_latency(calibration.build(SPECS[1]), threads=1, db=db).latency_ms > 0

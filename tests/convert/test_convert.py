@@ -154,6 +154,48 @@ def test_automatic_precision_falls_back_the_fragile_layers(tmp_path):
     assert plain.int8.fallback_layers == [] and plain.int8.output_snr_db < 20.0
 
 
+def test_an_accuracy_bound_falls_back_until_top1_holds(tmp_path):
+    """Accuracy-aware INT8 (issue 16): a trained net made fragile after training (one activation channel 1e4 times
+    the others, scaled back by the next layer: the same function in FP32, broken by per-tensor uint8 ranges) keeps
+    its top-1 within the bound by falling back the layers that break it, every step scored on labelled images."""
+    from presso.train import TrainConfig
+
+    data = "digits:size=16"
+    torch.manual_seed(0)
+    model = FragileQuant(size=16, num_classes=10)
+    with torch.no_grad():  # trained well scaled; the outlier is put in afterwards
+        model.conv1.weight[0] /= 1e4
+        model.conv1.bias[0] /= 1e4
+        model.conv2.weight[:, 0] /= 1e-4
+    model = presso.train(model, data, TrainConfig(epochs=4, batch_size=64, seed=0)).model.eval()
+    with torch.no_grad():
+        model.conv1.weight[0] *= 1e4
+        model.conv1.bias[0] *= 1e4
+        model.conv2.weight[:, 0] *= 1e-4
+    cfg = Int8Config(samples=64, check_samples=32, snr_db=None, max_accuracy_drop=0.01)
+    r = presso.convert(model, "1,3,16,16", ConvertConfig(precision="int8", int8=cfg), output_dir=tmp_path / "q",
+                       calib=data)  # fmt: skip
+    q = r.int8
+    assert q.criterion == "top1" and q.accuracy_fp32 > 0.8, q.to_json()
+    first = q.steps[0]
+    assert first["fallback"] == 0 and not first["met"] and q.accuracy_fp32 - first["value"] > 0.05  # all INT8: broken
+    assert q.met and q.accuracy_fp32 - q.accuracy_int8 <= 0.01
+    # every file tried is reported; the delivered one is the smallest fallback set that met the bound
+    kept = len(q.fallback_layers)
+    assert {"fallback": kept, "value": q.accuracy_int8, "met": True} in q.steps
+    assert all(not st["met"] for st in q.steps if st["fallback"] < kept)
+    assert {"conv1", "conv2"} & set(q.fallback_layers) and "fc" not in q.fallback_layers
+    assert r.accuracy["converted_top1"] == pytest.approx(q.accuracy_int8, abs=1e-4)  # the same images, the same file
+    # the bound needs labelled images to be measured on
+    with pytest.raises(ConfigError, match="eval-samples must be > 0"):
+        presso.convert(model, "1,3,16,16", ConvertConfig(precision="int8", int8=cfg, eval_samples=0),
+                       output_dir=tmp_path / "no", calib=data)  # fmt: skip
+    with pytest.raises(ConfigError, match="needs labelled data"):
+        presso.convert(model, "1,3,16,16", ConvertConfig(precision="int8", int8=cfg), output_dir=tmp_path / "rnd",
+                       calib="random")  # fmt: skip
+    assert not (tmp_path / "no").exists() and not (tmp_path / "rnd").exists()
+
+
 def test_openvino_ir_fp32_and_int8(trained, tmp_path):
     _, model = trained
     fp32 = _convert(model, "1,3,32,32", tmp_path, name="ov32", to="openvino", eval_samples=0)

@@ -122,9 +122,7 @@ def mutated_cards(bases: dict[str, Path], root: Path, under: str | None = None):
             if draw(st.booleans()) and isinstance(parent, dict):
                 # names that switch trust on, or make a builder read a file itself (timm's checkpoint_path, ...)
                 names = ["trust", "code", "build", "__class__", "checkpoint_path", "pretrained_cfg_overlay", path[-1]]
-                parent[draw(st.sampled_from(names))] = copy.deepcopy(
-                    draw(values)
-                )
+                parent[draw(st.sampled_from(names))] = copy.deepcopy(draw(values))
             else:
                 parent[path[-1]] = copy.deepcopy(draw(values))
         return name, json.dumps(card)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,6 +26,7 @@ import presso
 from presso import outdir
 from presso.convert import ConvertConfig
 from presso.errors import OutputError
+from presso.search.nas import SearchConfig
 from presso.train import TrainConfig, partial_dir
 
 from . import _kills
@@ -94,7 +97,25 @@ def _write(verb: str, out: Path, inputs, digits, **kw):
                               output_dir=out, **kw)  # fmt: skip
     if verb == "package":
         return presso.package(inputs["converted"], out.parent, name=out.name, **kw)
+    if verb == "search":
+        return _search(out, **kw)
     raise ValueError(verb)
+
+
+def _search(out: Path, trials: int = 1, **kw):
+    cfg = SearchConfig(latency_ms=1.0, trials=trials, proxy_epochs=1, final_epochs=1, threads=1)  # as the CLI's below
+    return presso.search(_kills.DATA, cfg, output_dir=out, **kw)
+
+
+@pytest.fixture
+def cheap_search(monkeypatch):
+    """A search without the device: every candidate predicted and measured at 0.01 ms (what is tested here is where
+    it writes, not what it finds)."""
+    from presso.search import nas
+
+    monkeypatch.setattr(nas._Search, "ensure_profiled", lambda self: None)
+    monkeypatch.setattr(nas._Search, "predict_ms", lambda self, arch: 0.01)
+    monkeypatch.setattr(nas._Search, "measure_ms", lambda self, arch, model=None: 0.01)
 
 
 class _Reached(Exception):
@@ -111,7 +132,7 @@ def no_stages(monkeypatch):
     monkeypatch.setattr(pipeline._Job, "original", reached)
 
 
-@pytest.mark.parametrize("verb", ["compress", "train", "convert", "package", "run"])
+@pytest.mark.parametrize("verb", ["compress", "train", "convert", "package", "run", "search"])
 def test_a_users_folder_given_as_output_survives(verb, tmp_path, inputs, digits, no_stages):
     user = tmp_path / "mine"
     if verb == "package":  # the bundle's folder holds the user's files and an unrelated zip of the same name
@@ -132,8 +153,8 @@ def test_a_users_folder_given_as_output_survives(verb, tmp_path, inputs, digits,
     assert _snapshot(user) == before and _siblings(tmp_path) == [] and _siblings(user) == []
 
 
-@pytest.mark.parametrize("verb", ["compress", "train", "convert", "package"])
-def test_overwrite_replaces_and_leaves_no_backup(verb, tmp_path, inputs, digits):
+@pytest.mark.parametrize("verb", ["compress", "train", "convert", "package", "search"])
+def test_overwrite_replaces_and_leaves_no_backup(verb, tmp_path, inputs, digits, cheap_search):
     user = tmp_path / "mine"
     _user_folder(user)
     out = user / "bundle.zip" if verb == "package" else user
@@ -146,6 +167,11 @@ def test_overwrite_replaces_and_leaves_no_backup(verb, tmp_path, inputs, digits)
         return
     names = sorted(p.name for p in out.iterdir())
     assert "notes.txt" not in names and "images" not in names  # replaced, as asked
+    if verb == "search":  # the search ran in a temporary sibling: what it says and wrote name the output itself
+        written = json.loads((out / "search.json").read_text())
+        assert {"study.db", "search.json", "trials.csv", "pareto.png", "model"} <= set(names), names
+        assert written["best"]["model_dir"] == str(out / "model") and str(out / "study.db") in written["storage"]
+        out = out / "model"
     assert _kills.output_state(verb, out) == "complete" and not partial_dir(out).exists()
 
 
@@ -280,6 +306,39 @@ def test_run_resumes_its_own_folder_and_nothing_else(tmp_path, no_stages):
         presso.run(_kills.DATA, cfg, output_dir=user, overwrite=True)
     assert ".mine.presso-tmp-" in str(e.value)
     assert _snapshot(user) == before and _siblings(tmp_path) == []
+
+
+def test_search_resumes_its_own_folder_and_keeps_its_winner(tmp_path, cheap_search):
+    from typer.testing import CliRunner
+
+    from presso.cli import app
+
+    out = tmp_path / "s"
+    first = _search(out).summary()
+    weights = out / "model" / "weights.safetensors"
+    stamp = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    again = _search(out).summary()  # its own folder, the same winner: kept as it was, not trained again
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == stamp
+    assert again["best"]["val_top1"] == first["best"]["val_top1"] and again["best"]["trial"] == first["best"]["trial"]
+    more = _search(out, trials=2).summary()  # resumed: one more trial, no --overwrite needed
+    assert more["trials"]["finished"] == 2 and more["study"] == first["study"]
+    # OUT/model holding another model (the user's, or an earlier winner): refused, kept, one line naming the way out
+    shutil.rmtree(out / "model")
+    presso.save_model_dir(_tiny(), out / "model", input_spec=SHAPE)
+    before = _snapshot(out / "model")
+    with pytest.raises(OutputError, match=r"'.*s/model' holds a model that is not this search's winner") as e:
+        _search(out, trials=2)
+    assert "--overwrite" in _one_line(e) and _snapshot(out / "model") == before
+    cli = ["search", "--data", _kills.DATA, "--latency-ms", "1", "--trials", "2", "--proxy-epochs", "1",
+           "--final-epochs", "1", "--threads", "1", "-o", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, cli)
+    assert res.exit_code == 2 and _snapshot(out / "model") == before, res.output
+    assert [line for line in res.output.splitlines() if line.strip()][-1].count("--overwrite") == 1, res.output
+    # the same through the command line with --overwrite: the winner replaces it, nothing is left beside it
+    res = CliRunner().invoke(app, [*cli, "--overwrite", "--json"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((out / "model" / "presso.json").read_text())
+    assert card["source"]["source"] == "presso:mbnet" and _siblings(tmp_path) == [] and _siblings(out) == []
 
 
 def test_a_finished_trainings_leftover_state_does_not_block_the_next(tmp_path, inputs, digits):

@@ -228,20 +228,34 @@ class LatencyDB:
         with self._guard(), self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(measurements)).scalar_one())
 
-    def export(self, path: str | Path, fmt: str | None = None, **filters) -> int:
+    def export(self, path: str | Path, fmt: str | None = None, *, overwrite: bool = False, **filters) -> int:
+        """Write the rows (``filters``: as ``rows``) to ``path`` as JSON or CSV (``fmt``, else from the suffix) and
+        return how many. An existing file is refused unless ``overwrite``; the file is written beside ``path`` and
+        renamed over it when complete, so an interrupted export leaves the old file (or none), never half of one."""
+        import presso.outdir as outdir
+        from presso.errors import OutputError
+
         path = Path(path)
         fmt = (fmt or path.suffix.lstrip(".") or "json").lower()
-        rows = [{k: r[k] for k in COLUMNS} for r in self.rows(**filters)]
-        if fmt == "json":
-            path.write_text(json.dumps({"presso_latency_db": 1, "rows": rows}, indent=1))
-        elif fmt == "csv":
-            with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=COLUMNS)
-                w.writeheader()
-                for r in rows:
-                    w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
-        else:
+        if fmt not in ("json", "csv"):
             raise ConfigError(f"Export format '{fmt}': use json or csv.")
+        if path.is_dir():
+            raise OutputError(f"The export '{path}' is a folder: name a file (.json or .csv).")
+        if os.path.lexists(path) and not overwrite:
+            raise OutputError(
+                f"The file '{path}' already exists; pass --overwrite (overwrite=True) to replace it, or export to "
+                "another file."
+            )
+        rows = [{k: r[k] for k in COLUMNS} for r in self.rows(**filters)]
+        with outdir.writing_file(path, overwrite=True) as tmp:
+            if fmt == "json":
+                tmp.write_text(json.dumps({"presso_latency_db": 1, "rows": rows}, indent=1))
+            else:
+                with tmp.open("w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=COLUMNS)
+                    w.writeheader()
+                    for r in rows:
+                        w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
         return len(rows)
 
     def import_(self, path: str | Path) -> tuple[int, int]:

@@ -71,8 +71,9 @@ def profile_device(
     ``predict_latency``.
 
     ``size``: ``full`` (1035 kernel models: about a minute on a quiet 2-core machine, up to 12 on a busy one) or
-    ``quick`` (29: 5-30 seconds, a smoke test); ``specs``: an explicit list of ``presso.bench.calibration.Spec``
-    instead. ``runs``: profiled runs per kernel model. ``flush_mb``: buffer written between profiled runs to evict
+    ``quick`` (29: about 3 seconds on an idle 2-core machine, up to about a minute under load; a smoke test);
+    ``specs``: an explicit list of ``presso.bench.calibration.Spec`` instead.
+    ``runs``: profiled runs per kernel model. ``flush_mb``: buffer written between profiled runs to evict
     the caches (local). ``quiet``: on this machine, look at a reference kernel every 20 specs (or pass a
     ``QuietProbe`` to share one): pause while other processes slow it down by more than 10%, and measure again, at
     the end, the windows taken while the machine was busier than it later proved to be. ``wait_seconds``: longest

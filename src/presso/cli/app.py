@@ -361,7 +361,16 @@ def _trial_line(e: ProgressEvent) -> str:
     return f"trial {i['number']}: {what}"
 
 
-_DESCRIBE: dict[str, Callable[[ProgressEvent], str]] = {"train": _train_step, "search": _search_step}
+def _profile_step(e: ProgressEvent) -> str:
+    """The device profile a search (or ``run`` without --model) starts when the latency database has none."""
+    text = "[bold]profiling the device[/bold] kernel models (once per device)"
+    if e.info.get("resumed"):
+        text += f" ({e.info['resumed']:g} stored by an earlier run)"
+    return text + (f" -- {e.info['phase']}" if e.info.get("phase") else "")
+
+
+_DESCRIBE: dict[str, Callable[[ProgressEvent], str]] = {"train": _train_step, "search": _search_step,
+                                                         "profile": _profile_step}  # fmt: skip
 _LINES: dict[str, Callable[[ProgressEvent], str | None]] = {"epoch": _epoch_line, "trial": _trial_line}
 
 

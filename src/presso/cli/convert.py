@@ -54,6 +54,7 @@ def _convert_options(
     tolerance: float | None,
     opset: int,
     eval_samples: int,
+    max_accuracy_drop: float | None = None,
 ):
     from presso.convert import ConvertConfig, Int8Config
     from presso.errors import ConfigError
@@ -72,6 +73,7 @@ def _convert_options(
             method=calib_method,
             samples=calib_samples,
             snr_db=None if snr_db <= 0 else snr_db,
+            max_accuracy_drop=max_accuracy_drop,
             max_fallback=max_fallback,
             reduce_range=rr,
         ),
@@ -119,6 +121,15 @@ def convert(
             rich_help_panel=INT8, help="Output SNR vs FP32 that INT8 must keep; sensitive layers fall back (0: off)."
         ),
     ] = 20.0,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SHARE",
+            rich_help_panel=INT8,
+            help="Instead of the SNR: the task's metric (top-1, mAP50-95) on labelled held-out images may drop at "
+            "most this share (0.005: half a point); sensitive layers fall back until it holds. Needs labels.",
+        ),
+    ] = None,
     max_fallback: Annotated[
         float, typer.Option(rich_help_panel=INT8, help="Largest share of layers allowed to fall back.")
     ] = 0.5,
@@ -156,7 +167,7 @@ def convert(
 
         cfg = _convert_options(
             to, precision, calib_method, calib_samples, snr_db, max_fallback, reduce_range, dynamic_batch,
-            tolerance, opset, eval_samples,
+            tolerance, opset, eval_samples, max_accuracy_drop,
         )  # fmt: skip
         _check_output(output, overwrite, source)
         model, _ = _load(source, trust, model_arg, weights=weights)
@@ -238,10 +249,13 @@ def predict(
         typer.Option(
             metavar="DIR",
             help="Write each image with its boxes, labels and scores drawn (a classifier's: its label) as DIR/NAME.png "
-            "(DIR created; an input image is never overwritten).",
+            "(DIR created; a file already there is kept unless --overwrite; an input image is never overwritten).",
         ),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace files of the same names in the --save folder.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images, or detect objects in them, with a bundle, on ONNX Runtime only (no PyTorch).
@@ -255,7 +269,7 @@ def predict(
         results = Predictor(bundle, threads=threads).predict(_image_files(images), top_k=top_k, conf=conf, iou=iou)
         summary: dict[str, Any] = {"bundle": str(bundle), "predictions": results}
         if save is not None:
-            save_drawn(results, save)  # each result names its file ("saved")
+            save_drawn(results, save, overwrite=overwrite)  # each result names its file ("saved")
             summary["saved_to"] = str(save)
         _emit(summary, as_json, _render_predict)
 
@@ -301,6 +315,9 @@ def _render_convert(s: dict[str, Any]) -> None:
         q = s["int8"]
         t.add_row("output SNR (dB)", f"{q['output_snr_db']} (all INT8: {q['output_snr_db_all_int8']})")
         t.add_row("fell back to FP32", ", ".join(s["fallback_layers"]) or "none")
+        if q.get("max_accuracy_drop") is not None:
+            tried = ", ".join(f"{st['fallback']} in FP32: {st['value']}" for st in q["steps"])
+            t.add_row(f"{q['criterion']}, files tried", tried)
     a = s.get("accuracy")
     if a and a.get("metric") == "map50_95":
         t.add_row(f"mAP50-95 on {a['n']} images", f"FP32 {a['fp32_map50_95']:.4f} -> {a['converted_map50_95']:.4f}")

@@ -79,14 +79,21 @@ def db_export(
     path: Annotated[Path, typer.Argument(help="Output file: .json or .csv.")],
     device: Annotated[str | None, typer.Option("--device", help="Only this device.")] = None,
     db_url: DbOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace FILE if it exists (it is replaced only once the export is complete)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write measurements to a JSON or CSV file (to share a device farm's measurements)."""
+    """Write measurements to a JSON or CSV file (to share a device farm's measurements); an existing file is kept
+    unless --overwrite."""
 
     def body():
         from presso.bench.latency_db import LatencyDB
 
-        n = LatencyDB(db_url).export(path, device=device)
+        n = LatencyDB(db_url).export(path, device=device, overwrite=overwrite)
         _emit({"exported": n, "path": str(path)}, as_json, lambda p: err.print(f"exported {n} rows to {path}"))
 
     _run(body)
@@ -118,7 +125,8 @@ SizeOpt = Annotated[
     typer.Option(
         metavar="SIZE",
         help="full: 1035 kernel models, about 1 min on a quiet 2-core machine, up to 12 min on a busy one (it "
-        "waits for quiet moments) | quick: 29, 5-30 s (a smoke test: too few kernels to predict from).",
+        "waits for quiet moments) | quick: 29, about 3 s on an idle 2-core machine, up to about a minute under load "
+        "(a smoke test: too few kernels to predict from).",
     ),
 ]
 AgainOpt = Annotated[

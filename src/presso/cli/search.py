@@ -9,14 +9,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from presso.cli.app import DataOpt, JsonOpt, ProgressBars, _duration, _elapsed, _emit, _run, app
+from presso.cli.app import DataOpt, JsonOpt, OverwriteOpt, ProgressBars, _duration, _elapsed, _emit, _run, app
+from presso.cli.db import _profile_step
 
 
 @app.command()
 def search(
     data: DataOpt,
     latency_ms: Annotated[float, typer.Option("--latency-ms", help="Latency budget on --device (batch 1).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (study, report, model).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output directory (study, report, model): new, empty, or an earlier search's (resumed); see "
+            "--overwrite.",
+        ),
+    ],
     device: Annotated[str, typer.Option(help="local, or a device added with 'presso devices add'.")] = "local",
     trials: Annotated[int, typer.Option(help="Finished trials the study should hold (trained + skipped).")] = 30,
     time_budget: Annotated[
@@ -41,13 +50,15 @@ def search(
     heartbeat: Annotated[
         int, typer.Option(help="Seconds between worker heartbeats; 4 missed: the trial is retried elsewhere.")
     ] = 10,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Search a MobileNet-style model for a dataset and a latency budget (Optuna; latency predicted first).
 
     Candidates predicted over the budget are skipped before training; the best feasible ones are measured on
     the device and the winner is trained fully into OUTPUT/model, with OUTPUT/pareto.png and trials.csv.
-    Workers on many machines share a study with --storage postgresql://... --study NAME.
+    Workers on many machines share a study with --storage postgresql://... --study NAME. A folder holding only an
+    earlier search's files is resumed; the winner it holds is kept, and replaced by another only with --overwrite.
     """
 
     def body():
@@ -59,8 +70,11 @@ def search(
             proxy_epochs=proxy_epochs, proxy_fraction=proxy_fraction, final_epochs=final_epochs,
             measure_top=measure_top, threads=threads, seed=seed, final=final, heartbeat_s=heartbeat,
         )  # fmt: skip
-        with ProgressBars() as bars:  # a bar over finished trials, a line per trial, the winner's training
-            result = presso.search(data, cfg, output_dir=output, storage=storage, study=study, db=db, progress=bars)
+        # a bar over finished trials, a line per trial, the winner's training; the device's kernels first if the
+        # latency database has none for it (kernel models done of the set, as 'presso db profile' shows them)
+        with ProgressBars(describe={"profile": _profile_step(device)}) as bars:
+            result = presso.search(data, cfg, output_dir=output, storage=storage, study=study, db=db, progress=bars,
+                                   overwrite=overwrite)  # fmt: skip
         _emit({**result.summary(), "wall_seconds": round(_elapsed(), 1)}, as_json, _render_search)
 
     _run(body)

@@ -19,7 +19,7 @@ import torch
 
 from presso.errors import ConfigError, ConversionError
 
-__all__ = ["compare_accuracy", "held_out", "run_batched", "task_kind"]
+__all__ = ["Scorer", "compare_accuracy", "held_out", "run_batched", "task_kind"]
 
 Runner = Callable[[tuple], list[np.ndarray]]
 READ_BATCH = 256  # images decoded and normalised at a time
@@ -65,32 +65,82 @@ def run_batched(run: Runner, x: torch.Tensor, batch: int | None) -> np.ndarray:
     return np.concatenate(outs)
 
 
+class Scorer:
+    """Scores exported models on up to ``n`` held-out images of the labelled ``bundle`` by the task's metric
+    (``kind``: ``classify`` -> top-1, ``detect`` -> COCO mAP50-95 and mAP50), the images normalised by ``pp`` and
+    run in batches the file accepts (``batch``; None: dynamic). The images are read again for each model (no copy
+    of a large validation set is kept in memory)."""
+
+    def __init__(self, kind: str, bundle: Any, pp: Any, n: int, batch: int | None) -> None:
+        self.kind, self.bundle, self.pp, self.batch = kind, bundle, pp, batch
+        self.indices = held_out(bundle, n)
+        self.headline = "map50_95" if kind == "detect" else "top1"
+
+    def _runs(self, runners: dict[str, Runner]) -> tuple[dict[str, list], list]:
+        from presso.data import batches
+
+        dataset = self.bundle.val.at(self.pp.size, self.pp.channels)
+        runs: dict[str, list] = {k: [] for k in runners}
+        targets: list = []
+        for x, y in batches(dataset, self.indices, READ_BATCH):
+            xs = self.pp.normalize(x)
+            for name, run in runners.items():
+                out = run_batched(run, xs, self.batch)
+                runs[name].append(out.argmax(axis=1) if self.kind == "classify" else _decode(out, self.classes))
+            targets += [y] if self.kind == "classify" else [{"boxes": t["boxes"], "labels": t["labels"]} for t in y]
+        return runs, targets
+
+    @property
+    def classes(self) -> int:
+        return len(self.bundle.classes)
+
+    def metrics(self, runners: dict[str, Runner]) -> dict[str, dict[str, float]]:
+        """Each runner's metrics: ``{"top1"}`` or ``{"map50_95", "map50"}``; plus ``"_n"``, the images scored."""
+        runs, targets = self._runs(runners)
+        if self.kind == "detect":
+            from presso.tasks.coco import coco_map
+
+            classes = list(self.bundle.classes)
+            out = {k: coco_map([p for part in v for p in part], targets, classes) for k, v in runs.items()}
+            return {k: {"map50_95": m["map50_95"], "map50": m["map50"], "_n": len(targets)} for k, m in out.items()}
+        labels = torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64)
+        return {k: {"top1": float((np.concatenate(v) == labels).mean()) if len(labels) else 0.0, "_n": len(labels)}
+                for k, v in runs.items()}  # fmt: skip
+
+    def score(self, run: Runner) -> float:
+        """The headline metric (top-1, mAP50-95) of one model."""
+        return float(self.metrics({"m": run})["m"][self.headline])
+
+    def compare(self, fp32: Runner, converted: Runner) -> dict[str, Any]:
+        """FP32 vs converted, as ``ConvertResult.accuracy`` reports it."""
+        m = self.metrics({"fp32": fp32, "converted": converted})
+        f, c = m["fp32"], m["converted"]
+        if self.kind == "detect":
+            return {
+                "metric": "map50_95",
+                "data": self.bundle.name,
+                "n": f["_n"],
+                "samples": f["_n"],
+                "fp32_map50_95": f["map50_95"],
+                "converted_map50_95": c["map50_95"],
+                "map50_95_change": round(c["map50_95"] - f["map50_95"], 5),
+                "fp32_map50": f["map50"],
+                "converted_map50": c["map50"],
+            }
+        return {
+            "data": self.bundle.name,
+            "samples": f["_n"],
+            "fp32_top1": round(f["top1"], 4),
+            "converted_top1": round(c["top1"], 4),
+            "top1_change": round(c["top1"] - f["top1"], 4),
+        }
+
+
 def compare_accuracy(
     kind: str, fp32: Runner, converted: Runner, bundle: Any, pp: Any, n: int, batch: int | None
 ) -> dict[str, Any]:
     """FP32 vs converted on up to ``n`` held-out images of ``bundle`` (``kind``: ``classify`` | ``detect``)."""
-    from presso.data import batches
-
-    dataset = bundle.val.at(pp.size, pp.channels)
-    runs: dict[str, list] = {"fp32": [], "converted": []}
-    targets: list = []
-    for x, y in batches(dataset, held_out(bundle, n), READ_BATCH):
-        xs = pp.normalize(x)
-        for name, run in (("fp32", fp32), ("converted", converted)):
-            out = run_batched(run, xs, batch)
-            runs[name].append(out.argmax(axis=1) if kind == "classify" else _decode(out, len(bundle.classes)))
-        targets += [y] if kind == "classify" else [{"boxes": t["boxes"], "labels": t["labels"]} for t in y]
-    if kind == "detect":
-        return _maps(runs, targets, list(bundle.classes), bundle.name)
-    labels = torch.cat(targets).numpy()
-    top1 = {k: float((np.concatenate(v) == labels).mean()) if len(labels) else 0.0 for k, v in runs.items()}
-    return {
-        "data": bundle.name,
-        "samples": len(labels),
-        "fp32_top1": round(top1["fp32"], 4),
-        "converted_top1": round(top1["converted"], 4),
-        "top1_change": round(top1["converted"] - top1["fp32"], 4),
-    }
+    return Scorer(kind, bundle, pp, n, batch).compare(fp32, converted)
 
 
 def _decode(out: np.ndarray, classes: int) -> list[dict[str, Any]]:
@@ -103,21 +153,3 @@ def _decode(out: np.ndarray, classes: int) -> list[dict[str, Any]]:
         )
     preds = decode_dense(torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)), conf=VAL_CONF, iou=VAL_IOU)
     return [{k: v.numpy() for k, v in p.items()} for p in preds]
-
-
-def _maps(runs: dict[str, list], targets: list[dict], classes: list[str], name: str) -> dict[str, Any]:
-    from presso.tasks.coco import coco_map
-
-    scores = {k: coco_map([p for part in v for p in part], targets, classes) for k, v in runs.items()}
-    f, c = scores["fp32"], scores["converted"]
-    return {
-        "metric": "map50_95",
-        "data": name,
-        "n": len(targets),
-        "samples": len(targets),
-        "fp32_map50_95": f["map50_95"],
-        "converted_map50_95": c["map50_95"],
-        "map50_95_change": round(c["map50_95"] - f["map50_95"], 5),
-        "fp32_map50": f["map50"],
-        "converted_map50": c["map50"],
-    }

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import presso.outdir as outdir
-from presso.convert.accuracy import compare_accuracy, task_kind
+from presso.convert.accuracy import Scorer, task_kind
 from presso.convert.quantize import Int8Config, Int8Result, quantize_int8, to_fp16
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
@@ -180,6 +180,8 @@ def convert(
             "INT8 needs calibration data: give --calib DATA (a dataset like the deployment inputs; 'random' only "
             "checks that quantization runs, it does not keep accuracy)."
         )
+    if cfg.precision == "int8" and cfg.int8.max_accuracy_drop is not None and not cfg.eval_samples:
+        raise ConfigError("--max-accuracy-drop is measured on labelled held-out images: --eval-samples must be > 0.")
     output = Path(output_dir)
     card = ensure_card(model)
     check_input_spec(card, spec)  # the card's preprocessing and the exported file must take the same images
@@ -194,6 +196,12 @@ def convert(
         warn_if_labels_differ(model, bundle)
         if cfg.eval_samples and bundle.labeled:  # scored later: a detector's data must hold boxes, before the work
             task_kind(model, bundle)
+        bounded = cfg.precision == "int8" and cfg.int8.max_accuracy_drop is not None
+        if bounded and not bundle.labeled and eval_data is None:
+            raise ConfigError(
+                f"--max-accuracy-drop is measured on labelled images, but '{bundle.name}' has no labels: give "
+                "--eval-data with labels (the calibration data may stay unlabelled), or bound the SNR (--snr-db)."
+            )
         if pp is None and image is not None:  # recorded in the card, so prediction normalises as calibration did
             pp = model_task(model).preprocess(bundle, model, (image[2], image[3]), channels=image[1], stats_sample=256)
 
@@ -221,7 +229,7 @@ def convert(
 def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibration, held_out, *, labelled, tmp: Path,
              output: Path, report, t0: float) -> ConvertResult:  # fmt: skip
     """Everything a conversion writes, into ``tmp`` (renamed to ``output`` by the caller once this returns)."""
-    from presso.data import DataBundle, load_data, preprocess_for
+    from presso.data import DataBundle, load_data
 
     work = tmp / ".scratch"  # the intermediate ONNX files; removed before the rename
     work.mkdir()
@@ -240,6 +248,18 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
             "rerun with --debug, or raise --tolerance if the difference is acceptable."
         )
 
+    # the labelled held-out data FP32 and the converted file are scored on (and, with an INT8 accuracy bound, every
+    # INT8 candidate on the way)
+    scorer = None
+    named_random = not isinstance(labelled, DataBundle) and str(labelled) == "random"
+    if cfg.eval_samples and labelled and not named_random:
+        bundle = labelled if isinstance(labelled, DataBundle) else load_data(labelled)
+        if bundle.labeled:
+            shape = spec.tensors[0].shape  # at the model's input size, whatever the data's own
+            size = (shape[2], shape[3]) if len(shape) == 4 else None
+            eval_pp = pp or model_task(model).preprocess(bundle, model, size)
+            scorer = Scorer(task_kind(model, bundle), bundle, eval_pp, cfg.eval_samples, batch)
+
     int8 = None
     onnx_out = tmp / "model.onnx"
     if cfg.precision == "fp32":
@@ -248,7 +268,9 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
         report("converting to FP16", 0, 1)
         to_fp16(fp32, onnx_out, keep_io_types=cfg.keep_io_types)
     else:
-        int8 = quantize_int8(fp32, onnx_out, calibration, held_out, cfg.int8, progress=report)
+        score = (lambda path: scorer.score(_ort_runner(path))) if scorer is not None else None
+        int8 = quantize_int8(fp32, onnx_out, calibration, held_out, cfg.int8, progress=report, accuracy=score,
+                             metric=scorer.headline if scorer is not None else "accuracy")  # fmt: skip
 
     files: list[str] = []
     if cfg.to == "onnx":
@@ -277,15 +299,9 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
         )
 
     accuracy = None
-    named_random = not isinstance(labelled, DataBundle) and str(labelled) == "random"
-    if cfg.eval_samples and labelled and not named_random:
-        bundle = labelled if isinstance(labelled, DataBundle) else load_data(labelled)
-        if bundle.labeled:
-            report("scoring FP32 and converted models", 0, 1)
-            shape = spec.tensors[0].shape  # at the model's input size, whatever the data's own
-            eval_pp = pp or preprocess_for(bundle, model, image_size=(shape[2], shape[3]) if len(shape) == 4 else None)
-            kind = task_kind(model, bundle)  # top-1 for a classifier, COCO mAP for a detector
-            accuracy = compare_accuracy(kind, _ort_runner(fp32), runner, bundle, eval_pp, cfg.eval_samples, batch)
+    if scorer is not None:  # top-1 for a classifier, COCO mAP for a detector
+        report("scoring FP32 and converted models", 0, 1)
+        accuracy = scorer.compare(_ort_runner(fp32), runner)
 
     result = ConvertResult(
         format=cfg.to,

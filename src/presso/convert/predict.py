@@ -482,10 +482,13 @@ def _check_thresholds(conf: Any, iou: Any) -> None:
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (240, 50, 230))
 
 
-def save_drawn(results: list[dict[str, Any]], folder: str | Path) -> list[Path]:
+def save_drawn(results: list[dict[str, Any]], folder: str | Path, *, overwrite: bool = False) -> list[Path]:
     """Each image of ``results`` with its boxes and scores (a detector's) or its best label (a classifier's) drawn on
-    a copy, written as ``folder/<name>.png`` (``folder`` created; an input image is never overwritten). Each result
-    gets ``saved``: the file written."""
+    a copy, written as ``folder/<name>.png`` (``folder`` created). A file already there under one of those names (an
+    earlier run's, or the user's) is refused before anything is written unless ``overwrite``; an input image is never
+    overwritten. Each file is written beside its name and renamed onto it. Each result gets ``saved``: the file."""
+    import secrets
+
     from PIL import Image, ImageDraw
 
     folder, names = Path(folder), []
@@ -499,6 +502,11 @@ def save_drawn(results: list[dict[str, Any]], folder: str | Path) -> list[Path]:
         names.append(name)
         if (folder / name).resolve() in inputs:
             raise ConfigError(f"--save would overwrite the input image '{folder / name}'; save to another folder.")
+        if not overwrite and os.path.lexists(folder / name):
+            raise ConfigError(
+                f"--save would overwrite '{folder / name}', which is already there; pass --overwrite to replace it, "
+                "or save to another folder."
+            )
     folder.mkdir(parents=True, exist_ok=True)
     for r, name in zip(results, names, strict=True):
         try:
@@ -515,7 +523,14 @@ def save_drawn(results: list[dict[str, Any]], folder: str | Path) -> list[Path]:
         for label, score, k, at in labels:  # white on the class's colour: legible on any image
             draw.rectangle(draw.textbbox(at, f"{label} {score:.2f}"), fill=PALETTE[k % len(PALETTE)])
             draw.text(at, f"{label} {score:.2f}", fill=(255, 255, 255))
-        im.save(folder / name)
+        # a temporary sibling named as Presso's (presso.outdir), renamed onto the name: never half an image there
+        tmp = folder / f".{name}.presso-tmp-{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            im.save(tmp, format="PNG")
+            os.replace(tmp, folder / name)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
         r["saved"] = str(folder / name)
     return [folder / n for n in names]
 
@@ -602,11 +617,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf", type=float, default=0.25, help="detectors: the lowest score kept")
     parser.add_argument("--iou", type=float, default=0.7, help="detectors: NMS IoU threshold")
     parser.add_argument("--save", metavar="DIR", help="write each image, boxes drawn, as DIR/NAME.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace files of those names in the --save DIR")
     args = parser.parse_args(argv)
     try:
         results = Predictor(args.bundle).predict(args.images, top_k=args.top_k, conf=args.conf, iou=args.iou)
         if args.save:
-            save_drawn(results, args.save)
+            save_drawn(results, args.save, overwrite=args.overwrite)
     except (BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -74,6 +74,9 @@ class Int8Config:
     method: calibration -- ``minmax`` (ranges seen), ``entropy`` (KL-optimal clipping), ``percentile``.
     samples: calibration samples (the held-out ones for the error check come on top: ``check_samples``).
     snr_db: the whole model's output SNR against FP32 that automatic precision must reach (``None``: no fallback).
+    max_accuracy_drop: instead of the SNR, the task's own metric on labelled held-out data (top-1, mAP50-95) may
+        drop at most this share (0.005: half a point) from the FP32 file's; layers fall back to FP32 (ONNX Runtime's
+        CPU kernels have no FP16 convolutions to fall back to) in order of sensitivity until it holds.
     max_fallback: the largest share of compute layers allowed to fall back to FP32.
     reduce_range: 7-bit weights, which avoids int16 saturation on x86 CPUs without VNNI (``None``: decide from
         this machine's CPU, as ONNX Runtime recommends).
@@ -83,6 +86,7 @@ class Int8Config:
     samples: int = 128
     check_samples: int = 32
     snr_db: float | None = 20.0
+    max_accuracy_drop: float | None = None
     max_fallback: float = 0.5
     per_channel: bool = True
     reduce_range: bool | None = None
@@ -92,7 +96,7 @@ class Int8Config:
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"Calibration method '{self.method}' is not one of {', '.join(CALIBRATION_METHODS)}.")
         check_fields(self, samples=(1, None), check_samples=(1, None), snr_db=(-1000, 1000), max_fallback=(0, 1),
-                     percentile=(0, 100, "(]"))  # fmt: skip
+                     percentile=(0, 100, "(]"), max_accuracy_drop=(0, 1))  # fmt: skip
         if not 0.0 <= self.max_fallback <= 1.0:
             raise ConfigError(f"max_fallback must be a share in [0, 1], not {self.max_fallback}.")
 
@@ -119,6 +123,13 @@ class Int8Result:
     met: bool
     layers: list[LayerReport] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    # accuracy-aware precision (``max_accuracy_drop``): the FP32 file's metric, the delivered file's, and every
+    # file tried on the way ({"fallback": layers kept in FP32, "value": its metric or SNR, "met": within bound})
+    criterion: str = "snr_db"
+    accuracy_fp32: float | None = None
+    accuracy_int8: float | None = None
+    max_accuracy_drop: float | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def fallback_layers(self) -> list[str]:
@@ -133,6 +144,11 @@ class Int8Result:
             "fallback_layers": self.fallback_layers,
             "layers": [r.to_json() for r in self.layers],
             "settings": self.settings,
+            "criterion": self.criterion,
+            "accuracy_fp32": self.accuracy_fp32,
+            "accuracy_int8": self.accuracy_int8,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "steps": self.steps,
         }
 
 
@@ -313,17 +329,30 @@ def quantize_int8(
     cfg: Int8Config | None = None,
     *,
     progress: Callable[[str, int, int], None] | None = None,
+    accuracy: Callable[[Path], float] | None = None,
+    metric: str = "accuracy",
 ) -> Int8Result:
     """Quantize the FP32 ONNX model ``fp32`` to ``out`` (QDQ), falling back sensitive layers to FP32 as needed.
 
     calibration / check: image batches (already normalised) for the ranges and for the error check; keep them
-    disjoint so the check is honest.
+    disjoint so the check is honest. What "as needed" means: the output SNR on ``check`` reaches ``cfg.snr_db``; or,
+    with ``cfg.max_accuracy_drop``, ``accuracy(file)`` -- the task's metric (``metric``: its name) of an ONNX file on
+    labelled held-out data -- is within that drop of the FP32 file's. Either way the layers are tried in order of
+    sensitivity (the output SNR with only that layer quantized): a growing set until the criterion holds, then the
+    least sensitive of the last step put back one by one while it still holds.
     """
     from onnxruntime.quantization import quant_pre_process
 
     cfg = cfg or Int8Config()
+    by_accuracy = cfg.max_accuracy_drop is not None
+    if by_accuracy and accuracy is None:
+        raise ConfigError(
+            "An accuracy bound for INT8 (--max-accuracy-drop) needs labelled data to measure it on: give --calib "
+            "(or --eval-data) with labels and --eval-samples above 0, or bound the output SNR instead (--snr-db)."
+        )
     out = Path(out)
     report = progress or (lambda _stage, _i, _n: None)
+    steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="presso-int8-") as tmp:
         work = Path(tmp)
         pre = work / "fp32_pre.onnx"
@@ -341,8 +370,25 @@ def quantize_int8(
         all_int8 = q.output_snr(current)
         layers = [LayerReport(node=n.name, layer=q.layer_of[n.name], op=n.op_type) for n in q.nodes]
         by_node = {r.node: r for r in layers}
-        snr, fallback = all_int8, []
-        if cfg.snr_db is not None and snr < cfg.snr_db and q.nodes:
+        reference = None
+        if by_accuracy:
+            report(f"scoring FP32 ({metric})", 0, 1)
+            reference = accuracy(pre)
+
+        def judge(path: Path, fallback: list[str], snr: float | None = None) -> tuple[bool, float]:
+            if by_accuracy:
+                value = accuracy(path)
+                ok = reference - value <= cfg.max_accuracy_drop + 1e-9
+            else:
+                value = q.output_snr(path) if snr is None else snr
+                ok = cfg.snr_db is None or value >= cfg.snr_db
+            steps.append({"fallback": len(fallback), "value": round(value, 5) if math.isfinite(value) else "inf",
+                          "met": ok})  # fmt: skip
+            return ok, value
+
+        fallback: list[str] = []
+        ok, value = judge(current, fallback, all_int8)
+        if not ok and q.nodes:
             # sensitivity of each compute layer: the model's output SNR with only that layer quantized
             for i, n in enumerate(q.nodes):
                 report("measuring layer sensitivity", i, len(q.nodes))
@@ -350,33 +396,34 @@ def quantize_int8(
             order = sorted(q.nodes, key=lambda n: by_node[n.name].snr_db)
             limit = int(cfg.max_fallback * len(q.nodes))
             k = 0
-            while snr < cfg.snr_db and k < limit:
+            while not ok and k < limit:
                 k = min(limit, max(k + 1, int(k * 1.5)))
                 fallback = [n.name for n in order[:k]]
                 report("falling back sensitive layers", k, limit)
                 current = q.quantize(exclude=fallback)
-                snr = q.output_snr(current)
+                ok, value = judge(current, fallback)
             # a smaller set may already suffice: drop the least sensitive of the last step back in one by one
-            while len(fallback) > 1:
+            while ok and len(fallback) > 1:
                 trial = fallback[:-1]
                 candidate = q.quantize(exclude=trial)
-                trial_snr = q.output_snr(candidate)
-                if trial_snr < cfg.snr_db:
+                trial_ok, trial_value = judge(candidate, trial)
+                if not trial_ok:
                     break
-                fallback, current, snr = trial, candidate, trial_snr
+                fallback, current, value = trial, candidate, trial_value
         for name in fallback:
             by_node[name].fallback = True
+        snr = value if not by_accuracy else q.output_snr(current)
         report("per-layer error", 0, 1)
-        for name, value in q.activation_snr(current).items():
-            by_node[name].activation_snr_db = value
+        for name, act in q.activation_snr(current).items():
+            by_node[name].activation_snr_db = act
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(current, out)
     return Int8Result(
         path=out,
         output_snr_db=snr,
         output_snr_db_all_int8=all_int8,
-        threshold_db=cfg.snr_db,
-        met=cfg.snr_db is None or snr >= cfg.snr_db,
+        threshold_db=None if by_accuracy else cfg.snr_db,
+        met=ok,
         layers=layers,
         settings={
             "method": cfg.method,
@@ -388,6 +435,11 @@ def quantize_int8(
             "weights": "int8",
             "format": "QDQ",
         },
+        criterion=metric if by_accuracy else "snr_db",
+        accuracy_fp32=None if reference is None else round(reference, 5),
+        accuracy_int8=round(value, 5) if by_accuracy else None,
+        max_accuracy_drop=cfg.max_accuracy_drop,
+        steps=steps,
     )
 
 

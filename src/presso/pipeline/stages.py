@@ -118,10 +118,13 @@ class Job:
 
     def convert(self, model_dir: Path, dest: Path, precision: str, name: str) -> dict[str, Any]:
         """``model_dir`` converted into ``dest``, which the stage's output will hold as ``name`` (``OUT``-relative)."""
-        from presso.convert import ConvertConfig, convert
+        from presso.convert import ConvertConfig, Int8Config, convert
 
         model = self.load(model_dir)
-        cfg = ConvertConfig(precision=precision, eval_samples=1000)
+        # with labels, INT8 keeps the run's accuracy bound on the task's metric (layers fall back until it holds);
+        # without, the output SNR decides
+        bound = self.cfg.max_accuracy_drop if self.bundle.labeled else None
+        cfg = ConvertConfig(precision=precision, eval_samples=1000, int8=Int8Config(max_accuracy_drop=bound))
         result = convert(model, model.presso_card.input_spec, cfg, output_dir=dest, overwrite=True,
                          calib=self.calib if precision == "int8" else None, eval_data=self.source,
                          progress=self.progress)  # fmt: skip
@@ -132,6 +135,8 @@ class Job:
 
     def convert_command(self, src: str, precision: str, dest: str) -> str:
         calib = f" --calib {self.calib_name}" if precision == "int8" else ""
+        if precision == "int8" and self.bundle.labeled:
+            calib += f" --max-accuracy-drop {self.cfg.max_accuracy_drop:g}"
         return f"presso convert {src} -p {precision}{calib} --eval-data {self.data} -o {dest}"
 
     def precisions(self) -> tuple[str, ...]:
@@ -238,7 +243,8 @@ class Job:
 
     def baseline(self, original: dict) -> dict[str, Any]:
         cfg = self.cfg
-        k = key("baseline", self.stages.records["original"]["key"], cfg.precision, cfg.device, cfg.threads, cfg.calib)
+        k = key("baseline", self.stages.records["original"]["key"], cfg.precision, cfg.device, cfg.threads, cfg.calib,
+                cfg.max_accuracy_drop)  # fmt: skip
 
         def fn(work: Path) -> dict[str, Any]:
             src = self.out / "original" / "model"

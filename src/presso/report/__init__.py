@@ -248,6 +248,13 @@ def render(s: dict[str, Any], root: Path | None = None) -> str:
         parts.append(f"<p>Output SNR against FP32: {_num(q.get('output_snr_db'))} dB (all INT8: "
                      f"{_num(q.get('output_snr_db_all_int8'))} dB; threshold {_num(q.get('snr_threshold_db'))} dB). "
                      f"Layers kept in FP32: {_e(fb)}.</p>")  # fmt: skip
+        if q.get("max_accuracy_drop") is not None:  # accuracy-aware: every file tried, scored on labelled images
+            tried = "; ".join(f"{st['fallback']} in FP32: {st['value']}" + (" (met)" if st["met"] else "")
+                              for st in q.get("steps") or [])  # fmt: skip
+            bound = f"a drop of {100 * q['max_accuracy_drop']:g} points"
+            parts.append(f"<p>Precision chosen by {_e(q.get('criterion'))} on labelled images: FP32 "
+                         f"{_num(q.get('accuracy_fp32'), '{:.4f}')}, INT8 {_num(q.get('accuracy_int8'), '{:.4f}')} "
+                         f"(bound: {bound}). Tried: {_e(tried)}.</p>")  # fmt: skip
         qrows = [[_e(r.get("layer") or r.get("node")), _e(r.get("op")), _num(r.get("activation_snr_db")),
                   _num(r.get("snr_db")), "FP32" if r.get("fallback") else ""] for r in q.get("layers", [])]  # fmt: skip
         parts.append(_table(["layer", "op", "output SNR (dB)", "sensitivity (dB)", "fallback"], qrows, "quant"))

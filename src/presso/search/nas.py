@@ -12,6 +12,11 @@ The study lives in Optuna storage: SQLite in the output directory by default, or
 shared by workers on many machines (``--storage URL --study NAME`` on each). Workers send heartbeats; a trial of a
 killed worker is failed and retried with the same parameters by the next worker to start, and the trial count
 counts finished trials only, so a killed search resumes where it stopped with nothing lost or run twice.
+
+The output folder follows Presso's one output rule (``presso.outdir``): a folder holding only what a search writes
+(``OWN``) is resumed in place; anything else is refused unless ``overwrite`` (then the search runs in a temporary
+sibling renamed into place at the end). The winner in ``OUT/model`` is kept when a rerun picks the same candidate
+trained the same way, and replaced by another winner only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -28,13 +33,19 @@ from typing import Any
 
 import numpy as np
 
+import presso.outdir as outdir
 from presso.bench.latency_db import safe_url
-from presso.errors import BudgetError, ConfigError, DataError
+from presso.errors import BudgetError, ConfigError, DataError, OutputError
 from presso.progress import ProgressCallback, ProgressEvent
 from presso.results import Result
 from presso.search.config import SearchConfig
 from presso.search.space import SearchSpace, arch_key, get_space
 from presso.search.study import counts, finished, open_study, pareto_rows, storage_url, write_report
+
+# what a search writes into its output folder (SQLite's journal files with the study): a folder holding only these
+# is a search's own state, resumed in place
+OWN = frozenset({"study.db", "study.db-journal", "study.db-wal", "study.db-shm", "search.json", "trials.csv",
+                 "pareto.png", "model", "model.partial"})  # fmt: skip
 
 
 @dataclass
@@ -65,11 +76,15 @@ class SearchResult(Result):
 
 # --------------------------------------------------------------------------- the search
 class _Search:
-    def __init__(self, data, cfg: SearchConfig, output: Path, storage, study_name, db, progress):
+    def __init__(self, data, cfg: SearchConfig, output: Path, storage, study_name, db, progress, *,
+                 shown: Path | None = None, overwrite: bool = False):  # fmt: skip
         from presso.data import DataBundle, load_data
 
         self.cfg, self.output, self.db = cfg, output, db
+        self.shown = shown or output  # the output as the user named it (``output`` may be its temporary sibling)
+        self.overwrite = overwrite
         self.report = progress or (lambda _stage, _info: None)
+        self.progress: ProgressCallback | None = None  # the caller's callback, for the nested verbs' own stages
         self.bundle = data if isinstance(data, DataBundle) else load_data(data, seed=cfg.seed)
         if not self.bundle.labeled:
             raise DataError(f"'{self.bundle.name}' has no labels: the search ranks candidates by accuracy.")
@@ -80,7 +95,6 @@ class _Search:
         self.proxy = self._proxy_bundle()
         self.url = storage_url(storage, output)
         self.name = study_name or f"presso-{self.bundle.name.replace('/', '_')}-{cfg.device}-{cfg.latency_ms:g}ms"
-        output.mkdir(parents=True, exist_ok=True)
         self.study, self.created = open_study(self.url, self.name, cfg)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -137,8 +151,8 @@ class _Search:
         except ConfigError as e:
             if "presso db profile" not in str(e):
                 raise
-            self.report("profiling the device's kernels (once per device; a few minutes)", {})
-            bench.profile_device(self.cfg.device, threads=self.cfg.threads, db=self.db)
+            # the profile's own stage: kernel models done of the set, so the bar shows the time remaining
+            bench.profile_device(self.cfg.device, threads=self.cfg.threads, db=self.db, progress=self.progress)
 
     def warm_start(self) -> list[dict[str, Any]]:
         """Measure the space's known-good architectures on the device: they set the predictor's correction (the
@@ -283,8 +297,21 @@ class _Search:
             image_size=self.space.resolution(arch),
         )
         final_dir = self.output / "model"
-        # the search's own winner folder: a rerun trains it again and replaces it (presso.outdir's backup swap)
-        result = train(model, self.bundle, cfg, output_dir=final_dir, overwrite=True, progress=self.train_progress)
+        kept = self._kept_winner(final_dir, model, cfg)
+        if kept is not None:  # a rerun that picks the winner already trained here: kept, not trained again
+            self.report("keeping the winner trained by an earlier run", {"number": chosen.number})
+            val_top1 = kept
+        else:
+            if not self.overwrite and os.path.lexists(final_dir) and not outdir.is_empty_dir(final_dir):
+                raise OutputError(
+                    f"'{self.shown / 'model'}' holds a model that is not this search's winner now (trial "
+                    f"{chosen.number}); {outdir.WAYS_OUT} (the study is kept: the rerun only trains the winner)."
+                )
+            from presso.train.checkpoint import has_checkpoint
+
+            result = train(model, self.bundle, cfg, output_dir=final_dir, overwrite=self.overwrite,
+                           resume=has_checkpoint(final_dir), progress=self.train_progress)  # fmt: skip
+            val_top1 = result.best.get("val_top1")
         final_model = load_model(str(final_dir))
         latency = self.measure_ms(arch, final_model)
         return {
@@ -296,11 +323,33 @@ class _Search:
             "proxy_top1": round(chosen.values[0], 4),
             "predicted_ms": chosen.user_attrs.get("predicted_ms"),
             "measured_ms": latency,
-            "val_top1": result.best.get("val_top1"),
+            "val_top1": val_top1,
             "epochs": self.cfg.final_epochs,
-            "model_dir": str(final_dir),
+            "model_dir": str(self.shown / "model"),
             "zoo": chosen.user_attrs.get("zoo"),
         }
+
+    @staticmethod
+    def _kept_winner(final_dir: Path, model, cfg) -> float | None:
+        """The held-out top-1 of the model in `final_dir` when it is `model`'s architecture trained as `cfg` says
+        (by an earlier run of this search), else None."""
+        try:
+            card = json.loads((final_dir / "presso.json").read_text())
+            if not (final_dir / "weights.safetensors").is_file():
+                return None
+            last = card["history"][-1]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+
+        def as_json(value):  # the card's JSON form (tuples are lists there)
+            return json.loads(json.dumps(value, default=str))
+
+        trained = last.get("config") or {}
+        same = (card.get("recipe") == [] and card.get("source") == as_json(model.presso_card.source)
+                and last.get("verb") == "train"
+                and all(trained.get(k) == as_json(getattr(cfg, k)) for k in ("epochs", "batch_size", "seed",
+                                                                               "image_size")))  # fmt: skip
+        return (last.get("best") or {}).get("val_top1") if same else None
 
     train_progress: Callable | None = None
 
@@ -333,6 +382,7 @@ def search(
     study: str | None = None,
     db: str | None = None,
     progress: ProgressCallback | None = None,
+    overwrite: bool = False,
     **kwargs,
 ) -> SearchResult:
     """Search ``config.space`` for the most accurate model on ``data`` within ``config.latency_ms`` on the device.
@@ -342,14 +392,41 @@ def search(
     ``OUTPUT_DIR/study.db``. ``study``: the study's name (default from data, device and budget). ``db``: the latency
     database. ``progress`` gets stage ``trials`` events (finished trials of the total), one ``trial`` event per
     candidate (info: its number, proxy top-1 or that it was skipped, predicted latency), the winner's training
-    (``train``, ``epoch``) and a stage per other step. Keyword arguments fill a ``SearchConfig`` when ``config`` is
-    not given.
+    (``train``, ``epoch``), the device's kernel profile when the latency database has none (``profile``: kernel
+    models done of the set) and a stage per other step. ``overwrite``: write into a folder that holds other files
+    (the search then runs in a temporary sibling, renamed into place at the end), and replace a winner in
+    ``OUTPUT_DIR/model`` that is not this search's winner; without it, both are refused (``OutputError``). A folder
+    holding only a search's own files is resumed. Keyword arguments fill a ``SearchConfig`` when ``config`` is not
+    given.
     """
     cfg = config or SearchConfig(**kwargs)
     t0 = time.perf_counter()
     output = Path(output_dir)
-    run = _Search(data, cfg, output, storage, study, db, _as_events(progress))
+    own = set(OWN)
+    inside = _storage_inside(storage, output)
+    if inside:  # the study kept in the output folder under a name of the user's
+        own |= {inside, f"{inside}-journal", f"{inside}-wal", f"{inside}-shm"}
+    with outdir.writing(output, overwrite=overwrite, resumable=outdir.holding_only(own)) as where:
+        return _search_into(where, output, data, cfg, storage, study, db, progress, overwrite, t0)
+
+
+def _storage_inside(storage: str | None, output: Path) -> str | None:
+    """The name of an SQLite study file given as a path inside the output folder, else None."""
+    if storage and "://" not in storage and Path(storage).resolve().parent == output.resolve():
+        return Path(storage).name
+    return None
+
+
+def _search_into(where: Path, output: Path, data, cfg: SearchConfig, storage, study, db, progress, overwrite: bool,
+                 t0: float) -> SearchResult:  # fmt: skip
+    """The search, written into `where`: the output folder, or its temporary sibling (``overwrite``)."""
+    shown_storage = storage
+    inside = _storage_inside(storage, output)
+    if inside:
+        storage = str(where / inside)  # moves with the folder
+    run = _Search(data, cfg, where, storage, study, db, _as_events(progress), shown=output, overwrite=overwrite)
     run.train_progress = progress
+    run.progress = progress
     run.ensure_profiled()
     warm = run.warm_start()
     smallest = run.smallest_ms()
@@ -363,7 +440,7 @@ def search(
     result = SearchResult(
         output_dir=output,
         study=run.name,
-        storage=safe_url(run.url),
+        storage=safe_url(storage_url(shown_storage, output)),  # where the study is once the output is in place
         best=best,
         pareto=pareto_rows(run.study),
         counts=counts(run.study),
@@ -371,6 +448,6 @@ def search(
         config=cfg,
         warm_start=warm,
     )
-    write_report(output, run.study, best, cfg.latency_ms)
-    (output / "search.json").write_text(json.dumps(result.summary(), indent=2, default=str))
+    write_report(where, run.study, best, cfg.latency_ms)
+    (where / "search.json").write_text(json.dumps(result.summary(), indent=2, default=str))
     return result
