@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # The tests also cover the optional ecosystems (presso[yolo]: Ultralytics models); the demo needs none of them.
 EXTRAS := $(VENV)/.presso-extras-installed
 $(EXTRAS): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,yolo,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,yolo,hf,litert]"
 	touch $(EXTRAS)
 
 # presso run on the built-in digits (src/presso/demo.py): trains, prunes, recovers, quantizes, measures the original

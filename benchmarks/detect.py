@@ -10,7 +10,7 @@ same epochs by Ultralytics' own trainer (offline, plots off, in a subprocess) an
 the same held-out scenes.
 
 The pruned s models see the s model's epochs and then the recovery epochs. So that their win is not just more
-training, n and s are also trained from scratch for that whole budget (--equal-budget, on by default), and the
+training, n and s are also trained from scratch for that whole budget (--equal-budget n,s, the default), and the
 first two checks hold against the better of each pair. The checks it prints (PASS / MISS, as measured):
 1. the pruned s beats the n trained from scratch at equal MACs (mAP50-95);
 2. the s pruned to half its MACs stays within 1 mAP50-95 point of the unpruned s;
@@ -358,7 +358,7 @@ def run(args) -> dict:
     # Equal-budget controls: n and s trained from scratch for as many epochs as the pruned s saw in all (its s
     # teacher's epochs, then the recovery epochs), so that a pruned model's win is not just more training.
     total = args.epochs + args.kd_epochs
-    for letter in ("n", "s") if args.equal_budget else ():
+    for letter in [v for v in ("n", "s") if v in args.equal_budget]:
         torch.manual_seed(args.seed)
         fresh = build(letter, args.width_scale, work / "yaml", ch, classes)
         name = f"{letter}_equal_budget"
@@ -369,12 +369,28 @@ def run(args) -> dict:
     share_n = macs["n"] / macs["s"]
     print(f"MACs n {macs['n'] / 1e6:.1f} M, s {macs['s'] / 1e6:.1f} M: n is {share_n:.3f} of s", flush=True)
     teacher = models["s"]
+    steps = args.prune_steps
     for name, share in (("s_at_n_macs", share_n), ("s_at_half_macs", 0.5)):
-        pruned, took = prune_or_reuse(teacher, spec, share, bundle, work / f"{name}.pruned")
-        seconds[f"prune_{name}"] = ledger.note(f"prune_{name}", took)
-        rows[name] = {"pruned_before_kd": scores(pruned, bundle, size)}
-        models[name], took = train_or_reuse(name, pruned, bundle, kd_cfg, kd_work / name, teacher)
-        seconds[f"kd_{name}"] = ledger.note(f"kd{args.kd_epochs}_{name}", took)
+        if steps == 1:
+            pruned, took = prune_or_reuse(teacher, spec, share, bundle, work / f"{name}.pruned")
+            seconds[f"prune_{name}"] = ledger.note(f"prune_{name}", took)
+            rows[name] = {"pruned_before_kd": scores(pruned, bundle, size)}
+            models[name], took = train_or_reuse(name, pruned, bundle, kd_cfg, kd_work / name, teacher)
+            seconds[f"kd_{name}"] = ledger.note(f"kd{args.kd_epochs}_{name}", took)
+            continue
+        # iterative: the same share in `steps` equal (geometric) cuts, each followed by its part of the KD epochs
+        student, before = teacher, []
+        parts = [args.kd_epochs // steps + (1 if i < args.kd_epochs % steps else 0) for i in range(steps)]
+        for i in range(steps):
+            tag = f"{name}.{steps}steps.{i + 1}"
+            pruned, took = prune_or_reuse(student, spec, share ** (1 / steps), bundle, work / f"{tag}.pruned")
+            seconds[f"prune_{tag}"] = ledger.note(f"prune_{tag}", took)
+            before.append(scores(pruned, bundle, size))
+            step_cfg = dataclasses.replace(kd_cfg, epochs=max(1, parts[i]))
+            student, took = train_or_reuse(tag, pruned, bundle, step_cfg, kd_work / tag, teacher)
+            seconds[f"kd_{tag}"] = ledger.note(f"kd{parts[i]}_{tag}", took)
+        rows[name] = {"pruned_before_kd": before[0], "pruned_before_each_kd": before, "prune_steps": steps}
+        models[name] = student
 
     order = [k for k in ("n", "n_equal_budget", "s", "s_equal_budget", "s_at_n_macs", "s_at_half_macs") if k in models]
     twins = {"n_equal_budget": "n", "s_equal_budget": "s"}  # same architecture: timed once
@@ -427,7 +443,12 @@ def run(args) -> dict:
             "val_images": len(bundle.val),
             "image_size": size,
         },  # fmt: skip
-        "train": {**cfg.to_json(), "kd_epochs": args.kd_epochs, "width_scale": args.width_scale},
+        "train": {
+            **cfg.to_json(),
+            "kd_epochs": args.kd_epochs,
+            "width_scale": args.width_scale,
+            "prune_steps": args.prune_steps,
+        },
         "models": rows,
         "latency": timing,
         "ultralytics_n": ultra,
@@ -537,6 +558,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--kd-epochs", type=int, default=None, help="recovery epochs (default: --epochs)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--prune-steps", type=int, default=1,
+                    help="prune in this many equal cuts, each followed by its share of the --kd-epochs (default 1: "
+                         "one cut, then all the recovery)")  # fmt: skip
     ap.add_argument("--lr", type=float, default=None, help="default: TrainConfig's (AdamW 2e-3 x batch / 128)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="training threads (default: torch's)")
@@ -544,9 +568,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9, help="interleaved latency rounds")
     ap.add_argument("--block-seconds", type=float, default=0.5, help="timed runs per model per round, in seconds")
     ap.add_argument("--skip-ultralytics", action="store_true", help="leave out Ultralytics' trainer")
-    ap.add_argument("--equal-budget", action=argparse.BooleanOptionalAction, default=True,
-                    help="also train n and s from scratch for --epochs + --kd-epochs (the pruned s's whole training),"
-                         " and hold the checks against the better of the two (default: on)")  # fmt: skip
+    ap.add_argument(
+        "--equal-budget",
+        default="n,s",
+        type=lambda t: [v for v in t.split(",") if v and v != "none"],
+        help="which of n and s to also train from scratch for --epochs + --kd-epochs (the pruned s's whole "
+        "training); the checks hold against the better of each pair (default: n,s; 'none')",
+    )
     ap.add_argument(
         "--ultralytics-extra",
         type=overrides,

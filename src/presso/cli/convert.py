@@ -36,7 +36,9 @@ from presso.cli.app import (
 )
 from presso.cli.panels import DATA, EXPORT, INT8, OUTPUT
 
-FormatOpt = Annotated[str, typer.Option("--to", metavar="FORMAT", rich_help_panel=EXPORT, help="onnx | openvino.")]
+FormatOpt = Annotated[
+    str, typer.Option("--to", metavar="FORMAT", rich_help_panel=EXPORT, help="onnx | openvino | litert.")
+]
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", "-p", metavar="PRECISION", rich_help_panel=EXPORT, help="fp32 | fp16 | int8.")
 ]
@@ -55,6 +57,8 @@ def _convert_options(
     opset: int,
     eval_samples: int,
     max_accuracy_drop: float | None = None,
+    equalize: str = "auto",
+    bias_correction: str = "auto",
 ):
     from presso.convert import ConvertConfig, Int8Config
     from presso.errors import ConfigError
@@ -62,6 +66,9 @@ def _convert_options(
     rr = {"auto": None, "on": True, "off": False}.get(reduce_range)
     if reduce_range not in ("auto", "on", "off"):
         raise ConfigError(f"--reduce-range is auto, on or off, not '{reduce_range}'.")
+    for flag, mode in (("--equalize", equalize), ("--bias-correction", bias_correction)):
+        if mode not in ("auto", "on", "off"):
+            raise ConfigError(f"{flag} is auto, on or off, not '{mode}'.")
     return ConvertConfig(
         to=to,
         precision=precision,
@@ -76,6 +83,8 @@ def _convert_options(
             max_accuracy_drop=max_accuracy_drop,
             max_fallback=max_fallback,
             reduce_range=rr,
+            equalize=equalize,
+            bias_correction=bias_correction,
         ),
     )
 
@@ -139,6 +148,23 @@ def convert(
             metavar="MODE", rich_help_panel=INT8, help="7-bit weights: auto (on for x86 without VNNI) | on | off."
         ),
     ] = "auto",
+    equalize: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            rich_help_panel=INT8,
+            help="Cross-layer equalization of Conv pairs: auto (tried when INT8 misses the bound, before any "
+            "fallback) | on | off.",
+        ),
+    ] = "auto",
+    bias_correction: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            rich_help_panel=INT8,
+            help="Bias correction of INT8 weight error: auto (tried after equalization) | on | off.",
+        ),
+    ] = "auto",
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch", rich_help_panel=EXPORT, help="Symbolic batch dimension.")
     ] = False,
@@ -167,7 +193,7 @@ def convert(
 
         cfg = _convert_options(
             to, precision, calib_method, calib_samples, snr_db, max_fallback, reduce_range, dynamic_batch,
-            tolerance, opset, eval_samples, max_accuracy_drop,
+            tolerance, opset, eval_samples, max_accuracy_drop, equalize, bias_correction,
         )  # fmt: skip
         _check_output(output, overwrite, source)
         model, _ = _load(source, trust, model_arg, weights=weights)

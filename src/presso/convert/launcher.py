@@ -1,8 +1,9 @@
-"""``presso.convert``: from a PyTorch model to a verified deployable file (ONNX or OpenVINO IR; FP32, FP16, INT8).
+"""``presso.convert``: from a PyTorch model to a verified deployable file (ONNX, OpenVINO IR or LiteRT; FP32, FP16,
+INT8).
 
 Flow: export (torch.export-based ONNX, opset 18) -> ONNX checker -> simplify (ONNX Runtime's basic optimizer) ->
 verify against PyTorch (the export fails above a tolerance) -> FP16 or INT8 (calibration + automatic precision) ->
-OpenVINO IR if asked -> accuracy of FP32 vs the result on labelled data. The output directory holds the model file,
+OpenVINO IR if asked (or LiteRT, converted from the PyTorch model by litert-torch) -> accuracy of FP32 vs the result on labelled data. The output directory holds the model file,
 ``presso.json`` (the model card, with the conversion recorded) and ``convert.json`` (the full report); all of it is
 assembled in a temporary sibling and appears in one rename (``presso.outdir``).
 """
@@ -35,7 +36,7 @@ from presso.tasks import model_task
 if TYPE_CHECKING:
     from presso.data import DataBundle
 
-FORMATS = ("onnx", "openvino")
+FORMATS = ("onnx", "openvino", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Largest output difference relative to the largest output value that a conversion may show against PyTorch.
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
@@ -44,7 +45,7 @@ CONVERT_VERSION = 1
 
 @dataclass
 class ConvertConfig:
-    """to: ``onnx`` | ``openvino``; precision: ``fp32`` | ``fp16`` | ``int8``.
+    """to: ``onnx`` | ``openvino`` | ``litert``; precision: ``fp32`` | ``fp16`` | ``int8``.
 
     tolerance: the largest relative output difference against PyTorch accepted (FP32/FP16; INT8 is judged by
         ``int8.snr_db`` instead). ``None``: 1e-3 for FP32, 3e-2 for FP16.
@@ -70,8 +71,12 @@ class ConvertConfig:
         if isinstance(self.opset, int) and self.opset < 17:
             raise ConfigError(f"opset {self.opset} is too old; Presso exports opset 17 or newer.")
         check_fields(self, opset=(17, 30), tolerance=(0, 1, "(]"), eval_samples=(0, 10**7))
+        if self.to == "litert" and self.dynamic_batch:
+            raise ConfigError("LiteRT files have a fixed batch size: drop --dynamic-batch with --to litert.")
         if isinstance(self.int8, dict):
             self.int8 = Int8Config(**self.int8)
+        if self.to == "litert" and self.precision == "int8" and self.int8.max_accuracy_drop is not None:
+            raise ConfigError("LiteRT INT8 is full-integer, with no layer to fall back: drop --max-accuracy-drop.")
 
     @property
     def max_rel_diff(self) -> float | None:
@@ -262,7 +267,9 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
 
     int8 = None
     onnx_out = tmp / "model.onnx"
-    if cfg.precision == "fp32":
+    if cfg.to == "litert":
+        pass  # LiteRT converts the PyTorch model and quantizes its own graph (below), from the same calibration
+    elif cfg.precision == "fp32":
         shutil.copyfile(fp32, onnx_out)
     elif cfg.precision == "fp16":
         report("converting to FP16", 0, 1)
@@ -276,6 +283,12 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
     if cfg.to == "onnx":
         final = onnx_out
         runner = _ort_runner(final)
+    elif cfg.to == "litert":
+        from presso.convert.litert import LiteRTRunner, to_litert
+
+        report(f"converting to LiteRT ({cfg.precision.upper()})", 0, 1)
+        final = to_litert(model, inputs, tmp / "model.tflite", precision=cfg.precision, calibration=calibration)
+        runner = LiteRTRunner(final).run
     else:
         from presso.convert.openvino import to_openvino
 

@@ -6,6 +6,15 @@ percentile). What Presso adds is **automatic precision**: the whole model's outp
 calibration samples (signal-to-quantization-noise ratio, dB); when it falls below the threshold, each compute layer's
 sensitivity is measured (the output SNR with only that layer quantized) and the most sensitive layers fall back to
 FP32 one after another until the threshold is met. Calibration runs once; every re-quantization reuses its ranges.
+
+Before any layer falls back, cheaper fixes are tried in order of cost (``Int8Config.equalize`` / ``bias_correction``,
+``presso.convert.equalize``): cross-layer equalization of the FP32 graph (one more calibration), then bias
+correction on top of it (one more pass over the calibration images); the first that meets the criterion is kept,
+else the fallback starts from the best of them.
+
+Over 500 lines because one ``_Quantizer`` (calibration, bias correction, sensitivity, per-layer error) serves the
+criterion loop, and ``to_fp16``, ``snr_db`` and ``feeds_for`` are imported from here by the launcher and benchmarks;
+moving ``_Quantizer`` to its own module is the split when this grows again.
 """
 
 from __future__ import annotations
@@ -20,10 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from presso.convert.equalize import method_name, plan
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.progress import quiet_logger
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+MODES = ("auto", "on", "off")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -80,6 +91,10 @@ class Int8Config:
     max_fallback: the largest share of compute layers allowed to fall back to FP32.
     reduce_range: 7-bit weights, which avoids int16 saturation on x86 CPUs without VNNI (``None``: decide from
         this machine's CPU, as ONNX Runtime recommends).
+    equalize: cross-layer equalization of Conv pairs before calibration -- ``on`` always, ``off`` never, ``auto``
+        when plain INT8 misses the criterion, before any layer falls back.
+    bias_correction: the FP32 bias of each quantized Conv/Gemm corrected by the mean error its INT8 weights add
+        (``on`` / ``off`` / ``auto``: tried after equalization when that still misses the criterion).
     """
 
     method: str = "minmax"
@@ -91,10 +106,15 @@ class Int8Config:
     per_channel: bool = True
     reduce_range: bool | None = None
     percentile: float = 99.999
+    equalize: str = "auto"
+    bias_correction: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
             raise ConfigError(f"Calibration method '{self.method}' is not one of {', '.join(CALIBRATION_METHODS)}.")
+        for name in ("equalize", "bias_correction"):
+            if getattr(self, name) not in MODES:
+                raise ConfigError(f"{name} is auto, on or off, not '{getattr(self, name)}'.")
         check_fields(self, samples=(1, None), check_samples=(1, None), snr_db=(-1000, 1000), max_fallback=(0, 1),
                      percentile=(0, 100, "(]"), max_accuracy_drop=(0, 1))  # fmt: skip
         if not 0.0 <= self.max_fallback <= 1.0:
@@ -124,7 +144,8 @@ class Int8Result:
     layers: list[LayerReport] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     # accuracy-aware precision (``max_accuracy_drop``): the FP32 file's metric, the delivered file's, and every
-    # file tried on the way ({"fallback": layers kept in FP32, "value": its metric or SNR, "met": within bound})
+    # file tried on the way ({"fallback": layers kept in FP32, "value": its metric or SNR, "met": within bound,
+    # "method": "ptq" | "cle" | "bc" | "cle+bc", the fixes applied before quantizing})
     criterion: str = "snr_db"
     accuracy_fp32: float | None = None
     accuracy_int8: float | None = None
@@ -210,9 +231,13 @@ def feeds_for(path: Path, batches: list[np.ndarray]) -> list[dict[str, np.ndarra
 
 
 class _Quantizer:
-    """One calibration, many quantizations (different fallback sets) of one pre-processed FP32 model."""
+    """One calibration, many quantizations (different fallback sets) of one pre-processed FP32 model.
 
-    def __init__(self, fp32: Path, calib: list[dict], check: list[dict], cfg: Int8Config, work: Path):
+    tag: names this quantizer's files in ``work`` (one per FP32 graph: plain, equalized). reference: the FP32
+    outputs on ``check`` when already known (an equalized graph computes the same function)."""
+
+    def __init__(self, fp32: Path, calib: list[dict], check: list[dict], cfg: Int8Config, work: Path, *,
+                 tag: str = "", reference: list[list[np.ndarray]] | None = None):  # fmt: skip
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantType
 
@@ -232,7 +257,10 @@ class _Quantizer:
             calibrate_method=self.method,
             extra_options={"CalibPercentile": cfg.percentile} if cfg.method == "percentile" else {},
         )
-        self.cache = work / "calibration.cache"
+        self.tag = tag
+        self.cache = work / f"calibration{tag}.cache"
+        self.deltas: dict[str, np.ndarray] | None = None  # bias correction per node, once enabled
+        self.plain: Path | None = None  # the all-INT8 file without bias correction
         graph = onnx.load(str(fp32), load_external_data=False).graph
         self.nodes = [n for n in graph.node if n.op_type in COMPUTE_OPS]
         self.tail = _tail(graph)
@@ -246,7 +274,7 @@ class _Quantizer:
             for t, c in consumers.items()
             if len(c) == 1 and c[0].op_type in ("Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid")
         }
-        self.reference = self._run(fp32, check)
+        self.reference = reference if reference is not None else self._run(fp32, check)
         self.count = 0
 
     def _run(self, path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
@@ -259,10 +287,16 @@ class _Quantizer:
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         self.count += 1
-        out = self.work / f"int8_{self.count}.onnx"
+        out = self.work / f"int8{self.tag}_{self.count}.onnx"
+        source = self.fp32
+        if self.deltas is not None:  # the corrected biases of the layers this file quantizes, the others as they were
+            from presso.convert.equalize import apply_bias
+
+            chosen = {k: v for k, v in self.deltas.items() if k not in exclude and (not only or k in only)}
+            source = apply_bias(self.fp32, self.work / f"fp32{self.tag}_bc_{self.count}.onnx", chosen)
         with quiet_logger():  # ONNX Runtime's quantizer logs advice at WARNING on the root logger
             quantize_static(
-                str(self.fp32),
+                str(source),
                 str(out),
                 _Reader(self.calib),
                 quant_format=QuantFormat.QDQ,
@@ -271,7 +305,16 @@ class _Quantizer:
                 calibration_cache_path=str(self.cache),
                 **self.kwargs,
             )
+        if self.deltas is None and not exclude and not only and self.plain is None:
+            self.plain = out
         return out
+
+    def correct_biases(self) -> None:
+        """Bias correction from now on: the weight error of the all-INT8 file against the calibration means."""
+        from presso.convert.equalize import bias_corrections
+
+        plain = self.plain or self.quantize()
+        self.deltas = bias_corrections(self.fp32, plain, self.calib)
 
     def output_snr(self, path: Path) -> float:
         return snr_db(self.reference, self._run(path, self.check))
@@ -365,15 +408,28 @@ def quantize_int8(
         if not calib_feeds or not check_feeds:
             raise ConversionError("INT8 needs calibration samples: give --calib DATA (at least one batch).")
         report("calibrating", 0, 1)
-        q = _Quantizer(pre, calib_feeds, check_feeds, cfg, work)
-        current = q.quantize()
-        all_int8 = q.output_snr(current)
-        layers = [LayerReport(node=n.name, layer=q.layer_of[n.name], op=n.op_type) for n in q.nodes]
-        by_node = {r.node: r for r in layers}
+        quantizers: dict[bool, _Quantizer] = {}
+        equalization: dict[str, Any] | None = None
+
+        def quantizer(equalized: bool) -> _Quantizer:
+            nonlocal equalization
+            if equalized not in quantizers:
+                source, known = pre, next(iter(quantizers.values())).reference if quantizers else None
+                if equalized:
+                    from presso.convert.equalize import equalize
+
+                    report("cross-layer equalization", 0, 1)
+                    source = work / "fp32_cle.onnx"
+                    equalization = equalize(pre, source).to_json()
+                quantizers[equalized] = _Quantizer(source, calib_feeds, check_feeds, cfg, work,
+                                                   tag="_cle" if equalized else "", reference=known)  # fmt: skip
+            return quantizers[equalized]
+
         reference = None
         if by_accuracy:
             report(f"scoring FP32 ({metric})", 0, 1)
             reference = accuracy(pre)
+        method = "ptq"
 
         def judge(path: Path, fallback: list[str], snr: float | None = None) -> tuple[bool, float]:
             if by_accuracy:
@@ -383,11 +439,34 @@ def quantize_int8(
                 value = q.output_snr(path) if snr is None else snr
                 ok = cfg.snr_db is None or value >= cfg.snr_db
             steps.append({"fallback": len(fallback), "value": round(value, 5) if math.isfinite(value) else "inf",
-                          "met": ok})  # fmt: skip
+                          "met": ok, "method": method})  # fmt: skip
             return ok, value
 
+        # all INT8, then the cheaper fixes in order of cost while the criterion is missed; keep the first that meets
+        # it, else go on from the best of them
         fallback: list[str] = []
-        ok, value = judge(current, fallback, all_int8)
+        tried = []
+        for equalized, corrected in plan(cfg.equalize, cfg.bias_correction):
+            if corrected and {t[3] for t in tried} == {False, True} and not any(t[4] for t in tried):
+                equalized = max(tried, key=lambda t: t[:2])[3]  # on top of the better graph: CLE can lose SNR
+            method = method_name(equalized, corrected)
+            q = quantizer(equalized)
+            if corrected:
+                report("bias correction", 0, 1)
+                q.correct_biases()
+            path = q.quantize()
+            snr_all = q.output_snr(path)
+            ok, value = judge(path, fallback, snr_all)
+            tried.append((value, -len(tried), method, equalized, corrected, path, snr_all, ok))
+            if ok:
+                break
+        all_int8 = tried[0][6]
+        value, _, method, equalized, corrected, current, _, ok = tried[-1] if ok else max(tried, key=lambda t: t[:2])
+        q = quantizer(equalized)
+        if not corrected:
+            q.deltas = None  # the same graph may have been tried with corrected biases after this one
+        layers = [LayerReport(node=n.name, layer=q.layer_of[n.name], op=n.op_type) for n in q.nodes]
+        by_node = {r.node: r for r in layers}
         if not ok and q.nodes:
             # sensitivity of each compute layer: the model's output SNR with only that layer quantized
             for i, n in enumerate(q.nodes):
@@ -434,6 +513,10 @@ def quantize_int8(
             "activations": "uint8",
             "weights": "int8",
             "format": "QDQ",
+            "equalize": equalized,
+            "bias_correction": corrected,
+            "methods_tried": [t[2] for t in tried],
+            **({"equalization": equalization} if equalization is not None else {}),
         },
         criterion=metric if by_accuracy else "snr_db",
         accuracy_fp32=None if reference is None else round(reference, 5),

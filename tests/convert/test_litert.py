@@ -1,0 +1,160 @@
+"""LiteRT (TFLite) export: FP32/FP16/full-integer INT8 parity with PyTorch, through ``to_litert`` and ``presso.convert
+--to litert``; the failing op named; the missing extra named. Skipped without ``presso[litert]``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import presso
+from presso.convert import ConvertConfig, Int8Config
+from presso.errors import ConfigError, ConversionError
+from presso.testing.models import TinyCNN
+
+needs_litert = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("litert_torch", "ai_edge_quantizer", "ai_edge_litert")),
+    reason='needs the optional extra: pip install "presso[litert]"',
+)
+
+
+def _snr_db(reference: np.ndarray, output: np.ndarray) -> float:
+    return float(10 * np.log10((reference**2).sum() / ((reference - output) ** 2).sum()))
+
+
+def _rel(reference: np.ndarray, output: np.ndarray) -> float:
+    return float(np.abs(reference - output).max() / np.abs(reference).max())
+
+
+# ----------------------------------------------------------------------------- to_litert on a small CNN
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    calibration = [torch.randn(64, 3, 32, 32).numpy()]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        return model, x, model(x).numpy(), calibration
+
+
+@needs_litert
+def test_fp32_and_fp16_match_pytorch(tiny, tmp_path):
+    from presso.convert.litert import LiteRTRunner, float_ops, to_litert
+
+    model, x, reference, _ = tiny
+    fp32 = to_litert(model, (x,), tmp_path / "model.tflite")
+    out = LiteRTRunner(fp32).run((x,))[0]
+    assert _rel(reference, out) < 1e-4  # measured ~4e-7
+    fp16 = to_litert(model, (x,), tmp_path / "fp16" / "model.tflite", precision="fp16")
+    assert _rel(reference, LiteRTRunner(fp16).run((x,))[0]) < 1e-3  # measured ~1.2e-4 (FP16 weights)
+    assert fp16.stat().st_size < 0.6 * fp32.stat().st_size
+    assert "CONV_2D" in float_ops(fp32)  # FP32 computes in float, of course
+
+
+@needs_litert
+def test_int8_is_full_integer_and_close_to_pytorch(tiny, tmp_path):
+    from presso.convert.litert import LiteRTRunner, float_ops, op_counts, to_litert
+
+    model, x, reference, calibration = tiny
+    path = to_litert(model, (x,), tmp_path / "model.tflite", precision="int8", calibration=calibration)
+    runner = LiteRTRunner(path)
+    assert runner.input_details[runner.input_names[0]]["dtype"] == np.float32  # float edges by default
+    assert float_ops(path) == []  # every conv, add, concat and mean runs in int8
+    ops = op_counts(path)
+    assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1 and ops["DEPTHWISE_CONV_2D"] == 1
+    assert _snr_db(reference, runner.run((x,))[0]) > 30  # measured ~44 dB
+
+    # int8 inputs and outputs for MCU/NPU targets: the same arithmetic, no QUANTIZE/DEQUANTIZE at the edges
+    int8_io = to_litert(model, (x,), tmp_path / "io" / "model.tflite", precision="int8", calibration=calibration,
+                        int8_io=True)  # fmt: skip
+    runner_io = LiteRTRunner(int8_io)
+    assert runner_io.input_details[runner_io.input_names[0]]["dtype"] == np.int8
+    assert runner_io.output_details[runner_io.output_names[0]]["dtype"] == np.int8
+    assert "QUANTIZE" not in op_counts(int8_io) and float_ops(int8_io) == []
+    assert _snr_db(reference, runner_io.run((x,))[0]) > 30
+    # batches of another size than the file's run in its own batches
+    odd = torch.cat([x, x[:3]])
+    assert np.allclose(runner.run((odd,))[0][4:], runner.run((x,))[0][:3])
+
+
+@needs_litert
+def test_unsupported_op_is_named_in_one_line(tmp_path):
+    class AdaptiveMax(torch.nn.Module):  # ONNX exports it; litert-torch 0.10 has no lowering for it
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.adaptive_max_pool2d(self.conv(x), 2).flatten(1)
+
+    with pytest.raises(ConversionError) as info:
+        presso.convert(AdaptiveMax(), "1,3,16,16", ConvertConfig(to="litert"), output_dir=tmp_path / "out")
+    message = str(info.value)
+    assert "aten.adaptive_max_pool2d" in message and "test_litert.py" in message and "--to onnx" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
+def test_missing_extra_is_one_line(monkeypatch, tmp_path):
+    from presso.convert.litert import to_litert
+
+    monkeypatch.setitem(sys.modules, "litert_torch", None)  # import fails as if not installed
+    hint = r'^LiteRT export needs the optional extra: pip install "presso\[litert\]"$'
+    with pytest.raises(ConversionError, match=hint):
+        to_litert(TinyCNN(), (torch.randn(1, 3, 8, 8),), tmp_path / "model.tflite")
+
+
+def test_config_refuses_what_litert_cannot_do():
+    with pytest.raises(ConfigError, match="fixed batch size"):
+        ConvertConfig(to="litert", dynamic_batch=True)
+    with pytest.raises(ConfigError, match="full-integer"):
+        ConvertConfig(to="litert", precision="int8", int8=Int8Config(max_accuracy_drop=0.01))
+
+
+# ----------------------------------------------------------------------------- presso.convert on a pruned ResNet-8
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """ResNet-8 trained on the built-in digits, pruned by 40 % and fine-tuned (~20 s on one thread; top-1 0.75-0.9)."""
+    from presso.compress import PruneConfig
+    from presso.train import TrainConfig
+
+    model = presso.load_model("presso:resnet8", num_classes=10)
+    presso.train(model, "digits", TrainConfig(epochs=5, batch_size=64, seed=0))
+    model = presso.compress(model, "1,3,32,32", PruneConfig(ratio=0.4)).model
+    presso.train(model, "digits", TrainConfig(epochs=3, batch_size=64, seed=0))
+    return model.eval()
+
+
+@needs_litert
+@pytest.mark.slow
+def test_convert_to_litert_pruned_resnet8(pruned, tmp_path):
+    shape = "1,3,32,32"
+    fp32 = presso.convert(pruned, shape, ConvertConfig(to="litert"), output_dir=tmp_path / "fp32", calib="digits")
+    assert fp32.path.name == "model.tflite" and fp32.files == ["model.tflite", "presso.json", "convert.json"]
+    assert fp32.diff["max_rel_diff"] < 1e-4  # measured ~1.5e-7
+    assert fp32.accuracy["fp32_top1"] > 0.6 and fp32.accuracy["converted_top1"] == fp32.accuracy["fp32_top1"]
+
+    config = ConvertConfig(to="litert", precision="int8")
+    int8 = presso.convert(pruned, shape, config, output_dir=tmp_path / "int8", calib="digits")
+    acc = int8.accuracy
+    print(f"pruned ResNet-8 LiteRT: FP32 {fp32.diff} {fp32.accuracy}; INT8 {int8.diff} {acc}")
+    assert acc["samples"] == 180 and acc["converted_top1"] >= acc["fp32_top1"] - 0.02  # digits held-out split
+    assert int8.size_bytes < 0.45 * fp32.size_bytes  # int8 weights
+
+    # the output SNR against PyTorch on 64 digits images, normalised as the card says (INT8's usual criterion)
+    from presso.convert.litert import LiteRTRunner, float_ops
+    from presso.data import calibration_batches
+    from presso.data.images import Preprocess
+    from presso.models.spec import InputSpec
+
+    pp = Preprocess.from_json(json.loads((int8.output_dir / "presso.json").read_text())["preprocess"])
+    x = calibration_batches("digits", InputSpec.parse(shape), batches=1, batch_size=64, preprocess=pp)[0]
+    with torch.no_grad():
+        reference = pruned(x).numpy()
+    snr = _snr_db(reference, LiteRTRunner(int8.path).run((x,))[0])
+    print(f"INT8 output SNR {snr:.1f} dB")
+    assert snr > 20
+    assert float_ops(int8.path) == []
