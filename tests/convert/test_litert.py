@@ -112,6 +112,9 @@ def test_config_refuses_what_litert_cannot_do():
         ConvertConfig(to="litert", dynamic_batch=True)
     with pytest.raises(ConfigError, match="full-integer"):
         ConvertConfig(to="litert", precision="int8", int8=Int8Config(max_accuracy_drop=0.01))
+    for to, precision in (("onnx", "int8"), ("litert", "fp32")):
+        with pytest.raises(ConfigError, match="--int8-io is for full-integer LiteRT"):
+            ConvertConfig(to=to, precision=precision, int8_io=True)
 
 
 # ----------------------------------------------------------------------------- presso.convert on a pruned ResNet-8
@@ -158,3 +161,10 @@ def test_convert_to_litert_pruned_resnet8(pruned, tmp_path):
     print(f"INT8 output SNR {snr:.1f} dB")
     assert snr > 20
     assert float_ops(int8.path) == []
+    # --int8-io: int8 tensors at the file's edges too (microcontrollers, NPUs), scored like the float-io file
+    io = presso.convert(pruned, shape, ConvertConfig(to="litert", precision="int8", int8_io=True),
+                        output_dir=tmp_path / "io", calib="digits")  # fmt: skip
+    from presso.convert.litert import op_counts
+
+    assert "QUANTIZE" not in op_counts(io.path) and float_ops(io.path) == []
+    assert io.accuracy["converted_top1"] >= io.accuracy["fp32_top1"] - 0.02

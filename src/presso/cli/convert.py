@@ -59,6 +59,7 @@ def _convert_options(
     max_accuracy_drop: float | None = None,
     equalize: str = "auto",
     bias_correction: str = "auto",
+    int8_io: bool = False,
 ):
     from presso.convert import ConvertConfig, Int8Config
     from presso.errors import ConfigError
@@ -76,6 +77,7 @@ def _convert_options(
         dynamic_batch=dynamic_batch,
         tolerance=tolerance,
         eval_samples=eval_samples,
+        int8_io=int8_io,
         int8=Int8Config(
             method=calib_method,
             samples=calib_samples,
@@ -165,6 +167,12 @@ def convert(
             help="Bias correction of INT8 weight error: auto (tried after equalization) | on | off.",
         ),
     ] = "auto",
+    int8_io: Annotated[
+        bool,
+        typer.Option(
+            "--int8-io", rich_help_panel=INT8, help="LiteRT INT8: int8 inputs and outputs (microcontrollers, NPUs)."
+        ),
+    ] = False,
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch", rich_help_panel=EXPORT, help="Symbolic batch dimension.")
     ] = False,
@@ -193,7 +201,7 @@ def convert(
 
         cfg = _convert_options(
             to, precision, calib_method, calib_samples, snr_db, max_fallback, reduce_range, dynamic_batch,
-            tolerance, opset, eval_samples, max_accuracy_drop, equalize, bias_correction,
+            tolerance, opset, eval_samples, max_accuracy_drop, equalize, bias_correction, int8_io,
         )  # fmt: skip
         _check_output(output, overwrite, source)
         model, _ = _load(source, trust, model_arg, weights=weights)

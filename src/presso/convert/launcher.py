@@ -3,9 +3,10 @@ INT8).
 
 Flow: export (torch.export-based ONNX, opset 18) -> ONNX checker -> simplify (ONNX Runtime's basic optimizer) ->
 verify against PyTorch (the export fails above a tolerance) -> FP16 or INT8 (calibration + automatic precision) ->
-OpenVINO IR if asked (or LiteRT, converted from the PyTorch model by litert-torch) -> accuracy of FP32 vs the result on labelled data. The output directory holds the model file,
-``presso.json`` (the model card, with the conversion recorded) and ``convert.json`` (the full report); all of it is
-assembled in a temporary sibling and appears in one rename (``presso.outdir``).
+OpenVINO IR if asked (or LiteRT, converted from the PyTorch model by litert-torch) -> accuracy of FP32 vs the result
+on labelled data. The output directory holds the model file, ``presso.json`` (the model card, with the conversion
+recorded) and ``convert.json`` (the full report); all of it is assembled in a temporary sibling and appears in one
+rename (``presso.outdir``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class ConvertConfig:
     keep_io_types: bool = True
     int8: Int8Config = field(default_factory=Int8Config)
     eval_samples: int = 1000
+    int8_io: bool = False  # LiteRT INT8: int8 inputs and outputs too (microcontrollers, NPUs)
     version: int = CONVERT_VERSION
 
     def __post_init__(self) -> None:
@@ -75,6 +77,8 @@ class ConvertConfig:
             raise ConfigError("LiteRT files have a fixed batch size: drop --dynamic-batch with --to litert.")
         if isinstance(self.int8, dict):
             self.int8 = Int8Config(**self.int8)
+        if self.int8_io and (self.to != "litert" or self.precision != "int8"):
+            raise ConfigError("--int8-io is for full-integer LiteRT files: give it with --to litert -p int8.")
         if self.to == "litert" and self.precision == "int8" and self.int8.max_accuracy_drop is not None:
             raise ConfigError("LiteRT INT8 is full-integer, with no layer to fall back: drop --max-accuracy-drop.")
 
@@ -287,7 +291,8 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
         from presso.convert.litert import LiteRTRunner, to_litert
 
         report(f"converting to LiteRT ({cfg.precision.upper()})", 0, 1)
-        final = to_litert(model, inputs, tmp / "model.tflite", precision=cfg.precision, calibration=calibration)
+        final = to_litert(model, inputs, tmp / "model.tflite", precision=cfg.precision, calibration=calibration,
+                          int8_io=cfg.int8_io)  # fmt: skip
         runner = LiteRTRunner(final).run
     else:
         from presso.convert.openvino import to_openvino
