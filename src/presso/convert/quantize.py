@@ -19,6 +19,9 @@ moving ``_Quantizer`` to its own module is the split when this grows again.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import math
 import shutil
 import tempfile
@@ -36,6 +39,11 @@ from presso.progress import quiet_logger
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 MODES = ("auto", "on", "off")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# what can fall back to FP32: the compute layers, and Concat -- it joins tensors whose ranges can differ by orders of
+# magnitude (a YOLO head's box distributions and class logits), and one per-tensor uint8 scale over them rounds the
+# smaller ones away: measured on a YOLOv8n-like detector, 1.5 dB output SNR with its Concats quantized, 20.8 without
+FALLBACK_OPS = (*COMPUTE_OPS, "Concat")
+CLIP_PERCENTILE = 99.99  # the clipped activation ranges tried when min-max ranges miss the criterion
 
 
 def snr_db(reference: Iterable[Sequence[np.ndarray]], candidate: Iterable[Sequence[np.ndarray]]) -> float:
@@ -262,8 +270,9 @@ class _Quantizer:
         self.deltas: dict[str, np.ndarray] | None = None  # bias correction per node, once enabled
         self.plain: Path | None = None  # the all-INT8 file without bias correction
         graph = onnx.load(str(fp32), load_external_data=False).graph
-        self.nodes = [n for n in graph.node if n.op_type in COMPUTE_OPS]
         self.tail = _tail(graph)
+        tail = set(self.tail)
+        self.nodes = [n for n in graph.node if n.op_type in FALLBACK_OPS and n.name not in tail]
         self.layer_of = {n.name: _layer_name(n) for n in self.nodes}
         consumers: dict[str, list] = {}
         for n in graph.node:
@@ -294,7 +303,9 @@ class _Quantizer:
 
             chosen = {k: v for k, v in self.deltas.items() if k not in exclude and (not only or k in only)}
             source = apply_bias(self.fp32, self.work / f"fp32{self.tag}_bc_{self.count}.onnx", chosen)
-        with quiet_logger():  # ONNX Runtime's quantizer logs advice at WARNING on the root logger
+        # ONNX Runtime's quantizer logs advice at WARNING on the root logger, and its histogram calibrators print
+        # their settings to stdout (where the CLI's --json goes)
+        with quiet_logger(), contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
                 str(source),
                 str(out),
@@ -421,9 +432,12 @@ def quantize_int8(
                     report("cross-layer equalization", 0, 1)
                     source = work / "fp32_cle.onnx"
                     equalization = equalize(pre, source).to_json()
-                quantizers[equalized] = _Quantizer(source, calib_feeds, check_feeds, cfg, work,
-                                                   tag="_cle" if equalized else "", reference=known)  # fmt: skip
+                tag = ("_cle" if equalized else "") + ("_clip" if ranges is not cfg else "")
+                quantizers[equalized] = _Quantizer(source, calib_feeds, check_feeds, ranges, work, tag=tag,
+                                                   reference=known)  # fmt: skip
             return quantizers[equalized]
+
+        ranges = cfg  # the calibration the quantizers use: the configured one, or clipped ranges when those win
 
         reference = None
         if by_accuracy:
@@ -460,6 +474,20 @@ def quantize_int8(
             tried.append((value, -len(tried), method, equalized, corrected, path, snr_all, ok))
             if ok:
                 break
+            if len(tried) == 1 and cfg.method == "minmax" and cfg.equalize == "auto":
+                # min-max ranges stretched by a few outlier activations: try clipped ranges first (the cheapest fix;
+                # a YOLOv8n-like detector: 3.8 dB with min-max over 128 images, 19.9 with the 99.99th percentile)
+                method, plain = "clip", quantizers.pop(False)
+                ranges = dataclasses.replace(cfg, method="percentile", percentile=CLIP_PERCENTILE)
+                q = quantizer(False)
+                path = q.quantize()
+                snr_clip = q.output_snr(path)
+                ok, clipped = judge(path, fallback, snr_clip)
+                tried.append((clipped, -len(tried), method, False, False, path, snr_clip, ok))
+                if ok:
+                    break
+                if clipped <= value:  # min-max stays: every later step builds on the better calibration
+                    quantizers[False], ranges = plain, cfg
         all_int8 = tried[0][6]
         value, _, method, equalized, corrected, current, _, ok = tried[-1] if ok else max(tried, key=lambda t: t[:2])
         q = quantizer(equalized)
@@ -505,7 +533,8 @@ def quantize_int8(
         met=ok,
         layers=layers,
         settings={
-            "method": cfg.method,
+            "method": ranges.method,  # the calibration the delivered file's ranges came from
+            **({"percentile": ranges.percentile} if ranges.method == "percentile" else {}),
             "samples": sum(len(next(iter(f.values()))) for f in calib_feeds),
             "check_samples": sum(len(next(iter(f.values()))) for f in check_feeds),
             "per_channel": cfg.per_channel,
