@@ -460,6 +460,15 @@ def quantize_int8(
         # it, else go on from the best of them
         fallback: list[str] = []
         tried = []
+
+        def attempt(q: _Quantizer, equalized: bool, corrected: bool) -> tuple[bool, float]:
+            """All INT8 with ``q`` (its graph and ranges), judged and recorded in ``tried``."""
+            path = q.quantize()
+            snr_all = q.output_snr(path)
+            ok, value = judge(path, fallback, snr_all)
+            tried.append((value, -len(tried), method, equalized, corrected, path, snr_all, ok))
+            return ok, value
+
         for equalized, corrected in plan(cfg.equalize, cfg.bias_correction):
             if corrected and {t[3] for t in tried} == {False, True} and not any(t[4] for t in tried):
                 equalized = max(tried, key=lambda t: t[:2])[3]  # on top of the better graph: CLE can lose SNR
@@ -468,10 +477,7 @@ def quantize_int8(
             if corrected:
                 report("bias correction", 0, 1)
                 q.correct_biases()
-            path = q.quantize()
-            snr_all = q.output_snr(path)
-            ok, value = judge(path, fallback, snr_all)
-            tried.append((value, -len(tried), method, equalized, corrected, path, snr_all, ok))
+            ok, value = attempt(q, equalized, corrected)
             if ok:
                 break
             if len(tried) == 1 and cfg.method == "minmax" and cfg.equalize == "auto":
@@ -479,11 +485,7 @@ def quantize_int8(
                 # a YOLOv8n-like detector: 3.8 dB with min-max over 128 images, 19.9 with the 99.99th percentile)
                 method, plain = "clip", quantizers.pop(False)
                 ranges = dataclasses.replace(cfg, method="percentile", percentile=CLIP_PERCENTILE)
-                q = quantizer(False)
-                path = q.quantize()
-                snr_clip = q.output_snr(path)
-                ok, clipped = judge(path, fallback, snr_clip)
-                tried.append((clipped, -len(tried), method, False, False, path, snr_clip, ok))
+                ok, clipped = attempt(quantizer(False), False, False)
                 if ok:
                     break
                 if clipped <= value:  # min-max stays: every later step builds on the better calibration
