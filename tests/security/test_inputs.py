@@ -452,7 +452,10 @@ def _compress(out: Path, prelude: str | None = None) -> subprocess.Popen:
         code = f"import runpy, sys\n{prelude}\nsys.argv = ['presso', *{args!r}]\n{run}"
         command = [sys.executable, "-c", code]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C as from a terminal: a test run started as a background job of a non-interactive shell has SIGINT
+    # ignored, and an ignored signal stays ignored in every child (the interrupt would never arrive)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _assert_interrupted(proc: subprocess.Popen, what: str) -> None:
