@@ -57,13 +57,9 @@ QUICK = {
 
 # --------------------------------------------------------------------------- the machine
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from presso.bench.env import cpu_model  # the one /proc/cpuinfo reader (``presso env``)
+
+    return cpu_model()
 
 
 def load_average() -> list[float]:

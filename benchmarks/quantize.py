@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -28,13 +27,9 @@ import torch
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from presso.bench.env import cpu_model  # the one /proc/cpuinfo reader (``presso env``)
+
+    return cpu_model()
 
 
 def ort_default(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
