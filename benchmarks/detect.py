@@ -131,7 +131,7 @@ def epoch_printer(tag: str):
     return show
 
 
-def train_or_reuse(tag: str, model, bundle, cfg, folder: Path, teacher=None):
+def train_or_reuse(tag: str, model, bundle, cfg, folder: Path, teacher=None, regularizer=None):
     """``model`` trained with ``cfg`` into ``folder`` (resuming an interrupted run there), or the model a previous
     run finished there; and the seconds spent."""
     import presso
@@ -143,7 +143,7 @@ def train_or_reuse(tag: str, model, bundle, cfg, folder: Path, teacher=None):
         return presso.load_model(str(folder)), None
     folder.parent.mkdir(parents=True, exist_ok=True)
     result = presso.train(model, bundle, cfg, teacher=teacher, output_dir=folder, resume=has_checkpoint(folder),
-                          progress=epoch_printer(tag))  # fmt: skip
+                          regularizer=regularizer, progress=epoch_printer(tag))  # fmt: skip
     return result.model, round(time.perf_counter() - t0, 1)
 
 
@@ -364,21 +364,33 @@ def run(args) -> dict:
     macs = {k: figures(m, spec)["macs"] for k, m in models.items()}
     share_n = macs["n"] / macs["s"]
     print(f"MACs n {macs['n'] / 1e6:.1f} M, s {macs['s'] / 1e6:.1f} M: n is {share_n:.3f} of s", flush=True)
-    teacher = models["s"]
+    teacher, sparse = models["s"], ""
+    if args.sparsity:  # sparsity training of s from scratch (same epochs), the model then pruned and the KD teacher
+        import functools
+
+        from presso.compress.prune.sparsity import GroupDecay
+
+        torch.manual_seed(args.seed)
+        fresh = build("s", args.width_scale, work / "yaml", ch, classes)
+        sparse = f".sparse{args.sparsity:g}r{args.sparsity_ratio:g}"
+        decay = functools.partial(GroupDecay, strength=args.sparsity, ratio=args.sparsity_ratio)
+        models["s_sparse"], took = train_or_reuse("s_sparse", fresh, bundle, cfg, work / f"s{sparse}", None, decay)
+        seconds["train_s_sparse"] = ledger.note(f"train_s{sparse}", took)
+        teacher = models["s_sparse"]
     steps = args.prune_steps
     for name, share in (("s_at_n_macs", share_n), ("s_at_half_macs", 0.5)):
         if steps == 1:
-            pruned, took = prune_or_reuse(teacher, spec, share, bundle, work / f"{name}.pruned")
-            seconds[f"prune_{name}"] = ledger.note(f"prune_{name}", took)
+            pruned, took = prune_or_reuse(teacher, spec, share, bundle, work / f"{name}{sparse}.pruned")
+            seconds[f"prune_{name}"] = ledger.note(f"prune_{name}{sparse}", took)
             rows[name] = {"pruned_before_kd": scores(pruned, bundle, size)}
-            models[name], took = train_or_reuse(name, pruned, bundle, kd_cfg, kd_work / name, teacher)
-            seconds[f"kd_{name}"] = ledger.note(f"kd{args.kd_epochs}_{name}", took)
+            models[name], took = train_or_reuse(name, pruned, bundle, kd_cfg, kd_work / f"{name}{sparse}", teacher)
+            seconds[f"kd_{name}"] = ledger.note(f"kd{args.kd_epochs}_{name}{sparse}", took)
             continue
         # iterative: the same share in `steps` equal (geometric) cuts, each followed by its part of the KD epochs
         student, before = teacher, []
         parts = [args.kd_epochs // steps + (1 if i < args.kd_epochs % steps else 0) for i in range(steps)]
         for i in range(steps):
-            tag = f"{name}.{steps}steps.{i + 1}"
+            tag = f"{name}{sparse}.{steps}steps.{i + 1}"
             pruned, took = prune_or_reuse(student, spec, share ** (1 / steps), bundle, work / f"{tag}.pruned")
             seconds[f"prune_{tag}"] = ledger.note(f"prune_{tag}", took)
             before.append(scores(pruned, bundle, size))
@@ -388,7 +400,8 @@ def run(args) -> dict:
         rows[name] = {"pruned_before_kd": before[0], "pruned_before_each_kd": before, "prune_steps": steps}
         models[name] = student
 
-    order = [k for k in ("n", "n_equal_budget", "s", "s_equal_budget", "s_at_n_macs", "s_at_half_macs") if k in models]
+    order = [k for k in ("n", "n_equal_budget", "s", "s_equal_budget", "s_sparse", "s_at_n_macs", "s_at_half_macs")
+             if k in models]  # fmt: skip
     twins = {"n_equal_budget": "n", "s_equal_budget": "s"}  # same architecture: timed once
     for name in order:
         rows[name] = {**rows.get(name, {}), **figures(models[name], spec), **scores(models[name], bundle, size)}
@@ -444,6 +457,7 @@ def run(args) -> dict:
             "kd_epochs": args.kd_epochs,
             "width_scale": args.width_scale,
             "prune_steps": args.prune_steps,
+            "sparsity": args.sparsity and {"strength": args.sparsity, "ratio": args.sparsity_ratio},
         },
         "models": rows,
         "latency": timing,
@@ -497,7 +511,8 @@ def print_table(result: dict) -> None:
     rows = result["models"]
     total = result["train"]["epochs"] + result["train"]["kd_epochs"]
     names = {"n": "n (from scratch)", "n_equal_budget": f"n (from scratch, {total} epochs)", "s": "s (from scratch)",
-             "s_equal_budget": f"s (from scratch, {total} epochs)", "s_at_n_macs": "s pruned to n's MACs + KD",
+             "s_equal_budget": f"s (from scratch, {total} epochs)", "s_sparse": "s (from scratch, sparsity training)",
+             "s_at_n_macs": "s pruned to n's MACs + KD",
              "s_at_half_macs": "s pruned to 50% MACs + KD"}  # fmt: skip
     names = {k: v for k, v in names.items() if k in rows}
     print("\n| model | params | MACs (share of s) | mAP50-95 | mAP50 | INT8 mAP50-95 | ORT FP32 ms (vs n) | "
@@ -557,6 +572,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prune-steps", type=int, default=1,
                     help="prune in this many equal cuts, each followed by its share of the --kd-epochs (default 1: "
                          "one cut, then all the recovery)")  # fmt: skip
+    ap.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="train the s to be pruned with Presso's group decay of this strength (train --sparsity)",
+    )
+    ap.add_argument("--sparsity-ratio", type=float, default=0.45, help="with --sparsity: share of channels to empty")
     ap.add_argument("--lr", type=float, default=None, help="default: TrainConfig's (AdamW 2e-3 x batch / 128)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="training threads (default: torch's)")

@@ -58,6 +58,16 @@ def train(
         bool,
         typer.Option("--pseudo-labels", help="Detection without labels: learn from the teacher's boxes after NMS."),
     ] = False,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(
+            help="Sparsity training before a cut: decay the weakest --sparsity-ratio of every prunable "
+            "channel group by lr x this per step (e.g. 50); then compress with criterion l2."
+        ),
+    ] = None,
+    sparsity_ratio: Annotated[
+        float, typer.Option(help="With --sparsity: the share of each group's channels to empty (the cut to come).")
+    ] = 0.5,
     task: TaskOpt = None,
     image_size: ImageSizeOpt = None,
     val_fraction: Annotated[float, typer.Option(help="Held-out share when the data has no split.")] = 0.1,
@@ -114,6 +124,14 @@ def train(
         )
         main = setup().is_main
         _check_output(output, overwrite, source, teacher)
+        regularizer = None
+        if sparsity is not None:
+            import functools
+
+            from presso.compress.prune.sparsity import GroupDecay
+
+            GroupDecay.check(sparsity, sparsity_ratio)  # before the data is read
+            regularizer = functools.partial(GroupDecay, strength=sparsity, ratio=sparsity_ratio)
         # the data first: a zoo model built from random init takes its class and channel counts from it
         bundle = presso.load_data(data, val_fraction=val_fraction, seed=seed)
         torch.manual_seed(seed)  # the same initial weights on every torchrun process
@@ -131,6 +149,7 @@ def train(
                     resume=resume,
                     overwrite=overwrite,
                     trust=trust,
+                    regularizer=regularizer,
                     progress=bars,
                 )
         except KeyboardInterrupt:

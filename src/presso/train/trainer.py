@@ -77,6 +77,7 @@ def train(
     overwrite: bool = False,
     task: str | Task | None = None,
     trust: bool = False,
+    regularizer: Any = None,
     progress: ProgressCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (a data spec or a ``DataBundle``; supervised), or distil it from ``teacher``
@@ -84,6 +85,10 @@ def train(
 
     ``task`` (``classify``, ``detect``, a ``presso.tasks.Task``, or a user's ``file.py:Class`` with ``trust``) is
     inferred from the model's card, the data and the model when not given (``presso.tasks.infer_task``).
+    ``regularizer`` (sparsity training before a cut: ``presso.compress.prune.sparsity.GroupDecay``) has its
+    ``after_step(lr)`` called after every optimizer step and its ``to_json()`` recorded on the card; a callable
+    without ``after_step`` is a factory, called with the model and an example input batch (a tuple) once the model
+    is ready to train.
 
     Returns the best model (by the task's headline metric -- validation top-1, mAP50-95 --, or by validation loss
     for unlabeled data) and its history. With
@@ -94,6 +99,7 @@ def train(
     """
     cfg = config or TrainConfig()
     run = _Run(model, data, cfg, teacher, output_dir, resume, progress, overwrite, task=task, trust=trust)
+    run.regularizer = regularizer
     return run.execute()
 
 
@@ -117,6 +123,7 @@ class _Run:
         self.report_step = reporter(progress if self.reports else None, "train")
         self.report_epoch = reporter(progress if self.reports else None, "epoch")
         self.ctrl_c = _CtrlC()
+        self.regularizer = None
         if self.teacher is None and not self.bundle.labeled:
             raise DataError(
                 f"'{self.bundle.name}' has no labels: supervised training needs labels; to train on unlabeled "
@@ -142,6 +149,8 @@ class _Run:
         example = example.to(self.device)
         self.task.prepare(self.model, self.bundle, example, cfg)
         self.task.check(self.model, example, self.bundle, self.teacher)
+        if self.regularizer is not None and not hasattr(self.regularizer, "after_step"):
+            self.regularizer = self.regularizer(self.model, (example,))
         self.taps = None
         if self.teacher is not None and cfg.feature_match:
             self.taps = FeatureTaps(self.model, self.teacher, example)
@@ -254,6 +263,8 @@ class _Run:
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.opt.step()
+            if self.regularizer is not None:
+                self.regularizer.after_step(self.opt.param_groups[0]["lr"])
             self.sched.step()
             self._step += 1
             self._sums[0] += float(loss.detach()) * len(x)
@@ -332,6 +343,7 @@ class _Run:
                     else (type(self.teacher).__name__ if self.teacher is not None else None)
                 ),
                 "best": result.best,
+                **({"regularizer": self.regularizer.to_json()} if self.regularizer is not None else {}),
                 "epochs": len(result.history),
                 "seconds": round(result.seconds, 2),
             }
