@@ -168,3 +168,67 @@ def test_convert_to_litert_pruned_resnet8(pruned, tmp_path):
 
     assert "QUANTIZE" not in op_counts(io.path) and float_ops(io.path) == []
     assert io.accuracy["converted_top1"] >= io.accuracy["fp32_top1"] - 0.02
+
+
+# ----------------------------------------------------------------------------- presso benchmark --runtime litert
+@needs_litert
+def test_benchmark_runtime_litert_times_the_files_as_they_are(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from presso.bench.api import benchmark
+    from presso.cli import app
+    from presso.convert.litert import to_litert
+
+    model, x, _, calibration = tiny
+    fp32 = to_litert(model, (x[:1],), tmp_path / "fp32" / "model.tflite")
+    int8 = to_litert(model, (x[:1],), tmp_path / "int8" / "model.tflite", precision="int8", calibration=calibration)
+    db = tmp_path / "latency.db"
+    a = benchmark(str(fp32), runtime="litert", threads=1, warmup=2, repeat=5, db=str(db))
+    b = benchmark(str(int8), runtime="litert", threads=1, warmup=2, repeat=5, db=str(db))
+    assert (a.runtime, a.precision, b.precision) == ("litert", "fp32", "int8")
+    assert a.input_shape == "1,3,32,32" and a.runs == 5 and a.latency_ms["median"] > 0
+    assert a.model_size_bytes == fp32.stat().st_size and b.model_size_bytes == int8.stat().st_size
+    assert a.model_fp != b.model_fp and a.db["uid"] != b.db["uid"]  # both stored, as different models
+
+    from presso.bench.latency_db import LatencyDB
+
+    rows = LatencyDB(str(db)).rows()
+    assert {r["precision"] for r in rows} == {"fp32", "int8"}
+
+    runner = CliRunner()
+    wrong = runner.invoke(app, ["benchmark", str(fp32), "--no-db"])  # the default runtime is onnxruntime
+    assert wrong.exit_code == 2 and "is a LiteRT file: measure it with --runtime litert" in wrong.output
+    shape = runner.invoke(app, ["benchmark", str(fp32), "--runtime", "litert", "--batch", "4", "--no-db"])
+    assert shape.exit_code == 2 and "fixed input shape 1,3,32,32" in shape.output
+    torch_model = runner.invoke(app, ["benchmark", "presso:resnet8", "-s", "1,3,32,32", "--runtime", "litert"])
+    assert torch_model.exit_code == 2 and "presso convert MODEL --to litert" in torch_model.output
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"not a flatbuffer" * 10)
+    bad = runner.invoke(app, ["benchmark", str(broken), "--runtime", "litert", "--no-db"])
+    assert bad.exit_code == 2 and "is not a readable LiteRT model" in bad.output
+    ok = runner.invoke(app, ["benchmark", str(int8.parent / "model.tflite"), "--runtime", "litert", "--threads", "1",
+                             "--repeat", "3", "--warmup", "1", "--no-db", "--json"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["precision"] == "int8"
+
+
+@needs_litert
+def test_info_reads_a_litert_file(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from presso.cli import app
+    from presso.convert.litert import to_litert
+
+    model, x, _, calibration = tiny
+    fp32 = to_litert(model, (x[:1],), tmp_path / "fp32" / "model.tflite")
+    int8 = to_litert(model, (x[:1],), tmp_path / "int8" / "model.tflite", precision="int8", calibration=calibration)
+    params = sum(p.numel() for p in model.parameters())
+    for path, precision in ((fp32, "fp32"), (int8, "int8")):
+        out = CliRunner().invoke(app, ["info", str(path), "--json"])
+        assert out.exit_code == 0, out.output
+        info = json.loads(out.stdout)
+        assert info["format"] == "litert" and info["precision"] == precision
+        assert info["inputs"][0]["shape"] == [1, 3, 32, 32] and info["outputs"][0]["shape"] == [1, 10]
+        # BatchNorm is folded into the convolutions (its scales and shifts become conv biases); in INT8 the
+        # int32 biases are not weights: measured 31,690 (fp32) and 31,488 (int8) of PyTorch's 31,850
+        assert params - 400 <= info["params"] <= params, (info["params"], params)

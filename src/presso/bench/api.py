@@ -71,9 +71,20 @@ class _Onnx:
 def _model_file(model, input_shape, batch: int | None, tmp: Path, runtime: str | None, device: str = LOCAL):
     """The model to measure as a file: an export read back as it is (an ONNX file, an OpenVINO IR, a ``presso
     convert`` folder: ``presso.bench.exports``), else exported to ONNX here."""
-    from presso.bench.exports import OpenVinoIR, export_path, is_ir
+    from presso.bench.exports import LiteRTFile, OpenVinoIR, export_path, is_ir, is_tflite
 
     path = export_path(model, runtime) if isinstance(model, (str, Path)) else None
+    if path is not None and is_tflite(path):
+        if runtime != "litert":
+            raise ConfigError(f"'{path}' is a LiteRT file: measure it with --runtime litert.")
+        if device != LOCAL:
+            raise ConfigError("Remote devices run ONNX models: give the .onnx file, or measure the .tflite locally.")
+        return LiteRTFile(path, input_shape, batch)
+    if runtime == "litert":
+        raise ConfigError(
+            "Runtime 'litert' runs LiteRT files: convert the model first (presso convert MODEL --to litert -o DIR, "
+            "with -p fp16 or -p int8 --calib DATA for those), then benchmark DIR or its model.tflite."
+        )
     if path is None:
         return _Onnx(model, input_shape, batch, tmp)
     if is_ir(path):
@@ -143,7 +154,8 @@ def benchmark(
     progress: ProgressCallback | None = None,
 ) -> BenchmarkResult:
     """Measure ``model`` (an ``nn.Module``, a model source string, an ``.onnx`` path or ONNX bytes, an OpenVINO
-    ``.xml`` IR with ``runtime="openvino"``, or a folder written by ``presso convert``) on ``device``.
+    ``.xml`` IR with ``runtime="openvino"``, a LiteRT ``.tflite`` with ``runtime="litert"``, or a folder written by
+    ``presso convert``) on ``device``.
 
     Returns a ``BenchmarkResult``: ``latency_ms`` (median, p90, p99, mean, std, min), ``throughput``,
     ``peak_memory_mb``, ``model_size_bytes``, ``noise_pct``, ``environment``, ``device``, ``runtime``, and the
@@ -151,7 +163,7 @@ def benchmark(
     or path; default ``$PRESSO_HOME/latency.db``; ``False`` stores nothing). ``progress`` gets stage ``benchmark``
     events: runs done (warm-up included) of the most there will be.
     """
-    from presso.bench.runner import RUNTIMES, measure_onnx, measure_torch
+    from presso.bench.runner import RUNTIMES, measure_litert, measure_onnx, measure_torch
 
     if runtime not in RUNTIMES:
         raise ConfigError(f"Runtime '{runtime}': use one of {', '.join(RUNTIMES)}.")
@@ -183,6 +195,11 @@ def benchmark(
                 ).to_json()
                 if profile:
                     raise ConfigError("--profile uses ONNX Runtime's profiler: run it with --runtime onnxruntime.")
+            elif runtime == "litert":
+                if profile:
+                    raise ConfigError("--profile uses ONNX Runtime's profiler: run it with --runtime onnxruntime.")
+                meas = measure_litert(m, threads=threads, warmup=warmup, repeat=repeat, max_seconds=max_seconds,
+                                      progress=report).to_json()  # fmt: skip
             else:
                 meas = measure_onnx(
                     m.path,

@@ -1,10 +1,12 @@
-"""Exported models read back as they are: an ONNX file, an OpenVINO IR (``model.xml`` + ``model.bin``), or the
-folder ``presso convert`` writes (``model.onnx``, maybe ``model.xml``, ``presso.json``, ``convert.json``).
+"""Exported models read back as they are: an ONNX file, an OpenVINO IR (``model.xml`` + ``model.bin``), a LiteRT
+flatbuffer (``.tflite``), or the folder ``presso convert`` writes (``model.onnx``, ``model.xml`` or
+``model.tflite``, with ``presso.json`` and ``convert.json``).
 
 ``export_path`` tells an export from a model source (which is loaded as PyTorch -- and, for these files, would fail
 with a pickle error), so ``presso info`` and ``presso benchmark`` route exports here before any model is loaded.
 ``export_info`` gives the figures the graph itself holds: inputs, outputs, opset, file size and parameter count.
-``OpenVinoIR`` is an IR ready for the benchmark (its shapes, feed, precision and fingerprint).
+``OpenVinoIR`` and ``LiteRTFile`` are an IR and a ``.tflite`` ready for the benchmark (their shapes, feed,
+precision and fingerprint).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from presso.errors import ConfigError
 
 CONVERT_REPORT = "convert.json"  # what marks a folder written by `presso convert` (presso.convert.launcher)
-ONNX_FILE, IR_FILE = "model.onnx", "model.xml"
+ONNX_FILE, IR_FILE, TFLITE_FILE = "model.onnx", "model.xml", "model.tflite"
 # initializer types that hold weights (shapes, axes and indices are int64/int32 and are not parameters)
 _WEIGHT_TYPES = {"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "INT8", "UINT8", "INT4", "UINT4"}
 _IR_WEIGHT_TYPES = {"f32", "f16", "bf16", "f64", "i8", "u8", "i4", "u4"}
@@ -49,24 +51,34 @@ def detect_precision(proto) -> str:
 
 def is_convert_dir(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / CONVERT_REPORT).is_file() and ((p / ONNX_FILE).is_file() or (p / IR_FILE).is_file())
+    return (
+        p.is_dir()
+        and (p / CONVERT_REPORT).is_file()
+        and any((p / f).is_file() for f in (ONNX_FILE, IR_FILE, TFLITE_FILE))
+    )
 
 
 def export_path(source: str | Path, runtime: str | None = None) -> Path | None:
     """The exported model file ``source`` names, or None when it is a model source to load.
 
-    An ``.onnx`` or ``.xml`` path is itself (it must exist); a ``presso convert`` folder gives its OpenVINO IR for
-    ``runtime="openvino"`` when it has one, else its ONNX file."""
+    An ``.onnx``, ``.xml`` or ``.tflite`` path is itself (it must exist); a ``presso convert`` folder gives its
+    OpenVINO IR for ``runtime="openvino"`` when it has one, else its ONNX file, else its IR or LiteRT file."""
     p = Path(source)
-    if p.suffix.lower() in (".onnx", ".xml"):
+    if p.suffix.lower() in (".onnx", ".xml", ".tflite"):
         if not p.is_file():
             raise ConfigError(f"No such model file: '{p}'.")
         return p
     if is_convert_dir(p):
         if runtime == "openvino" and (p / IR_FILE).is_file():
             return p / IR_FILE
-        return p / ONNX_FILE if (p / ONNX_FILE).is_file() else p / IR_FILE
+        if runtime == "litert" and (p / TFLITE_FILE).is_file():
+            return p / TFLITE_FILE
+        return next(p / f for f in (ONNX_FILE, IR_FILE, TFLITE_FILE) if (p / f).is_file())
     return None
+
+
+def is_tflite(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".tflite"
 
 
 def is_ir(path: str | Path) -> bool:
@@ -83,6 +95,8 @@ def export_info(path: str | Path) -> dict[str, Any]:
     (ONNX) or IR version, size on disk (the IR's ``.bin`` included), parameter count (elements of the weight
     tensors), node count and precision."""
     path = Path(path)
+    if is_tflite(path):
+        return _tflite_info(path)
     return _ir_info(path) if is_ir(path) else _onnx_info(path)
 
 
@@ -217,3 +231,105 @@ class OpenVinoIR:
         return {
             name: rng.standard_normal(shape).astype(dtypes.get(kind, np.float32)) for name, shape, kind in self.ports
         }
+
+
+class LiteRTFile:
+    """A LiteRT flatbuffer to benchmark with ai-edge-litert (``runtime="litert"``): the attributes of its ONNX
+    counterpart. LiteRT shapes are fixed in the file: another ``input_shape`` or ``batch`` is refused."""
+
+    torch_model = None
+    example_inputs = None
+
+    def __init__(self, path: str | Path, input_shape: str | None, batch: int | None):
+        self.path = Path(path)
+        self.name = str(path)
+        interp = litert_interpreter(self.path)
+        self.ports = [(d["name"], tuple(int(v) for v in d["shape"]), d["dtype"]) for d in interp.get_input_details()]
+        self.shapes = [s for _, s, _ in self.ports]
+        self.input_shape = ";".join(",".join(str(d) for d in s) for s in self.shapes)
+        asked = None
+        if input_shape is not None:
+            from presso.models import InputSpec
+
+            asked = [tuple(t.shape) for t in InputSpec.parse(input_shape).tensors]
+        if batch is not None:
+            asked = [(batch, *s[1:]) for s in (asked or self.shapes)]
+        if asked is not None and asked != self.shapes:
+            raise ConfigError(
+                f"The LiteRT file '{path}' has the fixed input shape {self.input_shape}, not "
+                f"{';'.join(','.join(map(str, s)) for s in asked)}: benchmark it as it is, or convert the model at the "
+                "shape you want (presso convert ... --to litert --input-shape ...)."
+            )
+        self.precision = tflite_precision(interp)
+        digest = hashlib.sha256(self.path.read_bytes())
+        digest.update(self.input_shape.encode())
+        self.fingerprint = "tflite-" + digest.hexdigest()[:24]
+
+    def feed(self) -> list[np.ndarray]:
+        """Random inputs of the file's shapes and types (int8 inputs: random integers)."""
+        rng = np.random.default_rng(0)
+        out = []
+        for _, shape, dtype in self.ports:
+            if np.issubdtype(dtype, np.integer):
+                info = np.iinfo(dtype)
+                out.append(rng.integers(info.min, info.max + 1, shape).astype(dtype))
+            else:
+                out.append(rng.standard_normal(shape).astype(dtype))
+        return out
+
+
+def _tflite_info(path: Path) -> dict[str, Any]:
+    interp = litert_interpreter(path)
+
+    def tensor(d) -> dict[str, Any]:
+        return {"name": d["name"], "shape": [int(v) for v in d["shape"]], "type": np.dtype(d["dtype"]).name}
+
+    ops = interp._get_ops_details()  # the only public view of the op list (ai-edge-litert 2.3)
+    produced = {int(i) for op in ops for i in op["outputs"]}
+    inputs = {d["index"] for d in interp.get_input_details()}
+    constants = {int(i) for op in ops for i in op["inputs"] if int(i) >= 0} - produced - inputs
+    weights = (np.float32, np.float16, np.int8, np.uint8)
+    params = sum(
+        int(np.prod(d["shape"], dtype=np.int64))
+        for d in interp.get_tensor_details()
+        if d["index"] in constants and d["dtype"] in weights and len(d["shape"]) >= 1
+    )
+    return {
+        "format": "litert",
+        "path": str(path),
+        "inputs": [tensor(d) for d in interp.get_input_details()],
+        "outputs": [tensor(d) for d in interp.get_output_details()],
+        "opset": None,
+        "producer": "LiteRT flatbuffer",
+        "size_bytes": path.stat().st_size,
+        "params": params,
+        "nodes": len(ops),
+        "precision": tflite_precision(interp),
+    }
+
+
+def litert_interpreter(path: str | Path, threads: int = 1):
+    """ai-edge-litert's interpreter on ``path`` (CPU, XNNPACK), tensors allocated; one line when it is missing or
+    the file is not a LiteRT model."""
+    try:
+        from ai_edge_litert import interpreter
+    except ImportError:
+        raise ConfigError("Runtime 'litert' needs the optional extra: pip install \"presso[litert]\".") from None
+    try:
+        it = interpreter.Interpreter(model_path=str(path), num_threads=threads)
+        it.allocate_tensors()
+    except (RuntimeError, ValueError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"'{path}' is not a readable LiteRT model: {first[:200]}") from None
+    return it
+
+
+def tflite_precision(interp) -> str:
+    """int8 when any tensor holds quantized int8 values (full-integer or int8 weights), fp16 when weights are
+    half precision, else fp32."""
+    details = interp.get_tensor_details()
+    if any(d["dtype"] == np.int8 and d["quantization"][0] for d in details):
+        return "int8"
+    if any(d["dtype"] == np.float16 for d in details):
+        return "fp16"
+    return "fp32"

@@ -1,6 +1,7 @@
 """Local latency measurement: warm-up, then repeated runs until a count or time budget; robust statistics.
 
-Runtimes: ONNX Runtime (default, CPU execution provider), OpenVINO (when installed) and eager PyTorch. Every
+Runtimes: ONNX Runtime (default, CPU execution provider), OpenVINO (when installed), LiteRT (ai-edge-litert's
+interpreter with XNNPACK, with the extra ``presso[litert]``) and eager PyTorch. Every
 measurement also reports its own noise -- the spread of the medians of consecutive blocks of runs -- so a difference
 between two models can be told from the machine's jitter.
 """
@@ -21,7 +22,7 @@ import numpy as np
 
 from presso.errors import ConfigError
 
-RUNTIMES = ("onnxruntime", "openvino", "torch")
+RUNTIMES = ("onnxruntime", "openvino", "litert", "torch")
 NOISE_BLOCKS = 5
 
 
@@ -361,6 +362,46 @@ def _openvino_runner(path, inputs, threads: int):
         feed = inputs
     request = compiled.create_infer_request()
     return (lambda: request.infer(feed)), ov.get_version(), feed
+
+
+# --------------------------------------------------------------------------- LiteRT
+def measure_litert(
+    model,
+    *,
+    threads: int | None = None,
+    warmup: int = 5,
+    repeat: int = 30,
+    max_seconds: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Measurement:
+    """Time a LiteRT flatbuffer (``presso.bench.exports.LiteRTFile``) with ai-edge-litert's interpreter on the CPU
+    (XNNPACK delegate, ``threads`` threads): inputs set once, then ``invoke`` timed -- what an app's inference call
+    costs."""
+    from presso.bench.env import environment
+    from presso.bench.exports import litert_interpreter
+
+    n_threads = resolve_threads(threads)
+    with PeakMemory() as mem:
+        interp = litert_interpreter(model.path, n_threads)
+        for detail, value in zip(interp.get_input_details(), model.feed(), strict=True):
+            interp.set_tensor(detail["index"], value)
+        samples = time_loop(interp.invoke, warmup=warmup, repeat=repeat, max_seconds=max_seconds, progress=progress)
+    from ai_edge_litert import __version__ as version
+
+    stats = summarize(samples)
+    batch = model.shapes[0][0] if model.shapes and model.shapes[0] else 1
+    return Measurement(
+        **stats,
+        runs=len(samples),
+        threads=n_threads,
+        runtime="litert",
+        runtime_version=version,
+        batch=batch,
+        throughput=round(batch * 1000 / stats["median_ms"], 3) if stats["median_ms"] > 0 else 0.0,
+        peak_memory_mb=mem.peak_mb,
+        model_size_bytes=model.path.stat().st_size,
+        environment=environment("litert", version, n_threads),
+    )
 
 
 # --------------------------------------------------------------------------- PyTorch (eager)

@@ -75,12 +75,13 @@ def benchmark(
         typer.Argument(
             metavar="MODEL",
             help="A model source (torchvision:NAME, ...), a model dir, an .onnx file, an OpenVINO .xml "
-            "(--runtime openvino), or a folder from 'presso convert'.",
+            "(--runtime openvino), a LiteRT .tflite (--runtime litert), or a folder from 'presso convert'.",
         ),
     ],
     device: DeviceOpt = "local",
     runtime: Annotated[
-        str, typer.Option(metavar="NAME", rich_help_panel=MEASURE, help="onnxruntime | openvino | torch.")
+        str,
+        typer.Option(metavar="NAME", rich_help_panel=MEASURE, help="onnxruntime | openvino | litert | torch."),
     ] = "onnxruntime",
     threads: ThreadsOpt = None,
     batch: Annotated[
