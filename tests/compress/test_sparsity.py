@@ -103,7 +103,7 @@ def test_cli_train_sparsity(tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["train", "presso:resnet8", "--data", DIGITS, "-o", str(tmp_path / "x"), "--sparsity",
                               "-3"])  # fmt: skip
-    assert bad.exit_code == 2 and "--sparsity must be a positive" in bad.output
+    assert bad.exit_code == 2 and "--sparsity" in bad.output
     assert not (tmp_path / "x").exists()
     args = ["train", "presso:resnet8", "--data", DIGITS, "-o", str(tmp_path / "m"), "--epochs", "1", "--batch-size",
             "64", "--sparsity", "40", "--sparsity-ratio", "0.25", "--json"]  # fmt: skip

@@ -232,3 +232,66 @@ def test_info_reads_a_litert_file(tiny, tmp_path):
         # BatchNorm is folded into the convolutions (its scales and shifts become conv biases); in INT8 the
         # int32 biases are not weights: measured 31,690 (fp32) and 31,488 (int8) of PyTorch's 31,850
         assert params - 400 <= info["params"] <= params, (info["params"], params)
+
+
+@needs_litert
+@pytest.mark.slow
+def test_litert_bundle_predicts_as_the_file_does_without_torch(pruned, tmp_path):
+    import subprocess
+    import zipfile
+
+    from PIL import Image
+
+    from presso.convert.litert import LiteRTRunner
+    from presso.convert.package import package
+    from presso.convert.predict import Predictor, load_image, normalize
+    from presso.data import load_data
+
+    config = ConvertConfig(to="litert", precision="int8", int8_io=True)  # int8 edges: the bundle quantizes them
+    conv = presso.convert(pruned, "1,3,32,32", config, output_dir=tmp_path / "int8", calib="digits")
+    result = package(conv.output_dir, tmp_path, name="b.zip")
+    assert result.members == ["README.txt", "model.tflite", "predict.py", "presso.json"]
+    with zipfile.ZipFile(result.path) as zf:
+        card = json.loads(zf.read("presso.json"))
+        assert "pip install ai-edge-litert numpy pillow" in zf.read("README.txt").decode()
+    assert card["bundle"]["runtime"] == "litert"
+
+    val = load_data("digits").val.at((32, 32), 3)
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(val[i][0].numpy().transpose(1, 2, 0)).save(paths[-1])
+    x = normalize(np.stack([load_image(p, 3, (32, 32)) for p in paths]), card["preprocess"])
+    expected = LiteRTRunner(conv.path).run((x,))[0].argmax(1).tolist()
+    predictor = Predictor(result.path)
+    assert predictor.batch == 1 and predictor.num_classes == 10
+    assert [p["class"] for p in predictor.predict(paths)] == expected
+    labels = [int(val[i][1]) for i in range(8)]
+    assert sum(a == b for a, b in zip(expected, labels, strict=True)) >= 5  # the file classifies digits
+
+    # the bundle's own predict.py, with neither torch nor presso importable
+    with zipfile.ZipFile(result.path) as zf:
+        zf.extract("predict.py", tmp_path / "device")
+    blocker = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.modules['presso'] = None; "
+        f"sys.argv = ['predict.py', {str(result.path)!r}, *{[str(p) for p in paths]!r}, '--json']; "
+        f"runpy.run_path({str(tmp_path / 'device' / 'predict.py')!r}, run_name='__main__')"
+    )
+    r = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [p["class"] for p in json.loads(r.stdout)["predictions"]] == expected
+
+    # a card that names LiteRT without the file, and a damaged flatbuffer: one line each
+    from presso.errors import BundleError
+
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("presso.json", json.dumps(card))
+        zf.writestr("model.tflite", b"\0" * 64)
+    with pytest.raises(BundleError, match="LiteRT cannot load model.tflite"):
+        Predictor(bad)
+    with zipfile.ZipFile(tmp_path / "none.zip", "w") as zf:
+        zf.writestr("presso.json", json.dumps(card))
+        zf.writestr("model.onnx", b"")
+    with pytest.raises(BundleError, match="runs on litert, but the bundle has no model.tflite"):
+        Predictor(tmp_path / "none.zip")

@@ -46,6 +46,8 @@ RANGES: dict[str, Range] = {
     "--warmup": (0, 1, "[)"),
     "--label-smoothing": (0, 1, "[)"),
     "--kd-alpha": (0, 1, "[]"),
+    "--sparsity": (0, 1e4, "()"),
+    "--sparsity-ratio": (0, 1, "()"),
     "--temperature": (0, 1000, "(]"),
     "--val-fraction": (0, 1, "()"),
     "--seed": (0, 2**32 - 1, "[]"),

@@ -1,10 +1,11 @@
 """``presso package``: one zip a device can run without PyTorch.
 
-Members: ``model.onnx`` (what ``predict`` runs), ``presso.json`` (the model card: input spec, preprocessing, labels,
-lineage -- source, recipe, history -- and figures, plus the conversion report), ``predict.py`` (the self-contained
-predictor, ``python predict.py bundle.zip IMAGE``), ``README.txt``, and the OpenVINO IR when the model was converted
-to it. The archive is written to a temporary sibling and renamed (``presso.outdir``), so a failed or killed run never
-leaves half a bundle, and a file at that path that is not a Presso bundle is replaced only with ``overwrite``.
+Members: ``model.onnx`` (what ``predict`` runs; ``model.tflite`` instead for a ``convert --to litert`` model, which
+LiteRT runs), ``presso.json`` (the model card: input spec, preprocessing, labels, lineage -- source, recipe, history
+-- and figures, plus the conversion report), ``predict.py`` (the self-contained predictor, ``python predict.py
+bundle.zip IMAGE``), ``README.txt``, and the OpenVINO IR when the model was converted to it. The archive is written
+to a temporary sibling and renamed (``presso.outdir``), so a failed or killed run never leaves half a bundle, and a
+file at that path that is not a Presso bundle is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import presso.outdir as outdir
-from presso.convert.predict import BUNDLE_FORMAT, CARD_MEMBER, MODEL_MEMBER
+from presso.convert.predict import BUNDLE_FORMAT, CARD_MEMBER, MODEL_MEMBER, TFLITE_MEMBER
 from presso.errors import BundleError
 from presso.progress import ProgressCallback, reporter
 from presso.results import Result
@@ -26,7 +27,7 @@ README = """Presso bundle: {name}
 
 Run it on any machine with Python 3.10+ (no PyTorch needed):
 
-    pip install onnxruntime numpy pillow
+    pip install {runtime} numpy pillow
     python -c "import zipfile; zipfile.ZipFile('{zip}').extract('predict.py')"
     python predict.py {zip} IMAGE [IMAGE ...] {options}
 
@@ -47,12 +48,13 @@ def is_bundle(path: str | Path) -> bool:
             names = set(zf.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
-    return CARD_MEMBER in names and MODEL_MEMBER in names
+    return CARD_MEMBER in names and bool({MODEL_MEMBER, TFLITE_MEMBER} & names)
 
 
 def is_converted_dir(path: str | Path) -> bool:
     p = Path(path)
-    return (p / MODEL_MEMBER).is_file() and (p / CARD_MEMBER).is_file() and (p / "convert.json").is_file()
+    has_model = (p / MODEL_MEMBER).is_file() or (p / TFLITE_MEMBER).is_file()
+    return has_model and (p / CARD_MEMBER).is_file() and (p / "convert.json").is_file()
 
 
 @dataclass
@@ -104,7 +106,9 @@ def package(
             f"(package(..., output_dir='{output_dir.parent}', name='{output_dir.name}'))."
         )
     if not is_converted_dir(src):
-        raise BundleError(f"'{src}' is not a converted model directory (model.onnx, presso.json, convert.json).")
+        raise BundleError(
+            f"'{src}' is not a converted model directory (model.onnx or model.tflite, presso.json, convert.json)."
+        )
     card = json.loads((src / CARD_MEMBER).read_text())
     if not card.get("preprocess"):
         raise BundleError(
@@ -115,15 +119,17 @@ def package(
     if output.suffix != ".zip" or Path(name).name != name:
         raise BundleError(f"Name the bundle with a file name ending in .zip, not '{name}'.")
     outdir.check(output, overwrite=overwrite or is_bundle(output), what="file")  # before reading the model
-    model_bytes = (src / MODEL_MEMBER).read_bytes()
+    member, runtime = (MODEL_MEMBER, "onnxruntime") if (src / MODEL_MEMBER).is_file() else (TFLITE_MEMBER, "litert")
+    model_bytes = (src / member).read_bytes()
     card["bundle_format"] = BUNDLE_FORMAT
-    card["bundle"] = {"model_sha256": hashlib.sha256(model_bytes).hexdigest(), "runtime": "onnxruntime"}
+    card["bundle"] = {"model_sha256": hashlib.sha256(model_bytes).hexdigest(), "runtime": runtime}
     pp = card["preprocess"]
     labels = card.get("labels")
     detect = card.get("task") == "detect"
     readme = README.format(
         name=card.get("source", {}).get("source", "model"),
         zip=output.name,
+        runtime="ai-edge-litert" if runtime == "litert" else "onnxruntime",
         spec=card.get("input_spec"),
         size="x".join(str(v) for v in pp["size"]),
         channels=pp["channels"],
@@ -133,7 +139,7 @@ def package(
         task=DETECT_README if detect else "",
     )
     members = {
-        MODEL_MEMBER: model_bytes,
+        member: model_bytes,
         CARD_MEMBER: json.dumps(card, indent=2, default=str).encode(),
         "predict.py": Path(predict.__file__).read_bytes(),
         "README.txt": readme.encode(),

@@ -1,15 +1,18 @@
-"""Predict with a Presso bundle using only ONNX Runtime, NumPy and Pillow -- no PyTorch, no Presso needed.
+"""Predict with a Presso bundle using only ONNX Runtime (or LiteRT), NumPy and Pillow -- no PyTorch, no Presso.
 
 This file is self-contained on purpose: ``presso package`` copies it into every bundle as ``predict.py``, so on a
 device ``python predict.py bundle.zip image.jpg`` works with ``pip install onnxruntime numpy pillow`` alone, and
 ``presso predict`` runs exactly the same code. Keep its imports to the standard library, NumPy, Pillow and ONNX
 Runtime. Over 500 lines because of that: all a device runs (bundle checks, classification, detection) is one file.
+A bundle of a ``convert --to litert`` model holds ``model.tflite`` instead and runs on ai-edge-litert's interpreter
+(``pip install ai-edge-litert numpy pillow``), behind the same checks (``_LiteRTSession``).
 
-Opening a bundle never extracts it: only ``model.onnx`` and ``presso.json`` are read, into memory, after checking
-every member's name (no absolute paths, no ``..``, no links), their count, their declared sizes against a limit
-each, and their compression ratio (zip bombs); never more than a member declares is inflated. What the card and
-the model then declare is checked against each other (preprocessing, input channels and size, classes, labels; no
-external data), so a hostile or damaged bundle is refused with one clear message before an image is scored.
+Opening a bundle never extracts it: only the model (``model.onnx`` or ``model.tflite``) and ``presso.json`` are
+read, into memory, after checking every member's name (no absolute paths, no ``..``, no links), their count, their
+declared sizes against a limit each, and their compression ratio (zip bombs); never more than a member declares is
+inflated. What the card and the model then declare is checked against each other (preprocessing, input channels
+and size, classes, labels; no external data), so a hostile or damaged bundle is refused with one clear message
+before an image is scored.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import numpy as np
 
 BUNDLE_FORMAT = "presso-bundle"
 MODEL_MEMBER = "model.onnx"
+TFLITE_MEMBER = "model.tflite"  # the model of a LiteRT bundle (card: bundle.runtime "litert")
+MODEL_MEMBERS = {"onnxruntime": MODEL_MEMBER, "litert": TFLITE_MEMBER}
 CARD_MEMBER = "presso.json"
 MAX_MEMBERS = 64
 MAX_TOTAL_BYTES = 4 << 30  # 4 GiB uncompressed in all, declared
@@ -36,7 +41,7 @@ MAX_RATIO = 200  # a member may not expand more than this (zip bombs); tiny memb
 # What predicting reads, and at most how much of each (declared in the zip header, checked before reading): the
 # model (protobuf's own limit; larger models need external data, which a bundle refuses) and the card. Nothing else
 # in a bundle is ever read, so padding in another member costs nothing.
-MEMBER_LIMITS = {MODEL_MEMBER: (2 << 30) - 1, CARD_MEMBER: 16 << 20}
+MEMBER_LIMITS = {MODEL_MEMBER: (2 << 30) - 1, TFLITE_MEMBER: (2 << 30) - 1, CARD_MEMBER: 16 << 20}
 MAX_MODEL_RATIO = 50  # weights barely compress (about 1.1x); a model.onnx that expands more is padding
 MAX_CARD_DEPTH = 64  # cards nest about 6 deep
 MAX_IMAGE_SIDE = 4096
@@ -78,9 +83,9 @@ def _check_needed(info: zipfile.ZipInfo) -> None:
             "not a bundle 'presso package' writes."
         )
     ratio = info.file_size / max(info.compress_size, 1)
-    if info.filename == MODEL_MEMBER and info.file_size > (1 << 20) and ratio > MAX_MODEL_RATIO:
+    if info.filename in (MODEL_MEMBER, TFLITE_MEMBER) and info.file_size > (1 << 20) and ratio > MAX_MODEL_RATIO:
         raise BundleError(
-            f"Refusing the bundle: {MODEL_MEMBER} expands {ratio:.0f}x (limit {MAX_MODEL_RATIO}x; weights barely "
+            f"Refusing the bundle: {info.filename} expands {ratio:.0f}x (limit {MAX_MODEL_RATIO}x; weights barely "
             "compress), so it is mostly padding."
         )
 
@@ -121,8 +126,8 @@ def _read(path: str | Path, max_total_bytes: int, names: tuple[str, ...]) -> tup
             declared += info.file_size
         if declared > max_total_bytes:
             raise BundleError(f"Refusing the bundle: it expands to {declared} bytes (limit {max_total_bytes}).")
-        for required in (MODEL_MEMBER, CARD_MEMBER):
-            if required not in seen:
+        for required in (CARD_MEMBER, MODEL_MEMBER):
+            if required not in seen and not (required == MODEL_MEMBER and TFLITE_MEMBER in seen):
                 raise BundleError(
                     f"'{path}' has no {required}; it is not a Presso bundle (make one with presso package)."
                 )
@@ -148,12 +153,13 @@ def _read(path: str | Path, max_total_bytes: int, names: tuple[str, ...]) -> tup
 
 @dataclass
 class Bundle:
-    """An opened bundle: the ONNX model bytes, the card (input spec, preprocessing, labels, lineage, figures) and
-    the names of all its members (only the model and the card are read)."""
+    """An opened bundle: the model bytes, the card (input spec, preprocessing, labels, lineage, figures), the names
+    of all its members (only the model and the card are read) and the runtime the model is for."""
 
     model: bytes
     card: dict[str, Any]
     members: list[str]
+    runtime: str = "onnxruntime"  # or "litert": model.tflite
 
     @property
     def labels(self) -> list[str] | None:
@@ -188,7 +194,7 @@ def _depth(text: str) -> int:
 
 
 def open_bundle(path: str | Path) -> Bundle:
-    members, names = _read(path, MAX_TOTAL_BYTES, (MODEL_MEMBER, CARD_MEMBER))
+    members, names = _read(path, MAX_TOTAL_BYTES, (MODEL_MEMBER, TFLITE_MEMBER, CARD_MEMBER))
     try:
         text = members[CARD_MEMBER].decode("utf-8")
         if _depth(text) > MAX_CARD_DEPTH:
@@ -198,7 +204,14 @@ def open_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{CARD_MEMBER} in '{path}' is damaged ({e}).") from None
     if not isinstance(card, dict) or card.get("bundle_format") != BUNDLE_FORMAT:
         raise BundleError(f"'{path}' is not a Presso bundle ({CARD_MEMBER} lacks bundle_format '{BUNDLE_FORMAT}').")
-    return Bundle(model=members[MODEL_MEMBER], card=card, members=names)
+    info = card.get("bundle")
+    runtime = info.get("runtime", "onnxruntime") if isinstance(info, dict) else "onnxruntime"
+    member = MODEL_MEMBERS.get(runtime) if isinstance(runtime, str) else None
+    if member is None:
+        raise BundleError(f"The bundle's card names the runtime {runtime!r:.40}; predict runs onnxruntime or litert.")
+    if member not in members:
+        raise BundleError(f"The bundle's card says it runs on {runtime}, but the bundle has no {member}.")
+    return Bundle(model=members[member], card=card, members=names, runtime=runtime)
 
 
 # --------------------------------------------------------------------------- what the card and the model declare
@@ -300,9 +313,60 @@ def _location(entry: bytes) -> str:
     return found.get(2, "?") if found.get(1) == "location" else "(external data)"
 
 
+class _Port:
+    """What ``Predictor`` reads of a model input or output: ONNX Runtime's ``NodeArg`` has the same attributes."""
+
+    def __init__(self, name: str, type: str, shape: list[Any]):
+        self.name, self.type, self.shape = name, type, shape
+
+
+class _LiteRTSession:
+    """A LiteRT flatbuffer behind the part of ONNX Runtime's ``InferenceSession`` that ``Predictor`` uses, so both
+    runtimes pass the same checks: float inputs and outputs (an int8 file's edges are quantized and dequantized with
+    its own scale and zero point), the file's fixed shapes."""
+
+    def __init__(self, model: bytes, threads: int | None):
+        try:
+            from ai_edge_litert import interpreter
+        except ImportError:
+            raise BundleError("This bundle runs on LiteRT: pip install ai-edge-litert numpy pillow") from None
+        try:
+            self.it = interpreter.Interpreter(model_content=model, num_threads=threads or os.cpu_count() or 1)
+            self.it.allocate_tensors()
+        except Exception as e:  # the interpreter's own errors on a damaged flatbuffer: RuntimeError, ValueError
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise BundleError(f"LiteRT cannot load {TFLITE_MEMBER} from the bundle: {first}") from None
+        self.ins, self.outs = self.it.get_input_details(), self.it.get_output_details()
+
+    @staticmethod
+    def _port(d) -> _Port:
+        kind = "tensor(float)" if d["dtype"] in (np.float32, np.int8, np.uint8) else f"tensor({np.dtype(d['dtype'])})"
+        return _Port(d["name"], kind, [int(v) for v in d["shape"]])
+
+    def get_inputs(self) -> list[_Port]:
+        return [self._port(d) for d in self.ins]
+
+    def get_outputs(self) -> list[_Port]:
+        return [self._port(d) for d in self.outs]
+
+    def run(self, names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for d, value in zip(self.ins, feed.values(), strict=True):
+            scale, zero = d["quantization"]
+            if np.issubdtype(d["dtype"], np.integer) and scale:
+                info = np.iinfo(d["dtype"])
+                value = np.clip(np.round(value / scale) + zero, info.min, info.max)
+            self.it.set_tensor(d["index"], np.asarray(value, dtype=d["dtype"]))
+        self.it.invoke()
+        outs = []
+        for d in self.outs:
+            y, (scale, zero) = self.it.get_tensor(d["index"]), d["quantization"]
+            outs.append((y.astype(np.float32) - zero) * scale if np.issubdtype(y.dtype, np.integer) and scale else y)
+        return outs
+
+
 class Predictor:
     """Class scores (a classifier) or boxes (a detector: the card's ``task`` is ``detect``) for images, from a
-    bundle, on ONNX Runtime's CPU provider.
+    bundle, on ONNX Runtime's CPU provider (or LiteRT's interpreter for a LiteRT bundle).
 
     Everything the card and the model declare is checked against each other before the first image: the
     preprocessing (``check_preprocess``), the model's one image input ``[N, C, H, W]`` (channels and size as the
@@ -311,8 +375,6 @@ class Predictor:
     """
 
     def __init__(self, bundle: Bundle | str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
             raise ConfigError(f"threads must be a positive number of threads, not {threads!r}.")
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
@@ -321,6 +383,12 @@ class Predictor:
         labels = self.bundle.labels
         if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
             raise BundleError("The bundle's card has malformed labels (not a list of names).")
+        if self.bundle.runtime == "litert":
+            self.session = _LiteRTSession(self.bundle.model, threads)
+            self._check_model()
+            return
+        import onnxruntime as ort
+
         try:
             where = external_data(self.bundle.model)
         except ValueError as e:
