@@ -58,6 +58,14 @@ def train(
         bool,
         typer.Option("--pseudo-labels", help="Detection without labels: learn from the teacher's boxes after NMS."),
     ] = False,
+    qat: Annotated[
+        bool,
+        typer.Option(
+            "--qat",
+            help="Quantization-aware fine-tune of a trained model (distilled from it unless "
+            "--teacher): then 'presso convert -p int8' exports the INT8 model it learned.",
+        ),
+    ] = False,
     sparsity: Annotated[
         float | None,
         typer.Option(
@@ -121,6 +129,7 @@ def train(
             new_head=new_head,
             task=task,
             pseudo_labels=pseudo_labels,
+            qat=qat,
         )
         main = setup().is_main
         _check_output(output, overwrite, source, teacher)

@@ -29,6 +29,7 @@ from presso.convert.quantize import Int8Config, Int8Result, quantize_int8, to_fp
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
 from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
+from presso.models.qat import is_qat
 from presso.models.spec import InputSpec
 from presso.progress import ProgressCallback, reporter
 from presso.results import Result
@@ -184,7 +185,14 @@ def convert(
     spec = InputSpec.parse(example_inputs) if isinstance(example_inputs, (str, InputSpec)) else None
     inputs = spec.example_inputs() if spec is not None else tuple(example_inputs)
     spec = spec or InputSpec.from_tensors(inputs)
-    if cfg.precision == "int8" and not calib:
+    qat = is_qat(model)
+    if qat and (cfg.precision != "int8" or cfg.to != "onnx" or cfg.int8.max_accuracy_drop is not None):
+        raise ConfigError(
+            "This model was trained with --qat: its ONNX export is its INT8 model, with the scales it learned. "
+            "Convert it with --to onnx --precision int8 (no --max-accuracy-drop: nothing is left to fall back); "
+            "for FP32, FP16, OpenVINO or LiteRT convert the model it was fine-tuned from."
+        )
+    if cfg.precision == "int8" and not calib and not qat:
         raise ConfigError(
             "INT8 needs calibration data: give --calib DATA (a dataset like the deployment inputs; 'random' only "
             "checks that quantization runs, it does not keep accuracy)."
@@ -220,10 +228,11 @@ def convert(
     check_inputs: list[tuple] = [inputs]
     if calib:
         report("reading calibration data", 0, 1)
-        need = cfg.int8.samples + cfg.int8.check_samples if cfg.precision == "int8" else 16
+        ptq = cfg.precision == "int8" and not qat  # a QAT model needs no calibration: its ranges were learned
+        need = cfg.int8.samples + cfg.int8.check_samples if ptq else 16
         x = torch.cat(calibration_batches(bundle or calib, spec, batches=1, batch_size=need, preprocess=pp))
-        calibration = [x[: len(x) - cfg.int8.check_samples].numpy()] if cfg.precision == "int8" else []
-        held = x[len(x) - cfg.int8.check_samples :] if cfg.precision == "int8" else x
+        calibration = [x[: len(x) - cfg.int8.check_samples].numpy()] if ptq else []
+        held = x[len(x) - cfg.int8.check_samples :] if ptq else x
         held_out = [held.numpy()]
         check_inputs += _batches_of(held, batch)[:4]  # verification against PyTorch: a few batches suffice
 
@@ -249,7 +258,10 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
     raw = export_onnx(model, inputs, work / "raw.onnx", opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
     fp32 = optimize_onnx(raw, work / "model.fp32.onnx")
     fp32_diff = compare_outputs(reference, [_ort_runner(fp32)(i) for i in check_inputs])
-    if fp32_diff.max_rel_diff > TOLERANCE["fp32"] if cfg.tolerance is None else cfg.tolerance:
+    qat = is_qat(model)  # the export is already the INT8 (QDQ) model: checked against PyTorch's fake quantization
+    if qat:
+        pass  # checked below, at INT8's tolerance, as the converted file
+    elif fp32_diff.max_rel_diff > TOLERANCE["fp32"] if cfg.tolerance is None else cfg.tolerance:
         raise ConversionError(
             f"The exported ONNX model differs from PyTorch by {fp32_diff.max_abs_diff:.3g} "
             f"({fp32_diff.max_rel_diff:.2%} of the output scale, tolerance "
@@ -273,7 +285,7 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
     onnx_out = tmp / "model.onnx"
     if cfg.to == "litert":
         pass  # LiteRT converts the PyTorch model and quantizes its own graph (below), from the same calibration
-    elif cfg.precision == "fp32":
+    elif qat or cfg.precision == "fp32":  # a QAT model's export is its INT8 model
         shutil.copyfile(fp32, onnx_out)
     elif cfg.precision == "fp16":
         report("converting to FP16", 0, 1)
@@ -307,6 +319,8 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
     report("verifying", 0, 1)
     # INT8 is compared on real images only when there are some: random inputs lie outside the calibrated ranges
     compared = range(1, len(check_inputs)) if cfg.precision == "int8" and len(check_inputs) > 1 else None
+    if qat:  # the same fake quantization on both sides: random inputs are as fair a check as images
+        compared = None
     compared = list(compared) if compared is not None else list(range(len(check_inputs)))
     diff = compare_outputs([reference[i] for i in compared], [runner(check_inputs[i]) for i in compared])
     limit = cfg.max_rel_diff
@@ -319,7 +333,11 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
     accuracy = None
     if scorer is not None:  # top-1 for a classifier, COCO mAP for a detector
         report("scoring FP32 and converted models", 0, 1)
-        accuracy = scorer.compare(_ort_runner(fp32), runner)
+        if qat:  # what PyTorch measured in the fine-tune against what ONNX Runtime runs
+            accuracy = {k.replace("fp32", "pytorch_qat"): v
+                        for k, v in scorer.compare(lambda x: torch_outputs(model, x), runner).items()}  # fmt: skip
+        else:
+            accuracy = scorer.compare(_ort_runner(fp32), runner)
 
     result = ConvertResult(
         format=cfg.to,

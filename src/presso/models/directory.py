@@ -99,6 +99,7 @@ def load_model_dir(path: str | Path, *, trust: bool = False, build: Callable[[],
     """
     from safetensors import SafetensorError
 
+    import presso.models.qat  # noqa: F401  # registers the replay of "qat" steps
     from presso.models.recipe import replay_all
     from presso.models.sources import build_from_card
     from presso.safeio import regular_file

@@ -24,7 +24,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "adamw"
-    lr: float | None = None  # adamw 2e-3, sgd 0.1 (for batch 128; scaled linearly with batch size)
+    lr: float | None = None  # adamw 2e-3, sgd 0.1 (for batch 128; scaled linearly with batch size; / 10 for QAT)
     weight_decay: float | None = None  # adamw 0.05, sgd 5e-4
     momentum: float = 0.9
     warmup: float = 0.05  # fraction of all steps spent warming the learning rate up linearly
@@ -49,6 +49,9 @@ class TrainConfig:
     # detection without labels: learn from the teacher's boxes after NMS (pseudo-labels) instead of matching its
     # dense head outputs
     pseudo_labels: bool = False
+    # quantization-aware training (presso.models.qat): fake quantization as ONNX Runtime runs INT8, BatchNorm
+    # folded, distilled from the FP32 model itself unless a teacher is given; a tenth of the learning rate
+    qat: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -87,7 +90,7 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         base = 2e-3 if self.optimizer == "adamw" else 0.1
-        return base * self.batch_size / 128
+        return base * self.batch_size / 128 / (10 if self.qat else 1)
 
     @property
     def decay(self) -> float:

@@ -115,6 +115,13 @@ class _Run:
             data if isinstance(data, DataBundle) else load_data(data, val_fraction=cfg.val_fraction, seed=cfg.seed)
         )
         self.model = model
+        if cfg.qat and teacher is None:  # QAT learns from the FP32 model it starts from
+            import copy
+
+            from presso.models.qat import is_qat
+
+            if not is_qat(model):
+                teacher = copy.deepcopy(model)
         self.teacher = teacher
         self.task = infer_task(model, self.bundle, task or cfg.task, trust=trust)
         self.resume = resume
@@ -148,6 +155,11 @@ class _Run:
         example = self.pp.normalize(next(batches(self.val_set, np.arange(min(2, len(self.val_set))), 2))[0])
         example = example.to(self.device)
         self.task.prepare(self.model, self.bundle, example, cfg)
+        if cfg.qat:
+            from presso.models.qat import is_qat, prepare_qat
+
+            if not is_qat(self.model):  # a QAT model given again continues its fine-tune
+                ensure_card(self.model).recipe.append(prepare_qat(self.model, (example,)))
         self.task.check(self.model, example, self.bundle, self.teacher)
         if self.regularizer is not None and not hasattr(self.regularizer, "after_step"):
             self.regularizer = self.regularizer(self.model, (example,))
