@@ -1,15 +1,19 @@
 """INT8 vs FP32 on this CPU: latency (ONNX Runtime), speed-up, file size, and accuracy for a trained CNN.
 
-For each model the same FP32 ONNX file is quantized twice with the same calibration images -- by ONNX Runtime's
-default static QDQ recipe (``quantize_static`` with its defaults: per-tensor int8 weights and activations) and by
-``presso convert --precision int8`` (pre-processing, per-channel weights, uint8 activations, reduce-range on CPUs
-without VNNI, automatic precision) -- and the three files are timed side by side, interleaved round by round, so the
-machine's noise hits them alike. Figures are medians; the spread across rounds is printed as the noise.
+For each torchvision model (random init: timings do not depend on the weights) the same FP32 ONNX file is quantized
+twice with the same calibration images -- by ONNX Runtime's default static QDQ recipe (``quantize_static`` with its
+defaults: per-tensor int8 weights and activations) and by ``presso convert --precision int8`` (pre-processing,
+per-channel weights, uint8 activations, reduce-range on CPUs without VNNI, automatic precision) -- and the three
+files are timed side by side, interleaved round by round, so the machine's noise hits them alike. Figures are
+medians; the spread across rounds is printed as the noise.
 
-    python benchmarks/quantize.py --fashion-model DIR [--rounds 5] [--out benchmarks/results/quantize.jsonl]
+With ``--fashion-model DIR`` (a Presso model directory trained on Fashion-MNIST, e.g. ``presso train presso:resnet8
+--model-arg in_chans=1 --data fashion-mnist -o DIR``) that model goes through every INT8 recipe -- ORT's default,
+Presso's SNR default, +CLE/bias correction, accuracy-aware, QAT, LiteRT INT8 -- scored on the 10,000 test images
+and timed side by side (``fashion_variants``).
 
-DIR is a Presso model directory trained on Fashion-MNIST (``benchmarks/recover.py --keep DIR`` writes one); without
-it, only ResNet-18 and MobileNetV2 (random init; timings do not depend on the weights) are measured.
+    python benchmarks/quantize.py --fashion-model DIR [--models resnet18,mobilenet_v2,efficientnet_b0] \
+        [--threads 1] [--rounds 5] [--qat-epochs 2] [--out benchmarks/results/quantize.jsonl]
 """
 
 from __future__ import annotations
@@ -69,17 +73,15 @@ def time_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, runs: i
     }
 
 
-def run_model(name, model, shape, calib, args, out_rows, fashion=False):
+def run_model(name, model, shape, calib, args, out_rows):
     import presso
     from presso.convert import ConvertConfig, Int8Config
 
     with tempfile.TemporaryDirectory(prefix="presso-qbench-") as tmp:
         tmp = Path(tmp)
-        eval_samples = 10000 if fashion else 0
+        eval_samples = 0
         t0 = time.perf_counter()
-        fp32 = presso.convert(
-            model, shape, ConvertConfig(eval_samples=0), output_dir=tmp / "fp32", calib=calib if fashion else None
-        )
+        fp32 = presso.convert(model, shape, ConvertConfig(eval_samples=0), output_dir=tmp / "fp32")
         cfg = ConvertConfig(precision="int8", eval_samples=eval_samples, int8=Int8Config(samples=args.samples))
         int8 = presso.convert(model, shape, cfg, output_dir=tmp / "int8", calib=calib)
         seconds = time.perf_counter() - t0
@@ -117,21 +119,106 @@ def run_model(name, model, shape, calib, args, out_rows, fashion=False):
             "settings": int8.int8.settings,
             "convert_seconds": round(seconds, 1),
         }
-        if fashion and int8.accuracy:
-            from presso.convert.launcher import _accuracy, _ort_runner
-            from presso.data import load_data
-
-            bundle = load_data(calib)
-            default_top1, _ = _accuracy(_ort_runner(default), bundle, pp, 10000, 1)
-            row.update(
-                {
-                    "fp32_top1": int8.accuracy["fp32_top1"],
-                    "presso_int8_top1": int8.accuracy["converted_top1"],
-                    "ort_default_int8_top1": round(default_top1, 4),
-                    "test_images": int8.accuracy["samples"],
-                }
-            )
         print(json.dumps(row), flush=True)
+        out_rows.append(row)
+
+
+def fashion_variants(model_dir: Path, args, out_rows) -> None:
+    """The trained Fashion-MNIST model through every INT8 recipe, scored on the 10,000 test images and timed side
+    by side: FP32; ONNX Runtime's default static recipe; Presso's default (output SNR, automatic precision); the
+    same with equalization and bias correction forced on; accuracy-aware (``--max-accuracy-drop``); QAT (``train
+    --qat`` for ``--qat-epochs``, distilled from the FP32 model); LiteRT full-integer INT8 (timed on LiteRT's own
+    interpreter, a different runtime: its latency is not in the ONNX Runtime comparison)."""
+    import copy
+
+    import presso
+    from presso.convert import ConvertConfig, Int8Config
+    from presso.convert.accuracy import Scorer
+    from presso.convert.launcher import _ort_runner
+    from presso.data import calibration_batches, load_data
+    from presso.data.images import Preprocess
+    from presso.train import TrainConfig
+
+    model = presso.load_model(str(model_dir))
+    spec = model.presso_card.input_spec
+    pp = Preprocess.from_json(model.presso_card.preprocess)
+    bundle = load_data("fashion-mnist")
+    scorer = Scorer("classify", bundle, pp, 10000, 1)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="presso-qbench-") as tmp:
+        tmp = Path(tmp)
+
+        def convert(name, cfg, m=model):
+            t0 = time.perf_counter()
+            r = presso.convert(m, spec, cfg, output_dir=tmp / name, calib="fashion-mnist")
+            rows[name] = {"path": r.path, "bytes": r.size_bytes, "convert_seconds": round(time.perf_counter() - t0, 1)}
+            if r.int8 is not None:
+                rows[name] |= {"fallback_layers": len(r.int8.fallback_layers), "output_snr_db": r.int8.output_snr_db,
+                               "settings": r.int8.settings}  # fmt: skip
+            print(f"  [{name}] converted in {rows[name]['convert_seconds']} s", flush=True)
+            return r
+
+        def int8(**kw):
+            return ConvertConfig(precision="int8", eval_samples=0, int8=Int8Config(samples=args.samples, **kw))
+
+        convert("fp32", ConvertConfig(eval_samples=0))
+        x = torch.cat(calibration_batches("fashion-mnist", presso.InputSpec.parse(spec), batches=1,
+                                          batch_size=args.samples, preprocess=pp))  # fmt: skip
+        default = ort_default(rows["fp32"]["path"], tmp / "ort_default.onnx", x.numpy())
+        rows["ort_default"] = {"path": default, "bytes": default.stat().st_size}
+        convert("presso_snr", int8())
+        convert("presso_cle_bc", int8(equalize="on", bias_correction="on"))
+        convert(
+            "presso_accuracy_aware",
+            ConvertConfig(
+                precision="int8", eval_samples=2000, int8=Int8Config(samples=args.samples, max_accuracy_drop=0.003)
+            ),
+        )
+        if args.qat_epochs:
+            t0 = time.perf_counter()
+            qat = presso.train(copy.deepcopy(model), bundle, TrainConfig(epochs=args.qat_epochs, qat=True,
+                                                                         batch_size=128))  # fmt: skip
+            rows_qat_train = round(time.perf_counter() - t0, 1)
+            r = convert("qat", ConvertConfig(precision="int8", eval_samples=0), qat.model)
+            rows["qat"]["train_seconds"] = rows_qat_train
+            qat.model.eval()
+            with torch.no_grad():
+                rows["qat"]["pytorch_fake_quant_top1"] = round(scorer.score(lambda i: [qat.model(i[0]).numpy()]), 4)
+        litert = None
+        try:
+            litert = convert("litert_int8", ConvertConfig(to="litert", precision="int8", eval_samples=0))
+        except Exception as e:  # the extra is optional: a missing runtime is a row, not a crash
+            rows["litert_int8"] = {"error": f"{type(e).__name__}: {e}"}
+        for name, r in rows.items():
+            if "path" not in r:
+                continue
+            if str(r["path"]).endswith(".tflite"):
+                from presso.convert.litert import LiteRTRunner
+
+                run = LiteRTRunner(r["path"]).run
+            else:
+                run = _ort_runner(r["path"])
+            r["top1"] = round(scorer.score(run), 4)
+            print(f"  [{name}] top-1 {r['top1']}", flush=True)
+        onnx_paths = {k: r["path"] for k, r in rows.items() if "path" in r and str(r["path"]).endswith(".onnx")}
+        times = time_interleaved(onnx_paths, x[:1].numpy(), args.rounds, args.runs, args.threads)
+        for k, t in times.items():
+            rows[k] |= {"ort_ms": t["median_ms"], "noise_pct": t["spread_pct"],
+                        "speedup": round(times["fp32"]["median_ms"] / t["median_ms"], 2)}  # fmt: skip
+        if litert is not None:
+            from presso.bench.api import benchmark
+
+            b = benchmark(str(litert.path), runtime="litert", threads=args.threads, repeat=args.runs * args.rounds,
+                          db=False)  # fmt: skip
+            rows["litert_int8"] |= {"litert_ms": b.latency_ms["median"], "noise_pct": b.noise_pct}
+    fp32_top1 = rows["fp32"]["top1"]
+    for name, r in rows.items():
+        r.pop("path", None)
+        if "top1" in r:
+            r["top1_change_points"] = round(100 * (r["top1"] - fp32_top1), 2)
+        row = {"model": f"fashion-mnist CNN ({model_dir.name})", "variant": name, "input": spec,
+               "threads": args.threads, "test_images": 10000, **r}  # fmt: skip
+        print(json.dumps(row, default=str), flush=True)
         out_rows.append(row)
 
 
@@ -143,6 +230,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="Timed runs per round (after warm-up).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=128, help="Calibration images.")
+    parser.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tune of the Fashion model (0: none).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quantize.jsonl"))
     args = parser.parse_args()
 
@@ -160,13 +248,11 @@ def main() -> None:
             rows.append({"model": name, "error": f"{type(e).__name__}: {e}"})
             print(json.dumps(rows[-1]), flush=True)
     if args.fashion_model:
-        model = presso.load_model(str(args.fashion_model))
-        spec = model.presso_card.input_spec
-        run_model(f"fashion-mnist CNN ({args.fashion_model.name})", model, spec, "fashion-mnist", args, rows, True)
+        fashion_variants(args.fashion_model, args, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         for row in rows:
-            f.write(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), **row}) + "\n")
+            f.write(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), **row}, default=str) + "\n")
 
 
 if __name__ == "__main__":
