@@ -417,3 +417,26 @@ def test_the_headline_says_drop_or_gain(drop, text):
          "accuracy": {"original": 0.95, "final": 0.95 - drop / 100, "max_drop": 0.02}}  # fmt: skip
     line = next(x for x in headline(s) if x.startswith("Accuracy:"))
     assert f"{text} (bound 2): within." in line and "-" not in line.split(",")[1]
+
+
+def test_qat_epochs_add_a_learned_int8_candidate(tmp_path):
+    """--qat-epochs: the recovered model fine-tuned with QAT is one more INT8 candidate, converted from what it
+    learned (no fallback), measured beside the others; its commands reproduce it."""
+    out = tmp_path / "out"
+    r = _run("--data", DATA, "--model", "presso:resnet8", "--target-macs", "0.7", "-o", str(out), "--train-epochs",
+             "3", "--recover-epochs", "1", "--qat-epochs", "1", "--max-accuracy-drop", "0.5", "--threads", "1",
+             "--db", str(tmp_path / "lat.db"), "--json")  # fmt: skip
+    assert r.returncode in (0, 3), r.stderr
+    s = json.loads(r.stdout)
+    c = _cands(s)
+    assert {"original-fp32", "original-int8", "compressed-fp32", "compressed-int8", "compressed-qat-int8"} <= set(c)
+    qat = c["compressed-qat-int8"]
+    assert qat["label"] == "compressed-qat INT8" and qat["path"] == "deploy/qat/model.onnx"
+    assert qat["latency_ms"] > 0 and qat["accuracy"] > 0.3 and not qat["fallback_layers"]
+    card = json.loads((out / "deploy" / "qat-model" / "presso.json").read_text())
+    assert card["recipe"][-1]["type"] == "qat"
+    assert any("--qat" in cmd for cmd in s["commands"]) or any(
+        "--qat" in cmd for st in s["stages"].values() if isinstance(st, dict) for cmd in st.get("commands", []))
+    bad = _run("--data", DATA, "--model", "presso:resnet8", "--target-macs", "0.7", "-o", str(tmp_path / "x"),
+               "--qat-epochs", "1", "--precision", "fp16")  # fmt: skip
+    assert bad.returncode == 2 and "--qat-epochs fine-tunes for INT8" in bad.stderr

@@ -47,6 +47,7 @@ RANGES: dict[str, Range] = {
     "--label-smoothing": (0, 1, "[)"),
     "--kd-alpha": (0, 1, "[]"),
     "--sparsity": (0, 1e4, "()"),
+    "--qat-epochs": (0, 10000, "[]"),
     "--sparsity-ratio": (0, 1, "()"),
     "--temperature": (0, 1000, "(]"),
     "--val-fraction": (0, 1, "()"),

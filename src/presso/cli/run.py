@@ -96,6 +96,10 @@ def run_(
         int, typer.Option(help="Epochs when the model must be trained (or the searched one).")
     ] = 10,
     recover_epochs: Annotated[int, typer.Option(help="Distillation epochs after compression.")] = 5,
+    qat_epochs: Annotated[
+        int, typer.Option(help="Also fine-tune the recovered model with QAT for this many epochs: one more INT8 "
+                          "candidate, its INT8 learned rather than calibrated (0: off).")
+    ] = 0,
     search_trials: Annotated[int, typer.Option(help="Trials when searching a model.")] = 16,
     search_proxy_epochs: Annotated[int, typer.Option(help="Proxy training epochs per searched candidate.")] = 2,
     threads: Annotated[
@@ -124,7 +128,7 @@ def run_(
         cfg = RunConfig(
             device=device, latency_ms=latency_ms, target_macs=target_macs, model=model,
             model_args=_model_kwargs(model_arg), image_size=_image_size(image_size, input_shape), calib=calib,
-            precision=precision, train_epochs=train_epochs, recover_epochs=recover_epochs,
+            precision=precision, train_epochs=train_epochs, recover_epochs=recover_epochs, qat_epochs=qat_epochs,
             search_trials=search_trials, search_proxy_epochs=search_proxy_epochs,
             max_accuracy_drop=max_accuracy_drop, allow_miss=allow_miss, threads=threads, db=db, seed=seed, task=task,
             weights=weights, new_head=new_head,

@@ -38,6 +38,7 @@ class RunConfig:
     precision: str = "int8"
     train_epochs: int = 10
     recover_epochs: int = 5
+    qat_epochs: int = 0  # > 0: also a QAT fine-tune of the recovered model, an INT8 candidate of its own
     search_trials: int = 16
     search_proxy_epochs: int = 2
     max_accuracy_drop: float = 0.02
@@ -76,8 +77,10 @@ class RunConfig:
             if len(self.image_size) != 2 or min(self.image_size) < 1:
                 raise ConfigError(f"RunConfig: image_size must be (H, W) with positive sizes, not {size}.")
         self.model_args = dict(self.model_args or {})
+        if self.qat_epochs and self.precision != "int8":
+            raise ConfigError("--qat-epochs fine-tunes for INT8: it needs --precision int8.")
         check_fields(self, latency_ms=(0, None, "(]"), target_macs=(0, 1, "(]"), train_epochs=(1, None),
-                     recover_epochs=(1, None), search_trials=(1, None), search_proxy_epochs=(1, None),
+                     recover_epochs=(1, None), qat_epochs=(0, None), search_trials=(1, None), search_proxy_epochs=(1, None),
                      max_accuracy_drop=(0, 1), threads=(1, None), seed=(0, 2**63 - 1))  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from presso.pipeline.candidates import label, measure_interleaved, select
 from presso.pipeline.config import PIPELINE_VERSION, key
-from presso.pipeline.stages import Job
+from presso.pipeline.stages import Job, _flags
 from presso.progress import reporter
 
 
@@ -22,6 +22,7 @@ def deploy(job: Job, recovered: dict) -> dict[str, Any]:
         cfg.max_accuracy_drop,
         cfg.latency_ms,
         cfg.target_macs,
+        cfg.qat_epochs,
     )
     k = key("deploy", PIPELINE_VERSION, recs["recover"]["key"], recs["baseline"]["key"], *settings)
 
@@ -42,6 +43,11 @@ def deploy(job: Job, recovered: dict) -> dict[str, Any]:
                 out["commands"].append(job.convert_command("recover/model", p, f"deploy/{p}"))
                 cands.append(_candidate("compressed", p, out[p], recovered, job.headline))
                 where[f"compressed-{p}"] = work / p
+            if cfg.qat_epochs and cfg.precision == "int8":  # INT8 learned, not only calibrated: a candidate too
+                out["qat"] = _qat(job, work)
+                out["commands"] += out["qat"].pop("commands")
+                cands.append(_candidate("compressed-qat", "int8", out["qat"], recovered, job.headline))
+                where["compressed-qat-int8"] = work / "qat"
         times = measure_interleaved({c["id"]: where[c["id"]] / "model.onnx" for c in cands}, cfg.device,
                                     cfg.threads, progress=reporter(job.progress, "measuring candidates"))  # fmt: skip
         for c in cands:
@@ -68,6 +74,27 @@ def deploy(job: Job, recovered: dict) -> dict[str, Any]:
         return out
 
     return job.stages.run("deploy", k, fn)
+
+
+def _qat(job: Job, work: Path) -> dict[str, Any]:
+    """The recovered model fine-tuned with QAT (distilled from itself) for ``qat_epochs``, and its INT8 file."""
+    from presso.train import TrainConfig, partial_dir, train
+
+    src, dest = job.out / "recover" / "model", work / "qat-model"
+    recipe = dict(job.task.recover_defaults)
+    if "lr" in recipe:  # a fine-tune of a fine-tune: a tenth of the recovery's learning rate
+        recipe["lr"] = recipe["lr"] / 10
+    if not dest.exists():
+        cfg = TrainConfig(epochs=job.cfg.qat_epochs, seed=job.cfg.seed, qat=True, **recipe)
+        train(job.load(src), job.bundle, cfg, output_dir=dest, resume=(partial_dir(dest) / "last.pt").is_file(),
+              task=job.task, progress=job.progress)  # fmt: skip
+    conv = job.convert(dest, work / "qat", "int8", "deploy/qat")
+    flags = _flags(recipe)
+    conv["commands"] = [
+        f"presso train recover/model --qat --data {job.data} --epochs {job.cfg.qat_epochs}{flags} -o deploy/qat-model",
+        f"presso convert deploy/qat-model -p int8 --eval-data {job.data} -o deploy/qat",
+    ]
+    return conv
 
 
 def _candidate(

@@ -119,11 +119,12 @@ class Job:
     def convert(self, model_dir: Path, dest: Path, precision: str, name: str) -> dict[str, Any]:
         """``model_dir`` converted into ``dest``, which the stage's output will hold as ``name`` (``OUT``-relative)."""
         from presso.convert import ConvertConfig, Int8Config, convert
+        from presso.models.qat import is_qat
 
         model = self.load(model_dir)
         # with labels, INT8 keeps the run's accuracy bound on the task's metric (layers fall back until it holds);
-        # without, the output SNR decides
-        bound = self.cfg.max_accuracy_drop if self.bundle.labeled else None
+        # without, the output SNR decides; a QAT model's export is its INT8 model (nothing to fall back)
+        bound = self.cfg.max_accuracy_drop if self.bundle.labeled and not is_qat(model) else None
         cfg = ConvertConfig(precision=precision, eval_samples=1000, int8=Int8Config(max_accuracy_drop=bound))
         result = convert(model, model.presso_card.input_spec, cfg, output_dir=dest, overwrite=True,
                          calib=self.calib if precision == "int8" else None, eval_data=self.source,

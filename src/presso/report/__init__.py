@@ -90,7 +90,7 @@ def _accuracy_plot(s: dict[str, Any]) -> str | None:
     pareto = _trained_pareto((s["stages"].get("original") or {}).get("search"))
     if pareto:
         ax.scatter(*zip(*pareto, strict=True), c="#9aa5b1", s=25, label="searched: Pareto front (proxy, predicted)")
-    colors = {"original": "#2d72d2", "baseline": "#2d72d2", "compressed": "#0f9960"}
+    colors = {"original": "#2d72d2", "baseline": "#2d72d2", "compressed": "#0f9960", "compressed-qat": "#d9822b"}
     for label, ms, acc, chosen in pts:
         marker = "o" if "FP32" in label else "s"
         ax.scatter([ms], [acc], c=colors[label.split()[0]], marker=marker, s=70, label=label, zorder=3,
