@@ -80,8 +80,9 @@ class RunConfig:
         if self.qat_epochs and self.precision != "int8":
             raise ConfigError("--qat-epochs fine-tunes for INT8: it needs --precision int8.")
         check_fields(self, latency_ms=(0, None, "(]"), target_macs=(0, 1, "(]"), train_epochs=(1, None),
-                     recover_epochs=(1, None), qat_epochs=(0, None), search_trials=(1, None), search_proxy_epochs=(1, None),
-                     max_accuracy_drop=(0, 1), threads=(1, None), seed=(0, 2**63 - 1))  # fmt: skip
+                     recover_epochs=(1, None), qat_epochs=(0, None), search_trials=(1, None),
+                     search_proxy_epochs=(1, None), max_accuracy_drop=(0, 1), threads=(1, None),
+                     seed=(0, 2**63 - 1))  # fmt: skip
 
 
 @dataclass
