@@ -436,7 +436,8 @@ def test_qat_epochs_add_a_learned_int8_candidate(tmp_path):
     card = json.loads((out / "deploy" / "qat-model" / "presso.json").read_text())
     assert card["recipe"][-1]["type"] == "qat"
     assert any("--qat" in cmd for cmd in s["commands"]) or any(
-        "--qat" in cmd for st in s["stages"].values() if isinstance(st, dict) for cmd in st.get("commands", []))
+        "--qat" in cmd for st in s["stages"].values() if isinstance(st, dict) for cmd in st.get("commands", [])
+    )
     bad = _run("--data", DATA, "--model", "presso:resnet8", "--target-macs", "0.7", "-o", str(tmp_path / "x"),
                "--qat-epochs", "1", "--precision", "fp16")  # fmt: skip
     assert bad.returncode == 2 and "--qat-epochs fine-tunes for INT8" in bad.stderr

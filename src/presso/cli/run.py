@@ -97,8 +97,11 @@ def run_(
     ] = 10,
     recover_epochs: Annotated[int, typer.Option(help="Distillation epochs after compression.")] = 5,
     qat_epochs: Annotated[
-        int, typer.Option(help="Also fine-tune the recovered model with QAT for this many epochs: one more INT8 "
-                          "candidate, its INT8 learned rather than calibrated (0: off).")
+        int,
+        typer.Option(
+            help="Also fine-tune the recovered model with QAT for this many epochs: one more INT8 "
+            "candidate, its INT8 learned rather than calibrated (0: off)."
+        ),
     ] = 0,
     search_trials: Annotated[int, typer.Option(help="Trials when searching a model.")] = 16,
     search_proxy_epochs: Annotated[int, typer.Option(help="Proxy training epochs per searched candidate.")] = 2,
