@@ -63,10 +63,20 @@ EXAMPLES: dict[str, tuple[str, str]] = {
         ("quick", "train out/fm-pruned --teacher out/fm --data unlabeled:photos/ --epochs 1 -o out/fm-free"),
     "eval out/fm-kd --data fashion-mnist --teacher out/fm --json":
         ("quick", f"eval out/fm-kd --data {DATA} --teacher out/fm --json"),
+    "train out/fm --sparsity 50 --sparsity-ratio 0.3 --data fashion-mnist --epochs 3 -o out/fm-sparse":
+        ("quick", f"train out/fm --sparsity 50 --sparsity-ratio 0.3 --data {DATA} --epochs 1 -o out/fm-sparse"),
+    "compress out/fm-sparse --prune-ratio 0.3 --criterion l2 -o out/fm-cut":
+        ("quick", "compress out/fm-sparse --prune-ratio 0.3 --criterion l2 -o out/fm-cut"),
     "convert out/fm-kd -p int8 --calib fashion-mnist -o out/fm-int8":
         ("quick", f"convert out/fm-kd -p int8 --calib {DATA} -o out/fm-int8"),
     "package out/fm-int8 -o out/fm.zip": ("quick", "package out/fm-int8 -o out/fm.zip"),
     "predict out/fm.zip shirt.png --top-k 3": ("quick", "predict out/fm.zip shirt.png --top-k 3"),
+    "train out/fm-kd --qat --data fashion-mnist --epochs 2 -o out/fm-qat":
+        ("quick", f"train out/fm-kd --qat --data {DATA} --epochs 1 -o out/fm-qat"),
+    "convert out/fm-qat -p int8 -o out/fm-qat-int8": ("quick", "convert out/fm-qat -p int8 -o out/fm-qat-int8"),
+    "convert out/fm-kd --to litert -p int8 --calib fashion-mnist -o out/fm-tflite":
+        ("quick", f"convert out/fm-kd --to litert -p int8 --calib {DATA} -o out/fm-tflite"),
+    "benchmark out/fm-tflite --runtime litert": ("quick", "benchmark out/fm-tflite --runtime litert"),
     "search --data fashion-mnist --latency-ms 0.5 --trials 20 -o out/search": B(
         "20 trials of proxy training after profiling the device; small searches run in tests/search/test_search.py"
     ),
