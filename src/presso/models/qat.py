@@ -77,6 +77,8 @@ class ActivationFakeQuant(nn.Module):
                 self.seen.fill_(True)
         scale = ((self.high - self.low) / 255.0).clamp(min=1e-12)
         zero = torch.round(-self.low / scale).clamp(0, 255).to(torch.int32)
+        if x.dtype != torch.float32:  # bf16 autocast on CUDA: the fake quantization kernels take float32
+            return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
 
 
