@@ -338,7 +338,9 @@ def run(args) -> dict:
     kd_cfg = dataclasses.replace(cfg, epochs=args.kd_epochs)
     tmp = tempfile.TemporaryDirectory(prefix="presso-detect-bench-")
     base = Path(args.keep) if args.keep else Path(tmp.name)
-    key = settings_key(args.data, size, args.width_scale, cfg.to_json(), args.seed)
+    # TrainConfig fields added later at their off value leave the key (and the --keep folders) as they were
+    settings = {k: v for k, v in cfg.to_json().items() if not (k == "qat" and v is False)}
+    key = settings_key(args.data, size, args.width_scale, settings, args.seed)
     work = base / f"w{args.width_scale:g}-e{args.epochs}-{key}"
     kd_work = work / f"kd{args.kd_epochs}"
     print(f"models under {work}", flush=True)
