@@ -58,6 +58,33 @@ def _pruned(build, shape: str, ratio: float):
     return make
 
 
+def _decomposed(build, shape: str, method: str):
+    def make():
+        import presso
+        from presso.compress import DecomposeConfig
+
+        torch.manual_seed(0)
+        return presso.compress(build(), shape, DecomposeConfig(method=method)).model
+
+    return make
+
+
+def _searched(seed: int, image: int, classes: int = 10):
+    """A candidate of the searcher's own space (what a search predicts before training), sampled at random."""
+
+    def make():
+        import optuna
+
+        from presso.search.space import get_space
+
+        space = get_space("mobilenet", (image, image), 3, classes)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+        return space.build(space.sample(trial))
+
+    return make
+
+
 def models(seed: int = 0) -> list[Entry]:
     import torchvision
 
@@ -118,6 +145,12 @@ def models(seed: int = 0) -> list[Entry]:
         ("regnet_x_400mf", 0.3),
     ]:
         out.append((f"pruned:{name}-l2-{ratio}@224", s224, _pruned(_tv(name), s224, ratio)))
+    for name, method in [("resnet18", "tucker"), ("resnet34", "tucker"), ("vgg11_bn", "tucker"),
+                         ("resnet18", "cp")]:  # fmt: skip
+        out.append((f"decomposed:{name}-{method}@224", s224, _decomposed(_tv(name), s224, method)))
+    for i in range(6):  # the searcher's candidates, at the sizes a search on small images uses
+        image = (32, 64, 96)[i % 3]
+        out.append((f"searched:mobilenet-space#{i}@{image}", f"1,3,{image},{image}", _searched(i, image)))
     rng = random.Random(seed)  # samples of a width x resolution space (Once-for-All style)
     for _ in range(6):
         w, r = rng.choice([0.35, 0.5, 0.75, 1.0, 1.3]), rng.choice([128, 160, 192, 224])
