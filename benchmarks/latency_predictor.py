@@ -206,7 +206,9 @@ def main() -> None:
             size="full",
             db=str(db_path),
             quiet=probe,
-            progress=lambda d, t: print(f"  profiled {d}/{t} kernel models", flush=True) if d % 200 == 0 else None,
+            progress=lambda e: (
+                print(f"  profiled {e.done}/{e.total} kernel models", flush=True) if e.done % 200 == 0 else None
+            ),
         )
         print(
             f"profiled {cal.kernels} kernels in {time.time() - t0:.0f}s ({args.threads} threads; "
