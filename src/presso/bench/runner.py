@@ -287,7 +287,6 @@ def measure_onnx(
     ``inputs``: a feed by input name; default random inputs of the model's static shapes. ``profile``: add ONNX
     Runtime's per-operator profile (``profile_top`` slowest nodes; 0: every node).
     """
-    from presso.bench.env import environment
 
     if runtime not in ("onnxruntime", "openvino"):
         raise ConfigError(f"Runtime '{runtime}' does not run ONNX files: use onnxruntime or openvino.")
@@ -313,18 +312,27 @@ def measure_onnx(
     )
     if profile and runtime != "onnxruntime":
         raise ConfigError("--profile uses ONNX Runtime's profiler: run it with --runtime onnxruntime.")
+    size = sum(f.stat().st_size for f in _model_files(Path(path)))
+    return _measurement(samples, stats, n_threads, runtime, version, batch, mem.peak_mb, size, profile=prof)
+
+
+def _measurement(samples: list[float], stats: dict[str, float], threads: int, runtime: str, version: str, batch: int,
+                 peak_mb: float, size: int, profile: dict[str, Any] | None = None) -> Measurement:  # fmt: skip
+    """A Measurement from a run's samples and their summary (every runtime reports the same fields)."""
+    from presso.bench.env import environment
+
     return Measurement(
         **stats,
         runs=len(samples),
-        threads=n_threads,
+        threads=threads,
         runtime=runtime,
         runtime_version=version,
         batch=batch,
         throughput=round(batch * 1000 / stats["median_ms"], 3) if stats["median_ms"] > 0 else 0.0,
-        peak_memory_mb=mem.peak_mb,
-        model_size_bytes=sum(f.stat().st_size for f in _model_files(Path(path))),
-        environment=environment(runtime, version, n_threads),
-        profile=prof,
+        peak_memory_mb=peak_mb,
+        model_size_bytes=int(size),
+        environment=environment(runtime, version, threads),
+        profile=profile,
     )
 
 
@@ -377,7 +385,6 @@ def measure_litert(
     """Time a LiteRT flatbuffer (``presso.bench.exports.LiteRTFile``) with ai-edge-litert's interpreter on the CPU
     (XNNPACK delegate, ``threads`` threads): inputs set once, then ``invoke`` timed -- what an app's inference call
     costs."""
-    from presso.bench.env import environment
     from presso.bench.exports import litert_interpreter
 
     n_threads = resolve_threads(threads)
@@ -390,18 +397,7 @@ def measure_litert(
 
     stats = summarize(samples)
     batch = model.shapes[0][0] if model.shapes and model.shapes[0] else 1
-    return Measurement(
-        **stats,
-        runs=len(samples),
-        threads=n_threads,
-        runtime="litert",
-        runtime_version=version,
-        batch=batch,
-        throughput=round(batch * 1000 / stats["median_ms"], 3) if stats["median_ms"] > 0 else 0.0,
-        peak_memory_mb=mem.peak_mb,
-        model_size_bytes=model.path.stat().st_size,
-        environment=environment("litert", version, n_threads),
-    )
+    return _measurement(samples, stats, n_threads, "litert", version, batch, mem.peak_mb, model.path.stat().st_size)
 
 
 # --------------------------------------------------------------------------- PyTorch (eager)
@@ -418,7 +414,6 @@ def measure_torch(
     """Time ``model`` in eager PyTorch on the CPU (inference mode, ``threads`` intra-op threads)."""
     import torch
 
-    from presso.bench.env import environment
     from presso.models.figures import set_mode
 
     n_threads = resolve_threads(threads)
@@ -440,18 +435,7 @@ def measure_torch(
     batch = int(example_inputs[0].shape[0]) if example_inputs and example_inputs[0].dim() else 1
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     size += sum(b.numel() * b.element_size() for b in model.buffers())
-    return Measurement(
-        **stats,
-        runs=len(samples),
-        threads=n_threads,
-        runtime="torch",
-        runtime_version=torch.__version__,
-        batch=batch,
-        throughput=round(batch * 1000 / stats["median_ms"], 3) if stats["median_ms"] > 0 else 0.0,
-        peak_memory_mb=mem.peak_mb,
-        model_size_bytes=int(size),
-        environment=environment("torch", torch.__version__, n_threads),
-    )
+    return _measurement(samples, stats, n_threads, "torch", torch.__version__, batch, mem.peak_mb, size)
 
 
 def measure_model(model, example_inputs: tuple, **kwargs) -> Measurement:
