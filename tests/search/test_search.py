@@ -124,6 +124,32 @@ def test_no_candidate_predicted_over_budget_is_trained(latency_db, tmp_path):
     assert (tmp_path / "s" / "trials.csv").read_text().count("\n") == 9
 
 
+def test_no_candidate_over_the_parameter_budget_is_trained(latency_db, tmp_path):
+    def run(max_params: int | None, out: str):
+        cfg = SearchConfig(latency_ms=1e6, trials=8, proxy_epochs=1, final=False, threads=1, proxy_val=100,
+                           warm_start=False, max_params=max_params)  # fmt: skip
+        result = presso.search(DATA, cfg, output_dir=tmp_path / out, db=latency_db)
+        study = optuna.load_study(study_name=result.study, storage=f"sqlite:///{tmp_path / out / 'study.db'}")
+        return result, trial_rows(study)
+
+    _, first = run(None, "all")  # the same seed proposes the same first designs: their median splits them
+    cap = int(np.median([r["params"] for r in first]))
+    result, rows = run(cap, "s")
+    assert result.counts["skipped_over_params"] >= 1 and result.counts["trained"] >= 1
+    assert result.counts["skipped_by_predictor"] == 0  # nothing is over 1e6 ms
+    for r in rows:
+        if r["params"] > cap:
+            assert r["state"] == "PRUNED" and r["skipped"] == "over the parameter budget" and not r["trained"]
+        else:
+            assert r["state"] == "COMPLETE"
+    # a cap below the space's smallest member is refused before any trial, with that member's size
+    from presso.errors import BudgetError
+
+    with pytest.raises(BudgetError, match=r"fits 100 parameters: the smallest one has \d+\. Raise --max-params"):
+        presso.search(DATA, SearchConfig(latency_ms=1e6, trials=2, threads=1, max_params=100),
+                      output_dir=tmp_path / "none", db=latency_db)  # fmt: skip
+
+
 def test_impossible_budget_stops_early_with_the_smallest_latency(latency_db, tmp_path):
     from presso.errors import BudgetError
 

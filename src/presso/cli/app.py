@@ -356,8 +356,10 @@ def _search_step(e: ProgressEvent) -> str:
 
 def _trial_line(e: ProgressEvent) -> str:
     i = e.info
-    what = f"skipped: predicted {i['predicted_ms']:.3f} ms" if i.get("skipped") else (
-        f"top-1 {i['top1']:.4f} at {i['predicted_ms']:.3f} ms")  # fmt: skip
+    if i.get("skipped"):
+        what = f"skipped: {i['why']}" if i.get("why") else f"skipped: predicted {i['predicted_ms']:.3f} ms"
+    else:
+        what = f"top-1 {i['top1']:.4f} at {i['predicted_ms']:.3f} ms"
     return f"trial {i['number']}: {what}"
 
 

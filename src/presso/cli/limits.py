@@ -75,6 +75,7 @@ RANGES: dict[str, Range] = {
     "--proxy-fraction": (0, 1, "(]"),
     "--final-epochs": (1, 100_000, "[]"),
     "--measure-top": (1, 10_000, "[]"),
+    "--max-params": (1, 2**40, "[]"),
     "--heartbeat": (1, 86_400, "[]"),
     "--train-epochs": (1, 100_000, "[]"),
     "--recover-epochs": (1, 100_000, "[]"),

@@ -44,6 +44,9 @@ def search(
     measure_top: Annotated[int, typer.Option(help="Best candidates measured on the device.")] = 3,
     threads: Annotated[int | None, typer.Option(help="Runtime threads the budget is for.")] = None,
     seed: Annotated[int, typer.Option(help="Sampler and training seed.")] = 0,
+    max_params: Annotated[
+        int | None, typer.Option("--max-params", help="Parameter budget: larger candidates are skipped untrained.")
+    ] = None,
     final: Annotated[
         bool, typer.Option("--final/--no-final", help="Train the winner (one worker of a shared study).")
     ] = True,
@@ -69,6 +72,7 @@ def search(
             latency_ms=latency_ms, device=device, trials=trials, time_budget_min=time_budget, space=space,
             proxy_epochs=proxy_epochs, proxy_fraction=proxy_fraction, final_epochs=final_epochs,
             measure_top=measure_top, threads=threads, seed=seed, final=final, heartbeat_s=heartbeat,
+            max_params=max_params,
         )  # fmt: skip
         # a bar over finished trials, a line per trial, the winner's training; the device's kernels first if the
         # latency database has none for it (kernel models done of the set, as 'presso db profile' shows them)
@@ -93,7 +97,8 @@ def _render_search(s: dict[str, Any]) -> None:
     n = s["trials"]
     out.print(
         f"trials: {n['finished']} finished -- {n['trained']} trained, {n['skipped_by_predictor']} skipped by the "
-        f"latency predictor, {n['duplicates']} duplicates reused, {n['failed']} failed",
+        f"latency predictor, {n.get('skipped_over_params', 0)} over the parameter budget, {n['duplicates']} "
+        f"duplicates reused, {n['failed']} failed",
         highlight=False,
     )
     if s.get("best"):

@@ -7,16 +7,19 @@ from typing import Any
 
 from presso.errors import ConfigError, check_fields
 
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2  # 2: widths down to 8 channels in the mobilenet space (a study of 1 cannot be resumed)
 
 
 @dataclass
 class SearchConfig:
-    """latency_ms: the budget on ``device`` (ONNX Runtime, FP32, batch 1, ``threads``).
+    """latency_ms: the budget on ``device`` (ONNX Runtime, FP32, batch 1, ``threads``). max_params: a parameter
+    budget as well (e.g. a microcontroller's flash); a candidate over it is skipped before any training, as one
+    predicted over the latency budget is.
 
     trials: finished trials (trained + skipped) the study should hold; time_budget_min stops a worker earlier.
     proxy_epochs / proxy_fraction: proxy training per candidate (epochs, share of the training split);
-        proxy_val: held-out images that score it. final_epochs: the winner's full training.
+        proxy_val: images held out of the training split that score it (the validation split judges the winner
+        only). final_epochs: the winner's full training.
     measure_top: feasible candidates measured on the device at the end (best proxy top-1 first).
     """
 
@@ -36,14 +39,15 @@ class SearchConfig:
     warm_start: bool = True
     final: bool = True
     heartbeat_s: int = 10  # a worker silent for 4 heartbeats is dead: its trial is failed and retried
+    max_params: int | None = None
     version: int = SEARCH_VERSION
 
     def __post_init__(self) -> None:
         # every number finite and in range, named, before a study is opened (a NaN budget is met by no candidate)
-        check_fields(self, latency_ms=(0, None, "(]"), time_budget_min=(0, None, "(]"), trials=(1, None),
-                     proxy_epochs=(1, None), proxy_fraction=(0, 1, "(]"), proxy_val=(1, None), final_epochs=(1, None),
-                     measure_top=(1, None), batch_size=(1, None), threads=(1, None), seed=(0, 2**63 - 1),
-                     heartbeat_s=(1, None))  # fmt: skip
+        check_fields(self, latency_ms=(0, None, "(]"), max_params=(1, None), time_budget_min=(0, None, "(]"),
+                     trials=(1, None), proxy_epochs=(1, None), proxy_fraction=(0, 1, "(]"), proxy_val=(1, None),
+                     final_epochs=(1, None), measure_top=(1, None), batch_size=(1, None), threads=(1, None),
+                     seed=(0, 2**63 - 1), heartbeat_s=(1, None))  # fmt: skip
         if not self.latency_ms > 0:
             raise ConfigError(f"The latency budget must be positive, not {self.latency_ms} ms.")
         if self.trials < 1 or self.proxy_epochs < 1 or self.final_epochs < 1:
@@ -53,5 +57,9 @@ class SearchConfig:
 
     def study_settings(self) -> dict[str, Any]:
         """What makes two searches the same study (a worker with other settings must not join it)."""
-        keys = ("latency_ms", "device", "space", "proxy_epochs", "proxy_fraction", "proxy_val", "batch_size", "seed")
-        return {k: getattr(self, k) for k in keys}
+        keys = ("latency_ms", "device", "space", "proxy_epochs", "proxy_fraction", "proxy_val", "batch_size", "seed",
+                "version")  # fmt: skip
+        settings = {k: getattr(self, k) for k in keys}
+        if self.max_params is not None:  # only when set: a study started before the option existed stays joinable
+            settings["max_params"] = self.max_params
+        return settings

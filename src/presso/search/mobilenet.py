@@ -16,7 +16,7 @@ from presso.models.sources import load_model
 from presso.search.space import SearchSpace, register_space
 
 DEPTHS = ((1, 2), (1, 2, 3), (1, 2, 3), (1, 2, 3))
-WIDTHS = (0.5, 0.75, 1.0, 1.5)
+WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.5)  # 0.25: 8 channels in the first stages (make_divisible)
 KERNELS = (3, 5, 7)
 EXPANDS = (2, 3, 4, 6)
 STEMS = (8, 16, 24)

@@ -99,19 +99,23 @@ class _Search:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def _proxy_bundle(self):
+        """The proxy's data, both halves drawn from the training split: ``proxy_val`` held-out images score the
+        candidates, ``proxy_fraction`` of the rest trains them. The validation split is never seen by the search --
+        it judges the winner only (for Fashion-MNIST it is the test set, which must not choose the architecture)."""
         from presso.data import DataBundle
 
         rng = np.random.default_rng(self.cfg.seed)
-        n_train = max(self.bundle.num_classes * 8, int(len(self.bundle.train) * self.cfg.proxy_fraction))
-        train_idx = np.sort(rng.permutation(len(self.bundle.train))[: min(n_train, len(self.bundle.train))])
-        val_idx = np.sort(rng.permutation(len(self.bundle.val))[: min(self.cfg.proxy_val, len(self.bundle.val))])
+        order = rng.permutation(len(self.bundle.train))
+        n_val = min(self.cfg.proxy_val, max(self.bundle.num_classes, len(order) // 5))
+        pool = order[n_val:]
+        n_train = min(len(pool), max(self.bundle.num_classes * 8, int(len(pool) * self.cfg.proxy_fraction)))
         return DataBundle(
             name=self.bundle.name,
-            train=self.bundle.train.subset(train_idx),
-            val=self.bundle.val.subset(val_idx),
+            train=self.bundle.train.subset(np.sort(pool[:n_train])),
+            val=self.bundle.train.subset(np.sort(order[:n_val])),
             classes=self.bundle.classes,
             flip=self.bundle.flip,
-            val_from=self.bundle.val_from,
+            val_from="split",
         )
 
     # ------------------------------------------------------------------ latency
@@ -190,6 +194,13 @@ class _Search:
 
         return self.predict_ms(self.space.sample(optuna.trial.FixedTrial(self.space.smallest())))
 
+    def smallest_params(self) -> int:
+        """The parameters of the space's smallest member."""
+        import optuna
+
+        model = self.space.build(self.space.sample(optuna.trial.FixedTrial(self.space.smallest())))
+        return int(sum(p.numel() for p in model.parameters()))
+
     # ------------------------------------------------------------------ trials
     def objective(self, trial) -> tuple[float, float]:
         import optuna
@@ -201,15 +212,27 @@ class _Search:
         trial.set_user_attr("arch_key", key)
         trial.set_user_attr("worker", self.worker)
         model = self.space.build(arch)
-        trial.set_user_attr("params_count", int(sum(p.numel() for p in model.parameters())))
+        params = int(sum(p.numel() for p in model.parameters()))
+        trial.set_user_attr("params_count", params)
         predicted = self.predict_ms(arch)
         trial.set_user_attr("predicted_ms", round(predicted, 4))
-        trial.set_user_attr("constraint", predicted - self.cfg.latency_ms)
-        trial.set_constraint("latency", predicted - self.cfg.latency_ms)
+        # each budget is a constraint (feasible at <= 0), so the sampler learns where infeasible designs lie
+        over = [predicted - self.cfg.latency_ms]
+        trial.set_constraint("latency", over[0])
+        if self.cfg.max_params is not None:
+            over.append((params - self.cfg.max_params) / self.cfg.max_params)
+            trial.set_constraint("params", over[1])
+        trial.set_user_attr("constraint", max(over))
+        why = None
         if predicted > self.cfg.latency_ms:
+            why = f"predicted {predicted:.3f} ms > budget {self.cfg.latency_ms} ms"
             trial.set_user_attr("skipped", "predicted over budget")
-            self.report("trial", {"number": trial.number, "skipped": True, "predicted_ms": predicted})
-            raise optuna.TrialPruned(f"predicted {predicted:.3f} ms > budget {self.cfg.latency_ms} ms")
+        elif self.cfg.max_params is not None and params > self.cfg.max_params:
+            why = f"{params} parameters > budget {self.cfg.max_params}"
+            trial.set_user_attr("skipped", "over the parameter budget")
+        if why:
+            self.report("trial", {"number": trial.number, "skipped": True, "predicted_ms": predicted, "why": why})
+            raise optuna.TrialPruned(why)
         # the same architecture trained before (sampled again, or by another worker): reuse its score
         for other in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if other.user_attrs.get("arch_key") == key and other.values:
@@ -265,10 +288,11 @@ class _Search:
         done = [t for t in finished(self.study) if t.values and t.user_attrs.get("trained", False)]
         done += [t for t in finished(self.study) if t.values and "duplicate_of" in t.user_attrs]
         if not done:
+            params = f" and {self.cfg.max_params} parameters" if self.cfg.max_params is not None else ""
             raise BudgetError(
-                f"No candidate fits {self.cfg.latency_ms} ms on '{self.cfg.device}' (all {len(finished(self.study))} "
-                f"finished trials were predicted over it); the smallest architecture of the space predicts "
-                f"{self.smallest_ms():.3f} ms -- raise --latency-ms above that."
+                f"No candidate fits {self.cfg.latency_ms} ms on '{self.cfg.device}'{params} (all "
+                f"{len(finished(self.study))} finished trials were over it); the smallest architecture of the space "
+                f"predicts {self.smallest_ms():.3f} ms -- raise --latency-ms above that, or run more trials."
             )
         ranked = sorted({t.user_attrs["arch_key"]: t for t in done}.values(), key=lambda t: -t.values[0])
         measured = dict(self.study.user_attrs.get("measured_ms", {}))
@@ -435,6 +459,13 @@ def _search_into(where: Path, output: Path, data, cfg: SearchConfig, storage, st
             f"No architecture of the '{cfg.space}' space can meet {cfg.latency_ms} ms on '{cfg.device}': the smallest "
             f"one predicts {smallest:.3f} ms. Raise --latency-ms above that (or use a faster device)."
         )
+    if cfg.max_params is not None:
+        fewest = run.smallest_params()
+        if fewest > cfg.max_params:
+            raise BudgetError(
+                f"No architecture of the '{cfg.space}' space fits {cfg.max_params} parameters: the smallest one has "
+                f"{fewest}. Raise --max-params above that."
+            )
     run.run()
     best = run.finalize() if cfg.final else None
     result = SearchResult(

@@ -119,7 +119,8 @@ def counts(study) -> dict[str, int]:
     return {
         "finished": sum(r["state"] in ("COMPLETE", "PRUNED") for r in rows),
         "trained": sum(r["trained"] for r in rows),
-        "skipped_by_predictor": sum(r["state"] == "PRUNED" for r in rows),
+        "skipped_by_predictor": sum(r["skipped"] == "predicted over budget" for r in rows),
+        "skipped_over_params": sum(r["skipped"] == "over the parameter budget" for r in rows),
         "duplicates": sum(r["duplicate_of"] is not None for r in rows),
         "failed": sum(r["state"] == "FAIL" for r in rows),
     }
@@ -142,7 +143,7 @@ def plot_pareto(path: Path, rows, pareto, best, budget: float) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     trained = [r for r in rows if r["proxy_top1"] is not None]
-    skipped = [r for r in rows if r["state"] == "PRUNED" and r["predicted_ms"]]
+    skipped = [r for r in rows if r["skipped"] == "predicted over budget" and r["predicted_ms"]]
     ax.scatter([r["predicted_ms"] for r in trained], [r["proxy_top1"] for r in trained], c="#9aa5b1",
                label=f"trained by proxy ({len(trained)})")  # fmt: skip
     if skipped:  # never trained, so no accuracy: a strip along the bottom (x in ms, y in axes units)
