@@ -128,6 +128,9 @@ def test_qat_fine_tune_exports_int8_that_onnx_runtime_scores_as_pytorch_did(qat,
     ort.InferenceSession(str(converted.path), opts, providers=["CPUExecutionProvider"])
     fused = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert fused["QLinearConv"] == 9 and fused["QGemm"] == 1 and fused["Conv"] == 0, fused
+    # each tensor quantized once: ReLUs run inside the integer convolutions, both residual sums are QLinearAdd, and
+    # only the input and the pooled features are quantized from float (the last sum + ReLU feed the float pooling)
+    assert fused["QLinearAdd"] == 2 and fused["QuantizeLinear"] == 2 and fused["Relu"] <= 1, fused
 
 
 def test_a_qat_model_converts_only_to_its_int8_onnx(qat, tmp_path):
@@ -160,3 +163,78 @@ def test_cli_train_qat(fp32, tmp_path):
     assert r.exit_code == 0, r.output
     history = json.loads((tmp_path / "q" / "presso.json").read_text())["history"][-1]
     assert history["config"]["qat"] is True and history["teacher"] is not None  # distilled from the FP32 model
+
+
+def test_each_tensor_is_quantized_once_and_old_recipes_still_load():
+    class Chain(nn.Module):  # conv -> ReLU6 -> conv -> ReLU -> max-pool -> conv, and a conv read twice
+        def __init__(self):
+            super().__init__()
+            self.c1, self.a1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()
+            self.c2, self.a2, self.pool = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+            self.c3, self.c4 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.pool(self.a2(self.c2(self.a1(self.c1(x)))))
+            return self.c3(y) + self.c4(y)
+
+    x = torch.randn(2, 3, 8, 8)
+    model = Chain().eval()
+    step = prepare_qat(model, (x,))
+    assert step["activation_inside"] == {"c1": "relu6", "c2": "relu"}
+    assert step["shared_inputs"] == {"c2": ["out", "c1"], "c3": ["out", "c2"], "c4": ["out", "c2"]}
+    assert not hasattr(model.c2, "qat_input") and model.c3.__dict__["_qat_input_shared"] is model.c2.qat_output
+    model.train()
+    for _ in range(3):
+        model(torch.randn(2, 3, 8, 8))
+    model.eval()
+    # a shared quantizer only re-applies the grid its values are already on: the same function with or without
+    with torch.no_grad():
+        out = model(x)
+        y = model.c1.qat_output(model.a1(model.c1(model.c1.qat_input(x))))  # c1 with ReLU6 inside, then the module
+        assert torch.equal(y, model.c1.qat_output(y, observe=False))
+    assert torch.isfinite(out).all()
+    # a recipe written before quantizers were shared: every layer quantizes its own input again
+    from presso.models.qat import replay_qat
+
+    old = {k: v for k, v in step.items() if k not in ("activation_inside", "shared_inputs")}
+    fresh = Chain().eval()
+    replay_qat(fresh, old)
+    assert all(hasattr(getattr(fresh, n), "qat_input") for n in ("c1", "c2", "c3", "c4"))
+    with pytest.raises(Exception, match="malformed"):
+        replay_qat(Chain(), {**step, "activation_inside": {"c1": "gelu"}})
+
+
+def test_idle_activations_are_dropped_from_the_int8_graph_without_changing_it(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from presso.convert.quantize import drop_idle_activations
+
+    def const(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z0"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z0"], ["d"]),  # uint8, zero point 0: values >= 0
+        helper.make_node("Relu", ["d"], ["r"]),  # idle
+        helper.make_node("Clip", ["d", "lo", "hi6"], ["c"]),  # idle: 255 * 0.02 = 5.1 <= 6
+        helper.make_node("QuantizeLinear", ["x", "s", "z9"], ["q2"]),
+        helper.make_node("DequantizeLinear", ["q2", "s", "z9"], ["d2"]),  # zero point 9: negatives exist
+        helper.make_node("Relu", ["d2"], ["r2"]),  # kept
+        helper.make_node("Clip", ["d", "lo", "hi1"], ["c1"]),  # kept: cuts at 1
+        helper.make_node("Sum", ["r", "c", "r2", "c1"], ["y"]),
+    ]
+    inits = [const("s", 0.02, np.float32), const("z0", 0, np.uint8), const("z9", 9, np.uint8),
+             const("lo", 0.0, np.float32), const("hi6", 6.0, np.float32), const("hi1", 1.0, np.float32)]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.save(model, str(tmp_path / "a.onnx"))
+    assert drop_idle_activations(tmp_path / "a.onnx", tmp_path / "b.onnx") == 2
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node)
+    assert ops["Relu"] == 1 and ops["Clip"] == 1
+    x = {"x": np.random.default_rng(0).normal(0, 3, (4, 16)).astype(np.float32)}
+    run = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, x)[0]
+           for f in ("a.onnx", "b.onnx")]  # fmt: skip
+    assert np.array_equal(run[0], run[1])

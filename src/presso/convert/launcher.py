@@ -25,7 +25,7 @@ from torch import nn
 
 import presso.outdir as outdir
 from presso.convert.accuracy import Scorer, task_kind
-from presso.convert.quantize import Int8Config, Int8Result, quantize_int8, to_fp16
+from presso.convert.quantize import Int8Config, Int8Result, drop_idle_activations, quantize_int8, to_fp16
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
 from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
@@ -285,7 +285,9 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
     onnx_out = tmp / "model.onnx"
     if cfg.to == "litert":
         pass  # LiteRT converts the PyTorch model and quantizes its own graph (below), from the same calibration
-    elif qat or cfg.precision == "fp32":  # a QAT model's export is its INT8 model
+    elif qat:  # a QAT model's export is its INT8 model; activations its layers already applied are dropped
+        drop_idle_activations(fp32, onnx_out)
+    elif cfg.precision == "fp32":
         shutil.copyfile(fp32, onnx_out)
     elif cfg.precision == "fp16":
         report("converting to FP16", 0, 1)

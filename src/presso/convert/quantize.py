@@ -576,3 +576,64 @@ def to_fp16(src: str | Path, dst: str | Path, *, keep_io_types: bool = True) -> 
     onnx.save(ir.to_proto(graph), str(dst))
     onnx.checker.check_model(str(dst))
     return Path(dst)
+
+
+def drop_idle_activations(src: str | Path, dst: str | Path) -> int:
+    """Write ``src`` to ``dst`` without the Relu and Clip nodes that read a DequantizeLinear whose values they cannot
+    change: a Relu after a uint8 zero point of 0 (every value is >= 0), a Clip whose bounds hold the whole range the
+    zero point and scale can express. Returns how many were removed; the outputs are bit-identical.
+
+    Why by hand: a QAT model applies its activation before the output quantizer (so ONNX Runtime fuses it into the
+    integer kernel), and PyTorch's activation module then runs once more on the quantized values, where it is the
+    identity. ONNX Runtime keeps such a node when its output has other readers (a residual sum), and the float node
+    between DequantizeLinear and QuantizeLinear stops the next integer kernel's fusion. No ONNX or ORT pass removes it.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:  # Constant nodes too (the exporter's scalars)
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {out: n for n in graph.node for out in n.output}
+    outputs = {o.name for o in graph.output}
+
+    def dq_range(name: str) -> tuple[float, float] | None:
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            return None
+        scale, zero = consts.get(dq.input[1]), consts.get(dq.input[2])
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1 or float(scale) <= 0:
+            return None
+        info = np.iinfo(zero.dtype)
+        return (float(info.min) - float(zero)) * float(scale), (float(info.max) - float(zero)) * float(scale)
+
+    def idle(node) -> bool:
+        span = dq_range(node.input[0]) if node.input else None
+        if span is None or node.output[0] in outputs:
+            return False
+        if node.op_type == "Relu":
+            return span[0] >= 0.0
+        if node.op_type == "Clip":
+            low = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            high = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if (len(node.input) > 1 and node.input[1] and low is None) or (
+                len(node.input) > 2 and node.input[2] and high is None
+            ):
+                return False  # a bound computed at run time
+            return (low is None or span[0] >= float(low)) and (high is None or span[1] <= float(high))
+        return False
+
+    removed = {id(n): n for n in graph.node if n.op_type in ("Relu", "Clip") and idle(n)}
+    rename = {n.output[0]: n.input[0] for n in removed.values()}
+    keep = [n for n in graph.node if id(n) not in removed]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    onnx.save(model, str(dst))
+    return len(removed)
