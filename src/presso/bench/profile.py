@@ -70,7 +70,7 @@ def profile_device(
     """Time the calibration kernel set on ``device`` and store every kernel in the latency database, for
     ``predict_latency``.
 
-    ``size``: ``full`` (1035 kernel models: about a minute on a quiet 2-core machine, up to 12 on a busy one) or
+    ``size``: ``full`` (1041 kernel models: about a minute on a quiet 2-core machine, up to 12 on a busy one) or
     ``quick`` (29: about 3 seconds on an idle 2-core machine, up to about a minute under load; a smoke test);
     ``specs``: an explicit list of ``presso.bench.calibration.Spec`` instead.
     ``runs``: profiled runs per kernel model. ``flush_mb``: buffer written between profiled runs to evict

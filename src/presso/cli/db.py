@@ -124,7 +124,7 @@ SizeOpt = Annotated[
     str,
     typer.Option(
         metavar="SIZE",
-        help="full: 1035 kernel models, about 1 min on a quiet 2-core machine, up to 12 min on a busy one (it "
+        help="full: 1041 kernel models, about 1 min on a quiet 2-core machine, up to 12 min on a busy one (it "
         "waits for quiet moments) | quick: 29, about 3 s on an idle 2-core machine, up to about a minute under load "
         "(a smoke test: too few kernels to predict from).",
     ),
