@@ -7,7 +7,7 @@ from typing import Any
 
 from presso.errors import ConfigError, check_fields
 
-SEARCH_VERSION = 2  # 2: widths down to 8 channels in the mobilenet space (a study of 1 cannot be resumed)
+SEARCH_VERSION = 3  # 2: widths down to 8 channels; 3: fused blocks, expansion 1 (an older study cannot be resumed)
 
 
 @dataclass
