@@ -46,8 +46,8 @@ def latency_db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
-    """ResNet-8 on 16x16 digits: its latency is mostly per-node overhead, so pruning a tenth of its MACs buys no
-    measurable speed, while INT8 runs ~1.4x faster than FP32 (one thread, this CPU)."""
+    """ResNet-8 on 16x16 digits: its latency is mostly per-node overhead, so pruning a tenth of its MACs buys little
+    measurable speed, while INT8 ran ~1.4x faster than FP32 on an AVX-512 VNNI CPU (one thread; not on AVX2)."""
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "out"
     args = ["--data", DATA, "--model", "presso:resnet8", "--target-macs", "0.9", "-o", str(out), "--train-epochs",
@@ -61,23 +61,35 @@ def model_run(tmp_path_factory):
     return out, args, s, time.perf_counter() - t0
 
 
-def test_when_compression_cannot_beat_quantization_the_quantized_original_is_delivered(model_run):
+def _rule(s: dict) -> tuple[dict, str]:
+    """What the selection rule (checked on made-up figures below) picks from a run's own measured candidates."""
+    from presso.pipeline.candidates import select
+
+    cfg = s["config"]
+    return select([dict(c) for c in s["candidates"]], max_drop=cfg["max_accuracy_drop"], latency_ms=cfg["latency_ms"],
+                  target_macs=cfg["target_macs"])  # fmt: skip
+
+
+def test_the_run_delivers_what_the_rule_picks_from_its_measurements(model_run):
+    """Which candidate wins is the CPU's to say: INT8 ran 1.4x FP32 on this model on an AVX-512 VNNI CPU, and 4%
+    slower than FP32 on an AVX2 CPU without VNNI (7-bit weights, one thread), where the pruned FP32 model won."""
     out, _, s, _ = model_run
     c = _cands(s)
     assert set(c) == {"original-fp32", "original-int8", "compressed-fp32", "compressed-int8"}
-    figures = {k: v["latency_ms"] for k, v in c.items()}
-    assert c["original-int8"]["latency_ms"] < c["original-fp32"]["latency_ms"], figures
-    # the compressed INT8 is not measurably faster than the quantized original (a tie within 5%, or slower) ...
-    assert c["compressed-int8"]["latency_ms"] >= c["original-int8"]["latency_ms"] * 0.95, figures
-    # ... so the quantized original is delivered, packaged, and the summary says why
+    chosen, why = _rule(s)
     d = s["delivered"]
-    assert d["candidate"] == "original-int8" and d["label"] == "baseline INT8", d["why"]
-    assert "compression did not beat quantization alone" in d["why"]
-    assert s["bundle"]["from"] == "baseline/int8" and s["bundle"]["predicts"] is True
-    assert s["speedup_vs_baseline_int8"] == 1.0 and s["speedup_vs_original_fp32"] > 1.2
-    # a MACs budget stands for speed: it is met by what is as fast as the accurate compressed model
+    assert d["candidate"] == chosen["id"] and d["why"] == why and d["label"] == chosen["label"]
+    assert s["bundle"]["from"] == c[chosen["id"]]["dir"] and s["bundle"]["predicts"] is True
+    assert s["speedup_vs_original_fp32"] == round(c["original-fp32"]["latency_ms"] / d["latency_ms"], 2)
+    # a MACs budget stands for speed: what is as fast as the accurate compressed model meets it
     assert s["budget_met"] and s["accuracy_bound_met"] and _expected_exit(s) == 0
-    assert c["compressed-int8"]["macs_ratio"] <= 0.9 * 1.03 and c["original-int8"]["budget_ok"]
+    assert c["compressed-int8"]["macs_ratio"] <= 0.9 * 1.03 and c["compressed-fp32"]["budget_ok"]
+    # where INT8 runs faster and pruning a tenth of the MACs buys no measurable speed (the case this model was chosen
+    # for, on a VNNI CPU), the quantized original is delivered, and the summary says why
+    fastest_compressed = min(c["compressed-fp32"]["latency_ms"], c["compressed-int8"]["latency_ms"])
+    if c["original-int8"]["latency_ms"] * (1 + 0.05) <= min(c["original-fp32"]["latency_ms"], fastest_compressed):
+        assert d["candidate"] == "original-int8" and d["label"] == "baseline INT8", d["why"]
+        assert "compression did not beat quantization alone" in d["why"] and s["speedup_vs_baseline_int8"] == 1.0
 
 
 def test_summary_json_headline_and_paths(model_run):
@@ -89,9 +101,13 @@ def test_summary_json_headline_and_paths(model_run):
     assert s["delivered"]["candidate"] and s["delivered"]["why"]
     c, d = _cands(s), s["delivered"]
     assert s["speedup_vs_original_fp32"] == round(c["original-fp32"]["latency_ms"] / d["latency_ms"], 2)
-    assert s["size_ratio"] == round(d["size_bytes"] / c["original-fp32"]["size_bytes"], 3) < 0.5
+    assert (
+        s["size_ratio"]
+        == round(d["size_bytes"] / c["original-fp32"]["size_bytes"], 3)
+        < (0.5 if d["candidate"].endswith("int8") else 1.0)
+    )
     assert s["accuracy_drop_points"] == c[d["candidate"]]["accuracy_drop_points"]
-    assert s["headline"][0].startswith("Delivered: baseline INT8") and "Speed-up" in s["headline"][1]
+    assert s["headline"][0].startswith(f"Delivered: {d['label']} (") and "Speed-up" in s["headline"][1]
     # every path and every folder a reproduce command writes is in OUT; nothing points into .work
     assert ".work" not in json.dumps(on_disk) and not (out / ".work").exists()
     for cand in s["candidates"]:
@@ -113,7 +129,7 @@ def test_model_flow_trains_compresses_recovers_and_packages(model_run):
         assert (out / stage / "stage.json").is_file()
     assert (out / "original" / "model" / "weights.safetensors").is_file()
     text = (out / "report.html").read_text()
-    assert 'id="headline"' in text and 'id="candidates"' in text and "Delivered: baseline INT8" in text
+    assert 'id="headline"' in text and 'id="candidates"' in text and f"Delivered: {s['delivered']['label']}" in text
 
 
 def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_from_there(model_run):
@@ -123,7 +139,8 @@ def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_from_there(mod
     assert r.returncode == _expected_exit(first), r.stderr
     assert time.perf_counter() - t0 < max(60.0, seconds / 3)
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("Delivered: baseline INT8") and "Speed-up" in r.stdout and "Budget: " in r.stdout
+    assert lines[0].startswith(f"Delivered: {first['delivered']['label']} (") and "Speed-up" in r.stdout
+    assert "Budget: " in r.stdout
     assert "{'" not in r.stdout  # no raw Python dict
     again = json.loads((out / "summary.json").read_text())
     assert all(rec["cached"] for rec in again["stages"].values())

@@ -13,6 +13,7 @@ from torch import nn
 from presso.convert.equalize import bias_corrections, equalize, find_pairs
 from presso.convert.quantize import Int8Config, quantize_int8
 from presso.models.onnx import export_onnx, optimize_onnx, session
+from presso.models.qat import has_vnni
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -140,12 +141,18 @@ def _int8(separable, tmp_path, name, **kw):
     return result, float(np.abs((got - ref).mean(axis=0)).mean())  # the mean error per logit, over the images
 
 
+# ONNX Runtime's reduce_range (7-bit weights) where the CPU lacks VNNI, as Int8Config's default decides: the SNRs
+# differ between the two (full-range weights saturate int16 sums on such CPUs: -5.9 dB on this net there)
+REDUCED = has_vnni() is False
+
+
 def test_equalization_raises_int8_snr_on_a_badly_balanced_depthwise_net(separable, tmp_path):
     plain, _ = _int8(separable, tmp_path, "plain", snr_db=None, equalize="off", bias_correction="off")
     cle, _ = _int8(separable, tmp_path, "cle", snr_db=None, equalize="on", bias_correction="off")
-    # measured: 6.3 dB -> 16.0 dB (per-channel weights, per-tensor uint8 activations)
-    assert plain.output_snr_db < 10.0
-    assert cle.output_snr_db > plain.output_snr_db + 6.0
+    # measured (per-channel weights, per-tensor uint8 activations): 6.3 dB -> 16.0 dB with full-range weights on a
+    # VNNI CPU; 9.2 dB -> 12.0 dB with 7-bit weights on an AVX2 CPU (20.6 dB once biases are corrected, below)
+    assert plain.output_snr_db < 10.0 and cle.settings["reduce_range"] is REDUCED
+    assert cle.output_snr_db > plain.output_snr_db + (2.0 if REDUCED else 6.0)
     assert cle.settings["equalize"] and cle.settings["equalization"]["pairs"] == 6  # stem -> b1 -> b2, all through ReLU
     assert cle.settings["equalization"]["largest_scale"] > 100  # the 1e4 channels were brought in line
     assert [s["method"] for s in cle.steps] == ["cle"] and plain.steps[0]["method"] == "ptq"
@@ -262,17 +269,22 @@ def test_the_plan_goes_in_order_of_cost():
 
 
 def test_auto_corrects_the_biases_of_the_better_graph(tmp_path):
-    """On a plain CNN whose channels are already balanced CLE loses SNR (per-channel weights need no weight
-    balancing): bias correction then goes on the plain graph, and the best file is delivered."""
+    """Bias correction goes on whichever graph quantized better, plain or equalized, and the best file is delivered.
+    On this plain CNN (channels already balanced) that depends on the weights' range: with full-range weights CLE
+    loses SNR (per-channel weights need no balancing), with 7-bit ones (CPUs without VNNI) it gains."""
     torch.manual_seed(0)
     src = _onnx(_randomise_batchnorm(_plain_cnn()), tmp_path / "plain.onnx", 16)
     cfg = Int8Config(snr_db=60.0, max_fallback=0.0)  # out of reach, and no fallback: every fix is tried
     r = quantize_int8(src, tmp_path / "q.onnx", [_images(64, 16, 2)], [_images(32, 16, 3)], cfg)
-    # measured: ptq 38.4 dB, cle 35.0 dB, bc (on the plain graph) 39.6 dB
+    # measured: full range (VNNI) ptq 38.4 dB, cle 35.0 dB, bc on the plain graph 39.6 dB; 7-bit weights (AVX2)
+    # ptq 29.9 dB, clip 29.1 dB, cle 34.5 dB, cle+bc 39.0 dB
     snr = {s["method"]: s["value"] for s in r.steps}
-    assert list(snr) == ["ptq", "clip", "cle", "bc"] and snr["cle"] < max(snr["ptq"], snr["clip"]) < snr["bc"]
-    assert not r.settings["equalize"] and r.settings["bias_correction"] and not r.met
-    assert r.output_snr_db == pytest.approx(snr["bc"], abs=0.01) and r.fallback_layers == []
+    cle_better = snr["cle"] > max(snr["ptq"], snr["clip"])
+    assert cle_better is REDUCED  # as measured on each kind of CPU
+    bc = "cle+bc" if cle_better else "bc"
+    assert list(snr) == ["ptq", "clip", "cle", bc] and max(snr["ptq"], snr["clip"], snr["cle"]) < snr[bc]
+    assert r.settings["equalize"] is cle_better and r.settings["bias_correction"] and not r.met
+    assert r.output_snr_db == pytest.approx(snr[bc], abs=0.01) and r.fallback_layers == []
 
 
 def test_clipped_ranges_come_first_when_one_outlier_stretches_min_max(tmp_path):

@@ -16,7 +16,7 @@ from presso.cli import app
 from presso.convert import ConvertConfig
 from presso.data import load_data
 from presso.errors import ConfigError
-from presso.models.qat import ActivationFakeQuant, is_qat, prepare_qat
+from presso.models.qat import ActivationFakeQuant, has_vnni, is_qat, prepare_qat, weight_levels
 from presso.train import TrainConfig
 
 DIGITS = "digits:size=16"
@@ -52,22 +52,27 @@ def qat(fp32, digits, tmp_path_factory):
     return result, out
 
 
-def test_prepare_folds_batchnorm_and_keeps_the_function_within_quantization_noise(fp32):
+@pytest.mark.parametrize("reduce_range", [False, True, None])
+def test_prepare_folds_batchnorm_and_keeps_the_function_within_quantization_noise(fp32, reduce_range):
     model = copy.deepcopy(fp32).eval()
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         before = model(x)
-    step = prepare_qat(model, (x,))
+    step = prepare_qat(model, (x,), reduce_range)
     assert len(step["folds"]) == 9 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert len(step["layers"]) == 10  # 9 convolutions and the classifier
-    # the weights are on ONNX Runtime's per-channel int8 grid: at most 255 distinct multiples of each row's scale
+    # full range, or ONNX Runtime's reduce_range (-64..64) -- by default where this CPU lacks VNNI, as convert decides
+    levels = 64 if (reduce_range if reduce_range is not None else has_vnni() is False) else 127
+    assert step["weight_levels"] == levels == weight_levels(model)
+    # the weights are on ONNX Runtime's per-channel int8 grid: integer multiples of each row's scale, within levels
     conv = model.get_submodule(step["layers"][0])
     w = conv.weight.detach().flatten(1)
-    scale = w.abs().amax(1, keepdim=True) / 127
+    scale = w.abs().amax(1, keepdim=True) / levels
     assert torch.allclose(w / scale, torch.round(w / scale), atol=1e-3)
+    assert torch.round(w / scale).abs().max() == levels  # each row's largest weight on the range's end
     with torch.no_grad():
         after = model(x)
-    assert (after - before).abs().max() < 0.1 * before.abs().max()  # 8-bit noise, not a different function
+    assert (after - before).abs().max() < 0.1 * before.abs().max()  # 7/8-bit noise, not a different function
     with pytest.raises(Exception, match="already in QAT form"):
         prepare_qat(model, (x,))
 
@@ -158,11 +163,18 @@ def test_activation_ranges_follow_the_data_in_training_and_freeze_in_eval():
 def test_cli_train_qat(fp32, tmp_path):
     src = tmp_path / "fp32"
     presso.save_model_dir(fp32, src, input_spec="1,3,16,16")
-    r = CliRunner().invoke(app, ["train", str(src), "--data", DIGITS, "--qat", "--epochs", "1", "--batch-size",
-                                 "64", "-o", str(tmp_path / "q"), "--json"])  # fmt: skip
+    bad = CliRunner().invoke(app, ["train", str(src), "--data", DIGITS, "--qat", "--qat-reduce-range", "7bit",
+                                   "-o", str(tmp_path / "x")])  # fmt: skip
+    assert bad.exit_code != 0 and "--qat-reduce-range is auto, on or off, not '7bit'" in bad.output
+    # for a CPU without VNNI, whichever CPU trains it: the recipe keeps the range, the reload rebuilds it
+    r = CliRunner().invoke(app, ["train", str(src), "--data", DIGITS, "--qat", "--qat-reduce-range", "on", "--epochs",
+                                 "1", "--batch-size", "64", "-o", str(tmp_path / "q"), "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    history = json.loads((tmp_path / "q" / "presso.json").read_text())["history"][-1]
+    card = json.loads((tmp_path / "q" / "presso.json").read_text())
+    history = card["history"][-1]
     assert history["config"]["qat"] is True and history["teacher"] is not None  # distilled from the FP32 model
+    assert history["config"]["qat_reduce_range"] is True and card["recipe"][-1]["weight_levels"] == 64
+    assert weight_levels(presso.load_model(tmp_path / "q")) == 64
 
 
 def test_each_tensor_is_quantized_once_and_old_recipes_still_load():
@@ -196,10 +208,16 @@ def test_each_tensor_is_quantized_once_and_old_recipes_still_load():
     # a recipe written before quantizers were shared: every layer quantizes its own input again
     from presso.models.qat import replay_qat
 
-    old = {k: v for k, v in step.items() if k not in ("activation_inside", "shared_inputs")}
+    old = {k: v for k, v in step.items() if k not in ("activation_inside", "shared_inputs", "weight_levels")}
     fresh = Chain().eval()
     replay_qat(fresh, old)
     assert all(hasattr(getattr(fresh, n), "qat_input") for n in ("c1", "c2", "c3", "c4"))
+    assert weight_levels(fresh) == 127  # written before the reduced range: full-range weights, as trained then
+    reduced = Chain().eval()
+    replay_qat(reduced, {**step, "weight_levels": 64})
+    assert weight_levels(reduced) == 64
+    with pytest.raises(Exception, match="weight_levels is 100"):
+        replay_qat(Chain(), {**step, "weight_levels": 100})
     with pytest.raises(Exception, match="malformed"):
         replay_qat(Chain(), {**step, "activation_inside": {"c1": "gelu"}})
 

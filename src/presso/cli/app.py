@@ -170,6 +170,15 @@ def _input_spec(source: str, model, given: str | None):
     return input_spec_for(model, given, source)
 
 
+def _tristate(flag: str, mode: str) -> bool | None:
+    """An ``auto | on | off`` option as None, True or False; anything else refused, naming the option."""
+    from presso.errors import ConfigError
+
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"{flag} is auto, on or off, not '{mode}'.")
+    return {"auto": None, "on": True, "off": False}[mode]
+
+
 def _check_output(output, overwrite: bool, *sources: str | None, what: str = "folder") -> None:
     """Refuse a taken -o (without --overwrite) or one that is a model being read, before any work is done."""
     import presso.outdir as outdir

@@ -31,6 +31,7 @@ from presso.cli.app import (
     _human,
     _load,
     _run,
+    _tristate,
     app,
     err,
 )
@@ -62,14 +63,10 @@ def _convert_options(
     int8_io: bool = False,
 ):
     from presso.convert import ConvertConfig, Int8Config
-    from presso.errors import ConfigError
 
-    rr = {"auto": None, "on": True, "off": False}.get(reduce_range)
-    if reduce_range not in ("auto", "on", "off"):
-        raise ConfigError(f"--reduce-range is auto, on or off, not '{reduce_range}'.")
+    rr = _tristate("--reduce-range", reduce_range)
     for flag, mode in (("--equalize", equalize), ("--bias-correction", bias_correction)):
-        if mode not in ("auto", "on", "off"):
-            raise ConfigError(f"{flag} is auto, on or off, not '{mode}'.")
+        _tristate(flag, mode)
     return ConvertConfig(
         to=to,
         precision=precision,

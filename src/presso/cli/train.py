@@ -28,6 +28,7 @@ from presso.cli.app import (
     _emit,
     _load,
     _run,
+    _tristate,
     app,
     err,
 )
@@ -66,6 +67,14 @@ def train(
             "--teacher): then 'presso convert -p int8' exports the INT8 model it learned.",
         ),
     ] = False,
+    qat_reduce_range: Annotated[
+        str,
+        typer.Option(
+            metavar="MODE",
+            help="With --qat: 7-bit weights for x86 CPUs without VNNI, where full-range INT8 saturates: "
+            "auto (as this CPU needs) | on | off. Choose for the CPU that will run the model.",
+        ),
+    ] = "auto",
     sparsity: Annotated[
         float | None,
         typer.Option(
@@ -130,6 +139,7 @@ def train(
             task=task,
             pseudo_labels=pseudo_labels,
             qat=qat,
+            qat_reduce_range=_tristate("--qat-reduce-range", qat_reduce_range),
         )
         main = setup().is_main
         _check_output(output, overwrite, source, teacher)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from presso.convert.quantize import Int8Config, Int8Result, drop_idle_activation
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
 from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
-from presso.models.qat import is_qat
+from presso.models.qat import WEIGHT_LEVELS, has_vnni, is_qat, weight_levels
 from presso.models.spec import InputSpec
 from presso.progress import ProgressCallback, reporter
 from presso.results import Result
@@ -191,6 +192,13 @@ def convert(
             "This model was trained with --qat: its ONNX export is its INT8 model, with the scales it learned. "
             "Convert it with --to onnx --precision int8 (no --max-accuracy-drop: nothing is left to fall back); "
             "for FP32, FP16, OpenVINO or LiteRT convert the model it was fine-tuned from."
+        )
+    if qat and weight_levels(model) == WEIGHT_LEVELS[0] and has_vnni() is False:
+        # not refused: the file may be meant for another CPU; the accuracy check below shows what it costs here
+        warnings.warn(
+            "This QAT model learned full-range INT8 weights, and this x86 CPU has no VNNI: ONNX Runtime's kernels "
+            "here can saturate on them (accuracy lost). For such CPUs, fine-tune again with --qat-reduce-range on.",
+            stacklevel=2,
         )
     if cfg.precision == "int8" and not calib and not qat:
         raise ConfigError(

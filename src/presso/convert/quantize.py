@@ -73,19 +73,6 @@ def snr_db(reference: Iterable[Sequence[np.ndarray]], candidate: Iterable[Sequen
     return 10.0 * math.log10(len(signal) / ratio)
 
 
-def has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI 8-bit dot products (None off x86 or when unknown)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 @dataclass
 class Int8Config:
     """How to quantize to INT8.
@@ -251,6 +238,8 @@ class _Quantizer:
 
         self.fp32, self.cfg, self.work = fp32, cfg, work
         self.calib, self.check = calib, check
+        from presso.models.qat import has_vnni  # torch's import is left to the callers that need it
+
         self.reduce_range = cfg.reduce_range if cfg.reduce_range is not None else (has_vnni() is False)
         self.method = {
             "minmax": CalibrationMethod.MinMax,

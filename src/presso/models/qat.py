@@ -9,7 +9,10 @@ load (``@register_replay("qat")``):
   the model's output is unchanged by it (a convolution whose output also feeds something besides its BatchNorm
   cannot be folded, by ONNX Runtime either);
 * **weights** of every ``Conv1d/2d/3d`` and ``Linear``: per-output-channel symmetric int8 with ONNX Runtime's scale
-  (``max|w| / 127``, zero point 0), through a ``torch.nn.utils.parametrize`` parametrization;
+  (``max|w| / 127``, zero point 0), through a ``torch.nn.utils.parametrize`` parametrization. On an x86 CPU without
+  VNNI the weights take ONNX Runtime's reduced range instead (``max|w| / 64``, values in -64..64): its uint8 x int8
+  kernels there add pairs of products in int16 (``vpmaddubsw``), which saturates with full-range weights -- a QAT
+  ResNet on digits lost 6 points in ONNX Runtime that way. ``reduce_range`` chooses (default: from this CPU);
 * **activations** at the input and the output of each of those layers: per-tensor asymmetric uint8 (zero point in
   0..255, the range always holding 0), the range tracked as a moving average of batch min/max in training (PyTorch's
   ``MovingAverageMinMaxObserver`` rule, averaging constant 0.01) and frozen in eval mode.
@@ -37,21 +40,49 @@ from torch import nn
 from presso.errors import ModelSourceError, UnsupportedLayerError
 from presso.models.recipe import _op, register_replay, resolve
 
-__all__ = ["ActivationFakeQuant", "WeightFakeQuant", "is_qat", "prepare_qat"]
+__all__ = ["ActivationFakeQuant", "WeightFakeQuant", "has_vnni", "is_qat", "prepare_qat", "weight_levels"]
 
 QUANTIZED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 AVERAGING = 0.01
 
 
+WEIGHT_LEVELS = (127, 64)  # full int8 range; ONNX Runtime's reduce_range (-64..64) for CPUs without VNNI
+
+
+def has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI 8-bit dot products (None off x86 or when unknown)."""
+    import platform
+    from pathlib import Path
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 class WeightFakeQuant(nn.Module):
-    """Per-output-channel symmetric int8 fake quantization of a weight, with ONNX Runtime's scale (``max|w|/127``)."""
+    """Per-output-channel symmetric int8 fake quantization of a weight, with ONNX Runtime's scale: ``max|w|/127``, or
+    ``max|w|/64`` with ``levels=64`` (its reduce_range)."""
+
+    def __init__(self, levels: int = 127) -> None:
+        super().__init__()
+        self.levels = levels
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        scale = (w.detach().abs().flatten(1).amax(1) / 127.0).clamp(min=1e-12).float()
+        scale = (w.detach().abs().flatten(1).amax(1) / float(self.levels)).clamp(min=1e-12).float()
         zero = torch.zeros_like(scale, dtype=torch.int32)
-        # quant range -128..127 (what ONNX's int8 allows): |w| / scale <= 127, so -128 is never reached, as in ORT
+        # quant range -128..127 (what ONNX's int8 allows): |w| / scale <= levels, so values stay in -levels..levels
+        # (-128 is never reached, as in ORT)
         return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127)
+
+
+def weight_levels(model: nn.Module) -> int | None:
+    """The weight range a QAT model was trained for (127, or 64 for reduce_range); None when not in QAT form."""
+    return next((m.levels for m in model.modules() if isinstance(m, WeightFakeQuant)), None)
 
 
 class ActivationFakeQuant(nn.Module):
@@ -116,8 +147,8 @@ def _quantize_output(module, args, output):
     return module.qat_output(output)
 
 
-def _wrap(layer: nn.Module, own_input: bool = True, activation: str | None = None) -> None:
-    parametrize.register_parametrization(layer, "weight", WeightFakeQuant())
+def _wrap(layer: nn.Module, own_input: bool = True, activation: str | None = None, levels: int = 127) -> None:
+    parametrize.register_parametrization(layer, "weight", WeightFakeQuant(levels))
     if own_input:
         layer.qat_input = ActivationFakeQuant()
     object.__setattr__(layer, "_qat_activation", activation)
@@ -126,12 +157,14 @@ def _wrap(layer: nn.Module, own_input: bool = True, activation: str | None = Non
     layer.register_forward_hook(_quantize_output)
 
 
-def _wrap_all(model: nn.Module, layers: list[str], sources: dict[str, list[str]], acts: dict[str, str]) -> None:
+def _wrap_all(
+    model: nn.Module, layers: list[str], sources: dict[str, list[str]], acts: dict[str, str], levels: int = 127
+) -> None:
     """Fake quantization on ``layers``; a layer in ``sources`` reads its input through the quantizer named there
     (``["out", producer]``: the producer's output quantizer; ``["in", first]``: the input quantizer ``first`` reads
     through, itself maybe shared); a layer in ``acts`` applies that activation before its output quantizer."""
     for name in layers:
-        _wrap(model.get_submodule(name), own_input=name not in sources, activation=acts.get(name))
+        _wrap(model.get_submodule(name), own_input=name not in sources, activation=acts.get(name), levels=levels)
 
     def quantizer(kind: str, name: str, depth: int = 0) -> nn.Module:
         if depth > len(layers) or name not in layers or kind not in ("out", "in"):
@@ -247,8 +280,11 @@ def _outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     return [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
 
 
-def prepare_qat(model: nn.Module, inputs: tuple) -> dict[str, Any]:
-    """Put ``model`` (in eval mode afterwards) into QAT form in place; the recipe step that rebuilds it."""
+def prepare_qat(model: nn.Module, inputs: tuple, reduce_range: bool | None = None) -> dict[str, Any]:
+    """Put ``model`` (in eval mode afterwards) into QAT form in place; the recipe step that rebuilds it.
+
+    ``reduce_range``: weights in ONNX Runtime's reduced range (-64..64), for x86 CPUs without VNNI (``None``: when
+    this CPU has none, as ``presso convert --reduce-range auto`` decides)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if is_qat(model):
@@ -288,10 +324,13 @@ def prepare_qat(model: nn.Module, inputs: tuple) -> dict[str, Any]:
     # a share through activations holds only when the producer took exactly those inside (they are then no-ops)
     shared = {name: [kind, other] for name, (kind, other, passed) in sources.items()
               if all(a == acts.get(other) for a in passed)}  # fmt: skip
-    _wrap_all(model, layers, shared, acts)
+    reduced = reduce_range if reduce_range is not None else has_vnni() is False
+    levels = WEIGHT_LEVELS[1] if reduced else WEIGHT_LEVELS[0]
+    _wrap_all(model, layers, shared, acts, levels)
     model.eval()
-    return {"type": "qat", "config": {"weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor"},
-            "folds": folded, "layers": layers, "activation_inside": acts, "shared_inputs": shared}  # fmt: skip
+    weights = "int8 per-channel symmetric" + (", reduced range -64..64 (x86 without VNNI)" if reduced else "")
+    return {"type": "qat", "config": {"weights": weights, "activations": "uint8 per-tensor"}, "folds": folded,
+            "layers": layers, "activation_inside": acts, "shared_inputs": shared, "weight_levels": levels}  # fmt: skip
 
 
 def _same(now: list[torch.Tensor], reference: list[torch.Tensor]) -> bool:
@@ -319,4 +358,7 @@ def replay_qat(model: nn.Module, step: dict[str, Any]) -> None:
             and all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
                     for v in shared.values())):  # fmt: skip
         raise ModelSourceError("The QAT recipe's 'activation_inside' / 'shared_inputs' entries are malformed.")
-    _wrap_all(model, layers, shared, acts)
+    levels = step.get("weight_levels", WEIGHT_LEVELS[0])  # recipes written before reduce_range: full range
+    if levels not in WEIGHT_LEVELS:
+        raise ModelSourceError(f"The QAT recipe's weight_levels is {levels!r:.20}, not one of {WEIGHT_LEVELS}.")
+    _wrap_all(model, layers, shared, acts, levels)

@@ -52,6 +52,9 @@ class TrainConfig:
     # quantization-aware training (presso.models.qat): fake quantization as ONNX Runtime runs INT8, BatchNorm
     # folded, distilled from the FP32 model itself unless a teacher is given; a tenth of the learning rate
     qat: bool = False
+    # QAT weights in ONNX Runtime's reduced range (-64..64), which x86 CPUs without VNNI need (their uint8 x int8
+    # kernels saturate int16 sums with full-range weights); None: as this CPU needs. Set it for the deployment CPU
+    qat_reduce_range: bool | None = None
     version: int = 1
 
     def __post_init__(self) -> None:

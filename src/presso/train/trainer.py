@@ -159,7 +159,7 @@ class _Run:
             from presso.models.qat import is_qat, prepare_qat
 
             if not is_qat(self.model):  # a QAT model given again continues its fine-tune
-                ensure_card(self.model).recipe.append(prepare_qat(self.model, (example,)))
+                ensure_card(self.model).recipe.append(prepare_qat(self.model, (example,), cfg.qat_reduce_range))
         self.task.check(self.model, example, self.bundle, self.teacher)
         if self.regularizer is not None and not hasattr(self.regularizer, "after_step"):
             self.regularizer = self.regularizer(self.model, (example,))
