@@ -238,7 +238,7 @@ class _Quantizer:
 
         self.fp32, self.cfg, self.work = fp32, cfg, work
         self.calib, self.check = calib, check
-        from presso.models.qat import has_vnni  # torch's import is left to the callers that need it
+        from presso.models.qat import has_vnni  # here, not at the top: models.qat imports torch, this module does not
 
         self.reduce_range = cfg.reduce_range if cfg.reduce_range is not None else (has_vnni() is False)
         self.method = {
