@@ -29,7 +29,15 @@ from presso.convert.accuracy import Scorer, task_kind
 from presso.convert.quantize import Int8Config, Int8Result, drop_idle_activations, quantize_int8, to_fp16
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
-from presso.models.onnx import DEFAULT_OPSET, compare_outputs, export_onnx, optimize_onnx, session, torch_outputs
+from presso.models.onnx import (
+    DEFAULT_OPSET,
+    compare_outputs,
+    export_onnx,
+    optimize_onnx,
+    session,
+    strip_debug_info,
+    torch_outputs,
+)
 from presso.models.qat import WEIGHT_LEVELS, has_vnni, is_qat, weight_levels
 from presso.models.spec import InputSpec
 from presso.progress import ProgressCallback, reporter
@@ -304,6 +312,11 @@ def _convert(model, inputs, cfg, card, spec, pp, batch, check_inputs, calibratio
         score = (lambda path: scorer.score(_ort_runner(path))) if scorer is not None else None
         int8 = quantize_int8(fp32, onnx_out, calibration, held_out, cfg.int8, progress=report, accuracy=score,
                              metric=scorer.headline if scorer is not None else "accuracy")  # fmt: skip
+    # the exporter's stack traces and scopes leave the files delivered (and the FP32 one sized beside them): only the
+    # quantizer's per-layer report reads them, and it is done
+    for path in (fp32, onnx_out):
+        if path.exists():
+            strip_debug_info(path)
 
     files: list[str] = []
     if cfg.to == "onnx":

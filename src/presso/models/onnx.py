@@ -111,6 +111,39 @@ def optimize_onnx(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
+def strip_debug_info(path: str | Path) -> Path:
+    """Remove, in place, what the exporter records on each node for debugging: the PyTorch stack trace (absolute
+    paths and source lines of the machine that exported it), the FX node, module scopes and rewrite rules.
+
+    A file that is shipped should not carry them: they tell anyone who opens it where the exporting user's code lives
+    and what it says, and on a small network they outweigh the weights (a 0.35 M-parameter detector: 0.5 MB of node
+    metadata beside 1.3 MB of FP32 weights). Presso reads the scopes only while quantizing (its per-layer report), so
+    the launcher strips the files it delivers once quantization is done. Computation is untouched."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path))
+
+    def clean(graph) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:  # control flow: If/Loop/Scan bodies
+                if attr.g.node:
+                    clean(attr.g)
+                for g in attr.graphs:
+                    clean(g)
+
+    clean(model.graph)
+    for fn in model.functions:
+        del fn.metadata_props[:]
+        for node in fn.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    onnx.save(model, str(path))
+    return path
+
+
 @dataclass
 class OutputDiff:
     """How far an exported model's outputs are from the reference: the largest absolute difference, and that
