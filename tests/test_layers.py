@@ -27,6 +27,7 @@ FLOORS = {
     "_verbs": 0,
     "safeio": 0,  # reading untrusted files: regular files only, size and JSON-depth limits
     "outdir": 0,  # the one output-folder rule (temporary sibling, rename, --overwrite backup)
+    "cpu": 0,  # what the CPU can do for INT8 (VNNI): asked by models.qat, bench and convert
     "models": 1,
     "data": 2,
     "bench": 2,

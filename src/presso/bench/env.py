@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from presso.cpu import has_vnni
+
 
 def presso_home() -> Path:
     """User state (device registry, latency database) lives here: ``$PRESSO_HOME``, default ``~/.presso``."""
@@ -78,6 +80,7 @@ def environment(runtime: str, runtime_version: str, threads: int) -> dict[str, A
         "cpu": cpu_model(),
         "cores": cpu_cores(),
         "gpu": gpu_model(),
+        "vnni": has_vnni(),  # INT8 figures depend on it (ONNX Runtime's kernels differ); not part of the fingerprint
         "machine": platform.machine(),
         "system": platform.system(),
         "python": platform.python_version(),
@@ -122,6 +125,7 @@ def bug_report() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_model(),
+        "vnni": has_vnni(),
         "cuda": torch.cuda.is_available(),
         "packages": packages,
         "presso_home": str(presso_home()),

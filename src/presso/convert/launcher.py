@@ -27,6 +27,7 @@ from torch import nn
 import presso.outdir as outdir
 from presso.convert.accuracy import Scorer, task_kind
 from presso.convert.quantize import Int8Config, Int8Result, drop_idle_activations, quantize_int8, to_fp16
+from presso.cpu import has_vnni
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.models.card import ensure_card
 from presso.models.onnx import (
@@ -38,7 +39,7 @@ from presso.models.onnx import (
     strip_debug_info,
     torch_outputs,
 )
-from presso.models.qat import WEIGHT_LEVELS, has_vnni, is_qat, weight_levels
+from presso.models.qat import WEIGHT_LEVELS, is_qat, weight_levels
 from presso.models.spec import InputSpec
 from presso.progress import ProgressCallback, reporter
 from presso.results import Result

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from presso.convert.equalize import method_name, plan
+from presso.cpu import has_vnni
 from presso.errors import ConfigError, ConversionError, check_fields
 from presso.progress import quiet_logger
 
@@ -238,7 +239,6 @@ class _Quantizer:
 
         self.fp32, self.cfg, self.work = fp32, cfg, work
         self.calib, self.check = calib, check
-        from presso.models.qat import has_vnni  # here, not at the top: models.qat imports torch, this module does not
 
         self.reduce_range = cfg.reduce_range if cfg.reduce_range is not None else (has_vnni() is False)
         self.method = {

@@ -37,6 +37,7 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
+from presso.cpu import has_vnni
 from presso.errors import ModelSourceError, UnsupportedLayerError
 from presso.models.recipe import _op, register_replay, resolve
 
@@ -48,20 +49,6 @@ AVERAGING = 0.01
 
 
 WEIGHT_LEVELS = (127, 64)  # full int8 range; ONNX Runtime's reduce_range (-64..64) for CPUs without VNNI
-
-
-def has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI 8-bit dot products (None off x86 or when unknown)."""
-    import platform
-    from pathlib import Path
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 class WeightFakeQuant(nn.Module):
