@@ -158,9 +158,13 @@ def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_from_there(mod
 
 
 def test_when_compression_wins_the_compressed_model_is_delivered(tmp_path):
-    """A ResNet with 32-128 channels: most of its latency is arithmetic, which pruning to 40% of the MACs cuts."""
+    """A ResNet with 32-128 channels at 24 px: most of its latency is arithmetic, which pruning to 40% of the MACs
+    cuts (quiet, one thread: FP32 0.97 -> 0.43 ms, INT8 0.69 -> 0.39 ms on an AVX2 CPU). At 16 px the cut was 0.68x
+    in INT8 and, measured beside other tests, once inside the noise. Whether the compressed INT8 or FP32 file wins
+    is the CPU's to say (they tie on AVX2 at this size): the run must deliver what its rule picks from its own
+    measurements, and that is a compressed model."""
     out = tmp_path / "out"
-    r = _run("--data", "digits", "--image-size", "16", "--model", "presso:small_resnet", "--model-arg",
+    r = _run("--data", "digits", "--image-size", "24", "--model", "presso:small_resnet", "--model-arg",
              "num_classes=10", "--target-macs", "0.4", "-o", str(out), "--train-epochs", "2", "--recover-epochs",
              "1", "--max-accuracy-drop", "0.5", "--threads", "1", "--db", str(tmp_path / "lat.db"),
              "--json")  # fmt: skip
@@ -168,12 +172,15 @@ def test_when_compression_wins_the_compressed_model_is_delivered(tmp_path):
     s = json.loads(r.stdout)
     assert r.returncode == _expected_exit(s) == 0
     c, d = _cands(s), s["delivered"]
-    assert s["stages"]["original"]["input_shape"] == "1,3,16,16"
-    assert d["candidate"] == "compressed-int8", d["why"]
-    # measured in the same interleaved run: clearly faster than the quantized original, not a tie
-    assert c["compressed-int8"]["latency_ms"] < 0.9 * c["original-int8"]["latency_ms"], d["why"]
-    assert s["speedup_vs_baseline_int8"] > 1.1 and s["speedup_vs_original_fp32"] > s["speedup_vs_baseline_int8"]
-    assert s["bundle"]["from"] == "deploy/int8" and s["bundle"]["predicts"] is True
+    assert s["stages"]["original"]["input_shape"] == "1,3,24,24"
+    chosen, why = _rule(s)
+    assert d["candidate"] == chosen["id"] and d["why"] == why
+    assert d["candidate"] in ("compressed-int8", "compressed-fp32"), d["why"]
+    precision = d["candidate"].split("-")[1]
+    # measured in the same interleaved run: clearly faster than the original at the same precision, not a tie
+    assert c[d["candidate"]]["latency_ms"] < 0.9 * c[f"original-{precision}"]["latency_ms"], d["why"]
+    assert s["speedup_vs_baseline_int8"] > 1.1 and s["speedup_vs_original_fp32"] > 1.1
+    assert s["bundle"]["from"] == c[d["candidate"]]["dir"] == f"deploy/{precision}" and s["bundle"]["predicts"] is True
 
 
 def test_search_flow_without_a_model(tmp_path, latency_db):
