@@ -16,11 +16,17 @@ the published table.
 4. The baselines trained with the same recipe and epochs; every model measured side by side at the end (3 rounds,
    median). Test top-1 is the model after its last epoch (no epoch picked on the test set); the best epoch is shown
    beside it.
+
+On 2 cores a full run takes longer than one working session (the baselines' 30 epochs alone: ~80 min), and their
+training does not depend on the search. ``--baselines-only FILE`` trains them and writes their rows (with the exact
+recipe); ``--baselines-from FILE`` then takes their accuracy from there -- refused unless the recipe, epochs and
+data match -- while their latency is still measured side by side with the searched model in the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -47,6 +53,8 @@ def main() -> None:
     parser.add_argument("--db", default="/tmp/presso-search-bench/latency.db")
     parser.add_argument("--work", type=Path, default=Path("/tmp/presso-search-bench"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search.jsonl"))
+    parser.add_argument("--baselines-only", type=Path, help="Train the baselines only; write their rows here.")
+    parser.add_argument("--baselines-from", type=Path, help="The baselines' accuracy from a --baselines-only file.")
     args = parser.parse_args()
 
     import optuna
@@ -83,6 +91,9 @@ def main() -> None:
     def figures(model, input_shape=shape):
         return model_figures(model, (torch.randn(*map(int, input_shape.split(","))),))
 
+    def recipe(epochs: int, image_size=None) -> dict:
+        return {**dataclasses.asdict(TrainConfig(epochs=epochs, seed=0, image_size=image_size)), "data": data}
+
     def full_train(model, name: str, epochs: int, image_size=None) -> dict:
         t0 = time.perf_counter()
         cfg = TrainConfig(epochs=epochs, seed=0, image_size=image_size)
@@ -92,6 +103,43 @@ def main() -> None:
                 "best_epoch": out.best.get("epoch"), "train_s": round(time.perf_counter() - t0, 1),
                 "model": out.model}  # fmt: skip
 
+    baselines = {
+        "MobileNetV3-Small 0.5 (timm)": ("timm:mobilenetv3_small_050", {"in_chans": 1, "num_classes": 10}),
+        "ResNet-8 (presso)": ("presso:resnet8", {"in_chans": 1, "num_classes": 10}),
+    }
+
+    def baseline_rows() -> list[dict]:
+        """The baselines trained with the winner's recipe, or read from a --baselines-only file of that recipe."""
+        want = recipe(args.epochs)
+        if args.baselines_from:
+            rows = [json.loads(line) for line in args.baselines_from.read_text().splitlines() if line.strip()]
+            last = {r["model"]: r for r in rows if r.get("recipe") == want and r.get("model") in baselines}
+            missing = sorted(set(baselines) - set(last))
+            if missing:
+                raise SystemExit(f"{args.baselines_from} has no row for {missing} trained with {want}")
+            for r in last.values():
+                log(f"baseline {r['model']}: accuracy from {args.baselines_from} (trained {r.get('trained_at')})")
+            return [{k: v for k, v in last[name].items() if k not in ("recipe",)} for name in baselines]
+        rows = []
+        for name, (src, kw) in baselines.items():
+            out = full_train(presso.load_model(src, **kw), name[:8].replace(" ", "_"), args.epochs)
+            f = figures(out["model"])
+            rows.append({"model": name, "params": f["params"], "macs": f["macs"], "input": shape,
+                         "top1_last": out["top1_last"], "top1_best": out["top1_best"], "epochs": args.epochs,
+                         "train_s": out["train_s"]})  # fmt: skip
+            log(f"baseline: {rows[-1]}")
+        return rows
+
+    if args.baselines_only:
+        stamp_rows = [{**r, "recipe": recipe(args.epochs), "trained_at": time.strftime("%Y-%m-%d %H:%M"),
+                       "cpu": cpu_model(), "threads": args.threads} for r in baseline_rows()]  # fmt: skip
+        args.baselines_only.parent.mkdir(parents=True, exist_ok=True)
+        with args.baselines_only.open("a") as fh:
+            for r in stamp_rows:
+                fh.write(json.dumps(r, default=str) + "\n")
+        log(f"baselines written to {args.baselines_only}")
+        return
+
     try:
         predict_latency(presso.load_model("presso:resnet8", in_chans=1), "local", input_shape=shape,
                         threads=args.threads, db=args.db)  # fmt: skip
@@ -100,10 +148,6 @@ def main() -> None:
         info = profile_device("local", threads=args.threads, db=args.db)
         log(f"profiled this machine: {info.kernels} kernels in {time.perf_counter() - t0:.0f}s")
 
-    baselines = {
-        "MobileNetV3-Small 0.5 (timm)": ("timm:mobilenetv3_small_050", {"in_chans": 1, "num_classes": 10}),
-        "ResNet-8 (presso)": ("presso:resnet8", {"in_chans": 1, "num_classes": 10}),
-    }
     base_ms = {name: latency(presso.load_model(src, **kw)) for name, (src, kw) in baselines.items()}
     budget = args.latency_ms or max(base_ms.values())
     log(f"baseline latencies {base_ms}; budget {budget:.4f} ms and {args.max_params} parameters")
@@ -162,13 +206,7 @@ def main() -> None:
                                          "epochs": args.corr_epochs, "models": corr}  # fmt: skip
 
     # ---- the baselines, same recipe
-    for name, (src, kw) in baselines.items():
-        out = full_train(presso.load_model(src, **kw), name[:8].replace(" ", "_"), args.epochs)
-        f = figures(out["model"])
-        rows.append({"model": name, "params": f["params"], "macs": f["macs"], "input": shape,
-                     "top1_last": out["top1_last"], "top1_best": out["top1_best"], "epochs": args.epochs,
-                     "train_s": out["train_s"]})  # fmt: skip
-        log(f"baseline: {rows[-1]}")
+    rows += baseline_rows()
 
     # ---- every model measured again, side by side, at the end
     models = {rows[0]["model"]: (searched, best["input_shape"])}
