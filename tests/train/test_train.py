@@ -232,3 +232,42 @@ def test_training_from_an_image_folder_decodes_files(tmp_path):
     result = presso.train(model, tmp_path, TrainConfig(epochs=6, batch_size=8, workers=2, val_fraction=0.25))
     assert result.preprocess.size == (10, 10)
     assert result.best["val_top1"] >= 0.8  # colour separates the classes
+
+
+class _FlattensConvOutput(nn.Module):
+    """A user's LeNet-style model: ``.view()`` of a convolution's output, which NHWC strides do not allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 12 * 12, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+@pytest.mark.parametrize("source", ["resnet8", "flattens"])
+def test_training_runs_in_nhwc_where_the_model_takes_it_and_gives_it_back_in_nchw(digits, tmp_path, source):
+    from presso.train.trainer import takes_channels_last
+
+    model = presso.load_model("presso:resnet8", num_classes=10) if source == "resnet8" else _FlattensConvOutput()
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    nhwc = source == "resnet8"
+    x = torch.randn(2, 3, 12, 12)
+    mode = model.training
+    assert takes_channels_last(model, x) is nhwc and model.training == mode  # the probe leaves mode and layout alone
+    assert conv.weight.is_contiguous()
+    during = set()
+
+    def progress(event):
+        if event.stage == "train":
+            during.add(conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous())
+
+    result = presso.train(model, digits, TrainConfig(epochs=2, **FAST), output_dir=tmp_path / "m", progress=progress)
+    assert during == {nhwc}
+    assert result.best["val_top1"] > 0.5  # both learn (chance 0.1)
+    assert all(p.is_contiguous() for p in model.parameters()) and all(b.is_contiguous() for b in model.buffers())
+    if nhwc:  # saved and reloaded as any model: the same outputs
+        reloaded = presso.load_model(tmp_path / "m")
+        assert torch.equal(reloaded(x), result.model.eval()(x))

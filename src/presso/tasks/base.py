@@ -36,6 +36,9 @@ class Task(abc.ABC):
     train_defaults: ClassVar[dict[str, Any]] = {}
     recover_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
     spec: str = ""  # how to find this task again ("detect", "path/to/file.py:Class"); set by get_task
+    # whether training may hold the model in NHWC (channels_last) when one forward shows it takes it: off unless the
+    # task's loss and metric are known to read outputs without .view() on their strides (Ultralytics' loss does not)
+    channels_last: ClassVar[bool] = False
 
     @property
     def key(self) -> str:

@@ -27,6 +27,7 @@ class Classify(Task):
     name = "classify"
     headline = "val_top1"
     data_kind = "classify"
+    channels_last = True  # cross-entropy and distillation read (N, classes) logits, whatever the model's layout
 
     def prepare(self, model: nn.Module, bundle: Any, example: torch.Tensor, cfg: Any) -> None:
         if getattr(cfg, "new_head", False) and bundle.labeled:
