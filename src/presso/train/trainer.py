@@ -168,9 +168,9 @@ class _Run:
             self.taps = FeatureTaps(self.model, self.teacher, example)
             if not self.taps.names:
                 raise ConfigError("--feature-match: no layer has the same name and output shape in both models.")
-        # NHWC ("channels_last"): oneDNN's convolutions for it ran a CPU training step 1.3-1.4x faster than NCHW
-        # (ResNet-8 and MobileNetV3-Small, batch 128; benchmarks/train_speed.py), and cuDNN's tensor-core kernels
-        # want it too. Only where the task allows it and one forward shows the model takes it: a model that .view()s
+        # NHWC ("channels_last"): whole CPU training epochs ran 1.2-1.85x faster than in NCHW (ResNet-8,
+        # MobileNetV3-Small, two search-space members; benchmarks/train_speed.py, docs/benchmarks.md), and cuDNN's
+        # tensor-core kernels want it too. Only where the task allows it and one forward shows the model takes it: a model that .view()s
         # a conv's output fails on NHWC strides, and then keeps NCHW. The caller gets its model back in NCHW.
         self.nhwc = [m for m in (self.model, self.teacher) if m is not None and self.task.channels_last
                      and takes_channels_last(m, example)]  # fmt: skip
