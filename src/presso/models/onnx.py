@@ -137,9 +137,7 @@ def strip_debug_info(path: str | Path) -> Path:
     clean(model.graph)
     for fn in model.functions:
         del fn.metadata_props[:]
-        for node in fn.node:
-            del node.metadata_props[:]
-            node.doc_string = ""
+        clean(fn)
     onnx.save(model, str(path))
     return path
 

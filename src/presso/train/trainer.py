@@ -170,8 +170,8 @@ class _Run:
                 raise ConfigError("--feature-match: no layer has the same name and output shape in both models.")
         # NHWC ("channels_last"): whole CPU training epochs ran 1.2-1.85x faster than in NCHW (ResNet-8,
         # MobileNetV3-Small, two search-space members; benchmarks/train_speed.py, docs/benchmarks.md), and cuDNN's
-        # tensor-core kernels want it too. Only where the task allows it and one forward shows the model takes it: a model that .view()s
-        # a conv's output fails on NHWC strides, and then keeps NCHW. The caller gets its model back in NCHW.
+        # tensor-core kernels want it too. Only where the task allows it and one forward shows the model takes it (a
+        # model that .view()s a conv's output fails on NHWC strides, and keeps NCHW). Given back in NCHW.
         self.nhwc = [m for m in (self.model, self.teacher) if m is not None and self.task.channels_last
                      and takes_channels_last(m, example)]  # fmt: skip
         for m in self.nhwc:
@@ -198,49 +198,7 @@ class _Run:
         t0 = time.perf_counter()
         self._prepare()
         with self._nchw_after():  # the loop in NHWC where the model takes it; NCHW again for saving
-            start = self.files.load_checkpoint(self.live) if self.resume else Position()
-            start_epoch, start_step, history, best = start.epoch, start.step, start.history, start.best
-            self._sums = start.sums
-            self.files.make_state_dir()
-            self.best_state = None
-            with self.ctrl_c.caught():
-                for epoch in range(start_epoch, self.cfg.epochs):
-                    step = start_step if epoch == start_epoch else 0
-                    if step == 0:  # each epoch starts from seeds of its own, so a resumed run draws what it would have
-                        torch.manual_seed(self.cfg.seed * 100_003 + epoch)
-                        self.gen.manual_seed(self.cfg.seed * 100_003 + epoch + 1)
-                        self._sums = [0.0, 0]  # this epoch's (loss x samples, samples)
-                    try:
-                        train_loss = self._train_epoch(epoch, step)
-                    except KeyboardInterrupt:
-                        self._save_checkpoint(epoch, self._step, history, best)
-                        raise
-                    scores = self.evaluate_val()
-                    per_class = scores.pop("per_class", None)  # kept with the best epoch, not in every history row
-                    row = {
-                        "epoch": epoch + 1,
-                        "train_loss": train_loss,
-                        "lr": self.opt.param_groups[0]["lr"],
-                        **scores,
-                        "seconds": round(time.perf_counter() - t0, 2),
-                    }
-                    history = [h for h in history if h["epoch"] != epoch + 1] + [row]
-                    headline = self.task.headline
-                    score = row[headline] if row.get(headline) is not None else -row["val_loss"]
-                    if score > best["score"]:
-                        best = {
-                            "score": score,
-                            "epoch": epoch + 1,
-                            "task": self.task.name,
-                            **({headline: row[headline]} if row.get(headline) is not None else {}),
-                            "val_top1": row.get("val_top1"),
-                            "val_loss": row.get("val_loss"),
-                            **({"map50": row["map50"], "per_class": per_class} if "map50" in row else {}),
-                        }
-                        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                        self.files.save_best(self.best_state)
-                    self.report_epoch(epoch + 1, self.cfg.epochs, **row, best_epoch=best["epoch"])
-                    self._save_checkpoint(epoch + 1, 0, history, best)
+            history, best = self._loop(t0)
         if self.best_state is None:
             self.best_state = self.files.load_best(self.model, self.device)
         self.model.load_state_dict(self.best_state)
@@ -260,6 +218,53 @@ class _Run:
         result.output_dir = Path(written) if written is not None else None
         self.dist.close()
         return result
+
+    def _loop(self, t0: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The epochs (from the checkpoint when resuming): the history and the best epoch."""
+        start = self.files.load_checkpoint(self.live) if self.resume else Position()
+        start_epoch, start_step, history, best = start.epoch, start.step, start.history, start.best
+        self._sums = start.sums
+        self.files.make_state_dir()
+        self.best_state = None
+        with self.ctrl_c.caught():
+            for epoch in range(start_epoch, self.cfg.epochs):
+                step = start_step if epoch == start_epoch else 0
+                if step == 0:  # each epoch starts from seeds of its own, so a resumed run draws what it would have
+                    torch.manual_seed(self.cfg.seed * 100_003 + epoch)
+                    self.gen.manual_seed(self.cfg.seed * 100_003 + epoch + 1)
+                    self._sums = [0.0, 0]  # this epoch's (loss x samples, samples)
+                try:
+                    train_loss = self._train_epoch(epoch, step)
+                except KeyboardInterrupt:
+                    self._save_checkpoint(epoch, self._step, history, best)
+                    raise
+                scores = self.evaluate_val()
+                per_class = scores.pop("per_class", None)  # kept with the best epoch, not in every history row
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    "lr": self.opt.param_groups[0]["lr"],
+                    **scores,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+                history = [h for h in history if h["epoch"] != epoch + 1] + [row]
+                headline = self.task.headline
+                score = row[headline] if row.get(headline) is not None else -row["val_loss"]
+                if score > best["score"]:
+                    best = {
+                        "score": score,
+                        "epoch": epoch + 1,
+                        "task": self.task.name,
+                        **({headline: row[headline]} if row.get(headline) is not None else {}),
+                        "val_top1": row.get("val_top1"),
+                        "val_loss": row.get("val_loss"),
+                        **({"map50": row["map50"], "per_class": per_class} if "map50" in row else {}),
+                    }
+                    self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    self.files.save_best(self.best_state)
+                self.report_epoch(epoch + 1, self.cfg.epochs, **row, best_epoch=best["epoch"])
+                self._save_checkpoint(epoch + 1, 0, history, best)
+        return history, best
 
     @contextlib.contextmanager
     def _nchw_after(self):
