@@ -1,8 +1,8 @@
 """Latency predictor accuracy on this machine: profile it, then predict and measure models it was not profiled on.
 
 1. Profile (``presso.profile_device``): the full calibration kernel set (single-kernel ONNX models built with
-   onnx.helper; no network below is part of it) is measured with ONNX Runtime on this CPU and stored in a fresh
-   latency database.
+   onnx.helper) and the calibration networks (seeded synthetic networks, ``presso.bench.networks``; no network below
+   is one of them) are measured with ONNX Runtime on this CPU and stored in a fresh latency database.
 2. For each model -- torchvision and timm networks at several resolutions, pruned variants (Presso's L2 pruning),
    and samples of a MobileNetV2/MNASNet width x resolution space -- export it through the project's ONNX path,
    predict it from the database (no run), and measure it in --rounds rounds (median of --repeat runs each). The
@@ -12,6 +12,10 @@
    rounds is the benchmark's own noise. Error = predicted / measured - 1.
 
     python benchmarks/latency_predictor.py --threads 1 --out benchmarks/results/latency_predictor.jsonl
+
+``--keep-models DIR`` keeps the exported models; ``--rescore RESULTS --keep-models DIR --db DB``
+then predicts them again with the current predictor code from the same profile, against the same measurements
+(nothing measured: for judging a predictor change on a busy machine).
 
 Prints the share of models within +-10% and +-20% of measured, the median absolute error, and the noise
 (median in-run block spread, and the median difference between the two measurements of a model).
@@ -180,7 +184,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/latency_predictor.jsonl")
     ap.add_argument("--stop-at", type=float, default=0.0, help="Unix time after which no new model starts")
     ap.add_argument("--summarize", default="", help="only print the summary of the last run in this JSONL file")
+    ap.add_argument("--keep-models", default="", help="keep each exported model here (what --rescore predicts again)")
+    ap.add_argument(
+        "--rescore",
+        default="",
+        help="predict again, from --db's profile, the models a run kept in --keep-models, against the measurements "
+        "of the last run in this JSONL file (nothing is measured: for judging a predictor change)",
+    )
     args = ap.parse_args()
+    if args.rescore:
+        rescore(Path(args.rescore), Path(args.keep_models), args)
+        return
     if args.summarize:
         print(json.dumps(summarize(last_run(Path(args.summarize)), remembered_reference(args.threads)), indent=1))
         return
@@ -211,7 +225,8 @@ def main() -> None:
             ),
         )
         print(
-            f"profiled {cal.kernels} kernels in {time.time() - t0:.0f}s ({args.threads} threads; "
+            f"profiled {cal.kernels} kernels and {cal.networks} calibration networks in {time.time() - t0:.0f}s "
+            f"({args.threads} threads; "
             f"{cal.windows_redone} of {cal.windows} windows measured again, {cal.windows_busy} still "
             "taken on a busy machine)",
             flush=True,
@@ -241,6 +256,9 @@ def main() -> None:
     }
     rows: list[dict] = []
     pending: list[tuple] = []
+    keep = Path(args.keep_models) if args.keep_models else None
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
     with out.open("a") as log, tempfile.TemporaryDirectory(prefix="presso-latbench-") as tmp:
         log.write(json.dumps({"header": header}) + "\n")
         for i, (name, shape, build) in enumerate(entries):
@@ -252,11 +270,13 @@ def main() -> None:
                 torch.manual_seed(0)
                 model = build().eval()
                 inputs = InputSpec.parse(shape).example_inputs()
-                path, feed = export_with_feed(model, inputs, Path(tmp) / f"m{i}.onnx")
+                path, feed = export_with_feed(model, inputs, (keep or Path(tmp)) / _file_name(name))
                 t0 = time.perf_counter()
-                pred = predictor.predict_kernels(decompose(path, [tuple(x.shape) for x in inputs]))
+                kernels = decompose(path, [tuple(x.shape) for x in inputs])
+                pred = predictor.predict_kernels(kernels)
                 predict_s = time.perf_counter() - t0
                 rounds = [measure_round(probe, path, feed, args) for _ in range(args.rounds)]
+                profiled = profile_kernels(path, args.threads)
                 pending.append((row, path, feed))
                 row.update(
                     predicted_ms=pred.latency_ms,
@@ -266,6 +286,8 @@ def main() -> None:
                     unknown=pred.unknown,
                     unknown_families=pred.unknown_families,
                     predict_s=round(predict_s, 3),
+                    profiled=profiled,
+                    families=by_family(predictor, kernels, profiled),
                 )
                 finish(row, rounds, probe.best, args.quiet)
                 show(row)
@@ -296,6 +318,67 @@ def main() -> None:
         summary["header"] = header
         log.write(json.dumps({"summary": summary}) + "\n")
     print(json.dumps(summary, indent=1))
+
+
+def _file_name(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in model) + ".onnx"
+
+
+def rescore(results: Path, kept: Path, args) -> None:
+    """The last run's models predicted again by the current predictor code, from the same profile, against the
+    same measurements: a predictor change judged without measuring anything again. Printed twice: fitted on the
+    isolated kernels only, and with the calibration networks' in-context kernels (what ``from_db`` uses)."""
+    from presso.bench.env import device_fingerprint
+    from presso.bench.kernels import decompose
+    from presso.bench.latency_db import LatencyDB
+    from presso.bench.predictor import LatencyPredictor
+    from presso.bench.profile import device_env
+
+    env = device_env("local", args.threads)
+    fp = device_fingerprint("local", env, "fp32")
+    db = LatencyDB(args.db)
+    kernels, overhead = db.rows(device_fp=fp, kind="kernel"), db.rows(device_fp=fp, kind="overhead")
+    variants = {
+        "isolated kernels only": LatencyPredictor(kernels, overhead, device="local", device_fp=fp),
+        "with in-context kernels": LatencyPredictor.from_db(db, device="local", device_fp=fp),
+    }
+    measured = [r for r in last_run(results) if "error" in r and (not args.only or args.only in r["model"])]
+    graphs = {}
+    for row in measured:
+        shape = tuple(int(d) for d in row["input_shape"].split(","))
+        graphs[row["model"]] = decompose(kept / _file_name(row["model"]), [shape], threads=args.threads)
+    for label, predictor in variants.items():
+        rows = []
+        for row in measured:
+            pred = predictor.predict_kernels(graphs[row["model"]])
+            row = {**row, "predicted_ms": pred.latency_ms, "looked_up": pred.looked_up, "kernels": pred.kernels}
+            if row.get("profiled"):
+                row["families"] = by_family(predictor, graphs[row["model"]], row["profiled"])
+            row["error"] = round(pred.latency_ms / row["measured_ms"] - 1, 4)
+            print(f"{row['model']:40s} measured {row['measured_ms']:9.3f} ms  predicted {row['predicted_ms']:9.3f} "
+                  f"ms  error {row['error']:+7.1%}", flush=True)  # fmt: skip
+            rows.append(row)
+        print(f"## {label}\n" + json.dumps(summarize(rows), indent=1), flush=True)
+
+
+def profile_kernels(path: Path, threads: int) -> dict[str, float]:
+    """Each node's time in this model under ONNX Runtime's profiler, as the calibration networks are profiled
+    (first quartile of 12 runs, caches evicted between runs): what the per-family errors compare against."""
+    from presso.bench.calibration import CacheFlush, measure_spec_local
+
+    times, _ = measure_spec_local(path.read_bytes(), threads, 12, False, CacheFlush(4.0))
+    return {name: round(ms, 5) for name, ms in times.items()}
+
+
+def by_family(predictor, kernels, profiled: dict[str, float]) -> dict[str, list[float]]:
+    """Per kernel family: [predicted ms, profiled ms], summed over the model's kernels the profiler timed."""
+    out: dict[str, list[float]] = {}
+    for k, (ms, _) in zip(kernels, predictor.kernel_ms(kernels), strict=True):
+        if k.name in profiled:
+            pair = out.setdefault(k.family, [0.0, 0.0])
+            pair[0] += ms
+            pair[1] += profiled[k.name]
+    return {f: [round(p, 4), round(m, 4)] for f, (p, m) in out.items()}
 
 
 def measure_round(probe, path, feed, args) -> dict:
@@ -398,9 +481,28 @@ def summarize(rows: list[dict], reference_best_ms: float | None = None) -> dict:
         "models_with_a_quiet_round": sum(r["quiet_rounds"] > 0 for r in ok),
         "noise_between_runs_max": round(max(diffs), 4),
         "by_group_median_abs_error": {g: round(statistics.median(v), 4) for g, v in by_group.items()},
+        "by_kernel_family": _family_errors(ok),
         "kernels_looked_up_share": round(sum(r["looked_up"] for r in ok) / sum(r["kernels"] for r in ok), 3),
         **_corrected(ok, reference_best_ms),
     }
+
+
+def _family_errors(ok: list[dict]) -> dict:
+    """Per kernel family, over the models that run it: the median absolute error of its summed prediction against
+    its summed profiled time, and its share of all profiled kernel time."""
+    errs: dict[str, list[float]] = {}
+    time_ms: dict[str, float] = {}
+    for r in ok:
+        for fam, (pred, meas) in (r.get("families") or {}).items():
+            time_ms[fam] = time_ms.get(fam, 0.0) + meas
+            if meas > 0:
+                errs.setdefault(fam, []).append(pred / meas - 1)
+    total = sum(time_ms.values()) or 1.0
+    return {
+        f: {"models": len(e), "median_abs_error": round(statistics.median(abs(x) for x in e), 4),
+            "median_error": round(statistics.median(e), 4), "time_share": round(time_ms[f] / total, 4)}
+        for f, e in sorted(errs.items(), key=lambda kv: -time_ms[kv[0]])
+    }  # fmt: skip
 
 
 def _corrected(ok: list[dict], reference_best_ms: float | None) -> dict:

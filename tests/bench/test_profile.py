@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 import presso
-from presso.bench import calibration, profile
+from presso.bench import calibration, networks, profile
 from presso.bench.calibration import Spec
 from presso.bench.latency_db import LatencyDB
 
@@ -88,6 +88,7 @@ def test_the_cli_profile_resumes_and_says_so(home, tmp_path, timed, monkeypatch)
     from presso.cli import app
 
     monkeypatch.setattr(calibration, "kernel_set", lambda size="full", seed=0: SPECS)
+    monkeypatch.setattr(networks, "network_set", lambda size="full", seed=0: [])
     monkeypatch.setattr(profile, "QUIET", float("inf"))  # every window taken as quiet: no pause, none timed again
     db = str(tmp_path / "cli.db")
     args = ["db", "profile", "--size", "quick", "--threads", "1", "--db", db]

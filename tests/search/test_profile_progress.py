@@ -18,6 +18,7 @@ class _Profiled(Exception):
 def test_the_device_profile_a_search_starts_reports_kernels_done_of_the_total(tmp_path, monkeypatch):
     import presso.bench as bench
     from presso.bench.calibration import kernel_set
+    from presso.bench.networks import network_set
     from presso.search import nas
 
     real, calls = bench.profile_device, []
@@ -39,7 +40,7 @@ def test_the_device_profile_a_search_starts_reports_kernels_done_of_the_total(tm
 
     assert len(calls) == 1 and calls[0]["progress"] == events.append  # the caller's callback, passed through
     profile = [e for e in events if e.stage == "profile"]
-    total = len(kernel_set("quick"))
+    total = len(kernel_set("quick")) + len(network_set("quick"))  # kernel models, then calibration networks
     assert profile and all(e.total == total for e in profile)  # a known total from the first event on
     done = [e.done for e in profile]
     assert done[0] == 0 and done[-1] == total and done == sorted(done)

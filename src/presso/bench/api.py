@@ -332,6 +332,7 @@ def predict_latency(
             f"The profile of device '{device}' is unfinished ({left[0]} of {left[1]} kernel models: it was "
             f"interrupted); run 'presso db profile --device {device}' again: it times only the missing ones."
         )
+    count += len(store.rows(device_fp=fp, kind="network"))  # a resumed profile adds its networks last
     cached = _PREDICTORS.get((store.url, fp))
     if cached is None or cached[0] != count:  # fitting takes seconds: reuse it until the profile changes
         cached = (count, LatencyPredictor.from_db(store, device=device, device_fp=fp))

@@ -43,7 +43,7 @@ class Spec:
 
 # --------------------------------------------------------------------------- model builders
 def build(spec: Spec) -> bytes:
-    """The single-kernel ONNX model of ``spec``, serialized."""
+    """The single-kernel ONNX model of ``spec``, serialized (calibration networks: ``networks.build_network``)."""
     from onnx import TensorProto, checker, helper, numpy_helper, shape_inference
 
     rng = np.random.default_rng(0)

@@ -182,14 +182,15 @@ class LatencyDB:
 
     def replace_kernels(self, device_fp: str, labels: list[str], rows: list[dict[str, Any]]) -> list[str]:
         """Store the profiled ``rows`` of the kernel models ``labels`` for one device fingerprint, in place of any
-        earlier ones (kernel and overhead rows), in one transaction: a kernel model is stored whole or not at all."""
+        earlier ones (kernel, overhead and network rows), in one transaction: a kernel model is stored whole or not
+        at all."""
         clean = [_clean(r) for r in rows]
         with self._guard(), self.engine.begin() as conn:
             if labels:
                 conn.execute(
                     delete(measurements).where(
                         measurements.c.device_fp == device_fp,
-                        measurements.c.kind.in_(("kernel", "overhead")),
+                        measurements.c.kind.in_(("kernel", "overhead", "network")),
                         measurements.c.model_name.in_(labels),
                     )
                 )

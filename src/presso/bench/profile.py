@@ -31,8 +31,9 @@ Measure = Callable[[bytes, bool], tuple[dict[str, float], float | None]]
 @dataclass
 class KernelTiming:
     spec: str
-    wall_ms: float | None  # whole-model wall time (chains only)
+    wall_ms: float | None  # whole-model wall time (chains and calibration networks)
     nodes: list[dict[str, Any]]  # one per node run: kernel family/signature/features and its time
+    network: bool = False  # a calibration network: one row for the whole model (its kernels as features)
 
 
 def device_env(device: str, threads: int | None) -> dict[str, Any]:
@@ -70,8 +71,9 @@ def profile_device(
     """Time the calibration kernel set on ``device`` and store every kernel in the latency database, for
     ``predict_latency``.
 
-    ``size``: ``full`` (1041 kernel models: about a minute on a quiet 2-core machine, up to 12 on a busy one) or
-    ``quick`` (29: about 3 seconds on an idle 2-core machine, up to about a minute under load; a smoke test);
+    ``size``: ``full`` (1041 kernel models and 48 calibration networks, ``presso.bench.networks``: 1-5 minutes on a
+    quiet 2-core machine, up to 12 on a busy one) or ``quick`` (29 and 4: about 4 seconds on an idle 2-core
+    machine, up to about a minute under load; a smoke test);
     ``specs``: an explicit list of ``presso.bench.calibration.Spec`` instead.
     ``runs``: profiled runs per kernel model. ``flush_mb``: buffer written between profiled runs to evict
     the caches (local). ``quiet``: on this machine, look at a reference kernel every 20 specs (or pass a
@@ -91,6 +93,7 @@ def profile_device(
     from presso.bench.calibration import QuietProbe, kernel_set
     from presso.bench.env import device_fingerprint
     from presso.bench.latency_db import LatencyDB, safe_url
+    from presso.bench.networks import network_set
 
     if specs is None and size not in ("full", "quick"):
         raise ConfigError(f"Kernel set size '{size}': use full or quick.")
@@ -111,7 +114,7 @@ def profile_device(
         "precision": "fp32",
     }
     settings = {"runs": runs, "flush_mb": flush_mb}
-    spec_list = specs if specs is not None else kernel_set(size)
+    spec_list = specs if specs is not None else kernel_set(size) + network_set(size)
     stored = set() if again else profiled_specs(store, fp, settings)
     pending = [spec for spec in spec_list if spec.label() not in stored]
     resumed = len(spec_list) - len(pending)
@@ -125,11 +128,13 @@ def profile_device(
     windows = [pending[k : k + WINDOW] for k in range(0, len(pending), WINDOW)]
     kept: dict[int, float] = {}  # window -> the reference kernel's ms while its stored rows were measured
     kernels: dict[str, int] = {}  # kernel model -> kernel rows stored for it by this run
+    networks: set[str] = set()  # calibration networks stored by this run
     done = resumed
 
     def store_rows(ref: float, timings: list[KernelTiming]) -> None:
         store.replace_kernels(fp, [t.spec for t in timings], _rows(base, ref, timings, settings))
-        kernels.update({t.spec: len(t.nodes) for t in timings})
+        kernels.update({t.spec: len(t.nodes) for t in timings if not t.network})
+        networks.update(t.spec for t in timings if t.network and t.wall_ms is not None)
 
     def measure_window(w: int) -> None:
         nonlocal done
@@ -184,6 +189,7 @@ def profile_device(
         seconds=round(time.time() - started, 1),
         db=safe_url(store.url),
         resumed=resumed,
+        networks=len(networks),
     )
 
 
@@ -209,7 +215,7 @@ def profiled_specs(store, device_fp: str, settings: dict[str, Any]) -> set[str]:
     """The kernel models (labels) already profiled for ``device_fp`` with these ``settings`` (runs, flush_mb)."""
     return {
         r["model_name"]
-        for kind in ("kernel", "overhead")
+        for kind in ("kernel", "overhead", "network")
         for r in store.rows(device_fp=device_fp, kind=kind)
         if (r["extra"] or {}).get("settings") == settings
     }
@@ -247,11 +253,17 @@ def time_spec(measure: Measure, spec) -> KernelTiming:
     signature, features) as this machine's ONNX Runtime optimizes the model."""
     from presso.bench.calibration import build
     from presso.bench.kernels import kernels_of, optimized_model
+    from presso.bench.networks import build_network
 
-    data = build(spec)
+    network = spec.kind == "network"
+    data = build_network(spec.params) if network else build(spec)
     kernels = {k.name: k for k in kernels_of(optimized_model(data))}
-    times, wall_ms = measure(data, spec.kind == "chain")
+    times, wall_ms = measure(data, spec.kind == "chain" or network)
     nodes = []
+    if network:  # every kernel the network runs, as the predictor will decompose it (its profiled time in context)
+        for name, k in kernels.items():
+            nodes.append({"family": k.family, "signature": k.signature, "features": k.features, "ms": times.get(name)})
+        return KernelTiming(spec.label(), wall_ms, nodes, network=True)
     for name, ms in times.items():
         k = kernels.get(name)
         if k is None:  # a node the local optimizer did not produce (a different runtime on the device)
@@ -267,6 +279,19 @@ def _rows(
     time; each with the reference kernel's time meanwhile and the profile's settings (what a resumed run matches)."""
     rows = []
     for timing in timings:
+        if timing.network:
+            if timing.wall_ms is not None:
+                rows.append(
+                    {
+                        **base,
+                        "kind": "network",
+                        "median_ms": timing.wall_ms,
+                        "model_name": timing.spec,
+                        "features": {"kernels": timing.nodes},
+                        "extra": {"reference_ms": ref, "settings": settings},
+                    }
+                )
+            continue
         for node in timing.nodes:
             rows.append(
                 {

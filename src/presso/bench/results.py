@@ -58,7 +58,8 @@ class ProfileResult(Result):
     """A device profiled for the latency predictor: ``kernels`` rows stored for ``device`` (fingerprint
     ``device_fp``, ``threads``) in ``db`` (URL, password hidden), in ``windows`` windows of kernels, of which
     ``windows_redone`` were measured again and ``windows_busy`` stayed busier than the quietest (None: no probe);
-    ``resumed``: kernel models already in the database from an earlier, interrupted run (not timed again).
+    ``resumed``: kernel models already in the database from an earlier, interrupted run (not timed again);
+    ``networks``: calibration networks timed whole by this run (their kernels are not counted in ``kernels``).
     Nothing is written to disk besides the database (``output_dir`` is None)."""
 
     device: str
@@ -72,6 +73,7 @@ class ProfileResult(Result):
     db: str
     output_dir: Path | None = None
     resumed: int = 0
+    networks: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {**asdict(self), "output_dir": None}

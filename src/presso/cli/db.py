@@ -124,9 +124,9 @@ SizeOpt = Annotated[
     str,
     typer.Option(
         metavar="SIZE",
-        help="full: 1041 kernel models, about 1 min on a quiet 2-core machine, up to 12 min on a busy one (it "
-        "waits for quiet moments) | quick: 29, about 3 s on an idle 2-core machine, up to about a minute under load "
-        "(a smoke test: too few kernels to predict from).",
+        help="full: 1041 kernel models and 48 calibration networks, 1-5 min on a quiet 2-core machine, up to 12 min "
+        "on a busy one (it waits for quiet moments) | quick: 29 and 4, about 4 s on an idle 2-core machine, up to "
+        "about a minute under load (a smoke test: too few kernels to predict from).",
     ),
 ]
 AgainOpt = Annotated[
@@ -173,7 +173,9 @@ def db_profile(
             {**result.summary(), "wall_seconds": round(_elapsed(), 1)},
             as_json,
             lambda p: err.print(
-                f"profiled {p['kernels']} kernels on {p['device']} ({p['threads']} threads) in "
+                f"profiled {p['kernels']} kernels"
+                + (f" and {p['networks']} calibration networks" if p["networks"] else "")
+                + f" on {p['device']} ({p['threads']} threads) in "
                 f"{_duration(p['wall_seconds'])}"
                 + (f"; {p['resumed']} kernel models were already stored (--again times them anew)" if p["resumed"]
                    else ""),
