@@ -13,10 +13,10 @@ blocks, cache sizes) between measured shapes.
 Kernels are fitted both as timed alone (the calibration kernel set) and as timed inside the calibration networks
 (``presso.bench.networks``): alone, a kernel finds its weights and input evicted from the caches; inside a network,
 the layer before it has just written its input, and small networks keep their weights in cache from run to run.
-Fitting the in-context times beside the isolated ones brought 52% of 60 unseen models within +-10% of measured,
-against 45% from isolated kernels alone (docs/benchmarks.md, "Latency prediction"); a whole-model correction
-fitted on the networks' wall times did not help, so those are not used (they stay in the database, kind
-``network``).
+Fitting the in-context times beside the isolated ones took 60 unseen models from 45.0% to 46.7% within +-10% of
+measured on the same measurements (median error 11.5% -> 10.8%; depthwise convolutions' bias -28% -> -9%, but the
+thin decomposed chains got worse: docs/benchmarks.md, "Latency prediction"); a whole-model correction fitted on the
+networks' wall times did not help, so those are not used (they stay in the database, kind ``network``).
 
 A power law extrapolated below the profiled shapes can predict a kernel at a small fraction of a microsecond, while
 the chains' per-node overhead is negative (the profiler adds about two microseconds to every node it times): summed
