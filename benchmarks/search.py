@@ -146,7 +146,10 @@ def main() -> None:
     except ConfigError:
         t0 = time.perf_counter()
         info = profile_device("local", threads=args.threads, db=args.db)
-        log(f"profiled this machine: {info.kernels} kernels in {time.perf_counter() - t0:.0f}s")
+        log(
+            f"profiled this machine: {info.kernels} kernels and {info.networks} calibration networks in "
+            f"{time.perf_counter() - t0:.0f}s"
+        )
 
     base_ms = {name: latency(presso.load_model(src, **kw)) for name, (src, kw) in baselines.items()}
     budget = args.latency_ms or max(base_ms.values())

@@ -101,11 +101,17 @@ def test_summary_json_headline_and_paths(model_run):
     assert s["delivered"]["candidate"] and s["delivered"]["why"]
     c, d = _cands(s), s["delivered"]
     assert s["speedup_vs_original_fp32"] == round(c["original-fp32"]["latency_ms"] / d["latency_ms"], 2)
-    assert (
-        s["size_ratio"]
-        == round(d["size_bytes"] / c["original-fp32"]["size_bytes"], 3)
-        < (0.5 if d["candidate"].endswith("int8") else 1.0)
-    )
+    assert s["size_ratio"] == round(d["size_bytes"] / c["original-fp32"]["size_bytes"], 3)
+    # the original FP32 model is delivered where nothing beat it by more than the noise (a tie goes to the original:
+    # on an AVX2 CPU INT8 can run slower, and a tenth of ResNet-8's MACs buys no measurable speed); anything else is
+    # smaller: INT8 weights take a quarter of the bytes, the pruned model fewer of them
+    if d["candidate"] == "original-fp32":
+        from presso.pipeline.candidates import TIE
+
+        ok = [x["latency_ms"] for x in c.values() if x["accuracy_ok"] and x["budget_ok"]]
+        assert s["size_ratio"] == 1.0 and c["original-fp32"]["latency_ms"] <= min(ok) * (1 + TIE), d["why"]
+    else:
+        assert s["size_ratio"] < (0.5 if d["candidate"].endswith("int8") else 1.0)
     assert s["accuracy_drop_points"] == c[d["candidate"]]["accuracy_drop_points"]
     assert s["headline"][0].startswith(f"Delivered: {d['label']} (") and "Speed-up" in s["headline"][1]
     # every path and every folder a reproduce command writes is in OUT; nothing points into .work
